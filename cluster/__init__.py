@@ -1,0 +1,1 @@
+"""Configuration and operations: the config tree, the local launcher, the operators' CLI."""

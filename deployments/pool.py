@@ -1,0 +1,157 @@
+"""The model pool deployment: one vLLM async engine per replica, with ``glimpse`` and ``step``."""
+
+from __future__ import annotations
+
+import logging
+import os
+import uuid
+from collections.abc import AsyncIterator
+
+from ray import serve
+
+from cluster.config import PoolSettings
+from deployments.protocol import CacheStats, Glimpse, Prompt, StepChunk, StepSampling
+
+log = logging.getLogger("ray.serve")
+
+
+def engine_env(settings: PoolSettings) -> dict[str, str]:
+    """Environment variables the engine process needs (CPU KV cache and thread binding)."""
+    env = {"VLLM_CPU_NUM_OF_RESERVED_CPU": "0", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}
+    if settings.engine.kv_cache_gib is not None:
+        env["VLLM_CPU_KVCACHE_SPACE"] = str(settings.engine.kv_cache_gib)
+    if settings.engine.cpu_threads_bind is not None:
+        env["VLLM_CPU_OMP_THREADS_BIND"] = settings.engine.cpu_threads_bind
+    return env
+
+
+def resolve_model_dir(settings: PoolSettings) -> str:
+    """The folder (or hub id) vLLM loads: embedded models are converted into the cache on first use."""
+    if settings.model.embedded:
+        from cluster.models import ensure_embedded_model
+
+        return str(ensure_embedded_model(settings.model.embedded))
+    return str(settings.model.path)
+
+
+def _engine_prompt(prompt: Prompt):
+    from vllm.inputs import TextPrompt, TokensPrompt
+
+    if isinstance(prompt, str):
+        return TextPrompt(prompt=prompt)
+    return TokensPrompt(prompt_token_ids=list(prompt))
+
+
+class ModelPool:
+    """A replica of one pool. Deployed as ``SmallPool`` or ``LargePool`` by the builder."""
+
+    def __init__(self, role: str, settings: PoolSettings):
+        for key, value in engine_env(settings).items():
+            os.environ.setdefault(key, value)
+        from vllm.engine.arg_utils import AsyncEngineArgs
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        self.role = role
+        self.replica = serve.get_replica_context().replica_id.unique_id
+        eng = settings.engine
+        args = AsyncEngineArgs(
+            model=resolve_model_dir(settings),
+            served_model_name=settings.model.name,
+            load_format=settings.model.load_format,
+            dtype=eng.dtype,
+            max_model_len=eng.max_model_len,
+            enable_prefix_caching=eng.enable_prefix_caching,
+            max_logprobs=eng.max_logprobs,
+            max_num_seqs=eng.max_num_seqs,
+            tensor_parallel_size=eng.tensor_parallel_size,
+            enforce_eager=eng.enforce_eager,
+            **({"gpu_memory_utilization": eng.gpu_memory_utilization} if eng.gpu_memory_utilization else {}),
+        )
+        log.info("%s pool replica %s: starting vLLM engine for %s", role, self.replica, args.model)
+        self.engine = AsyncLLM.from_engine_args(args)
+        self._prompt_tokens = 0
+        self._cached_tokens = 0
+        log.info("%s pool replica %s: engine ready", role, self.replica)
+
+    async def check_health(self) -> None:
+        """Serve's health check: healthy only while the engine answers."""
+        await self.engine.check_health()
+
+    async def glimpse(self, prompt: Prompt, top_k: int = 20, affinity_key: str | None = None) -> Glimpse:
+        """One greedy token with its top-k log-probs (sorted, most likely first)."""
+        from vllm import SamplingParams
+        from vllm.sampling_params import RequestOutputKind
+
+        params = SamplingParams(max_tokens=1, temperature=0.0, logprobs=top_k, output_kind=RequestOutputKind.FINAL_ONLY)
+        final = await self._run(prompt, params)
+        out = final.outputs[0]
+        ranked = sorted(out.logprobs[0].items(), key=lambda kv: kv[1].logprob, reverse=True)[:top_k]
+        return Glimpse(
+            token_id=out.token_ids[0],
+            token=out.text,
+            top_logprobs=[lp.logprob for _, lp in ranked],
+            top_tokens=[lp.decoded_token or "" for _, lp in ranked],
+            prompt_tokens=len(final.prompt_token_ids or ()),
+            cached_tokens=final.num_cached_tokens or 0,
+        )
+
+    async def step(
+        self, prompt: Prompt, sampling: StepSampling, stream: bool = False, affinity_key: str | None = None
+    ) -> AsyncIterator[StepChunk]:
+        """Generate until a stop string, EOS or ``max_tokens``.
+
+        Yields text deltas as they come when ``stream`` is set (else nothing but the last item), then
+        one ``done`` chunk holding the whole text, the engine's token counts and the finish reason.
+        """
+        from vllm import SamplingParams
+        from vllm.sampling_params import RequestOutputKind
+
+        params = SamplingParams(
+            max_tokens=sampling.max_tokens,
+            temperature=sampling.temperature,
+            top_p=sampling.top_p if sampling.temperature > 0 else 1.0,
+            stop=list(sampling.stop) or None,
+            seed=sampling.seed,
+            ignore_eos=sampling.ignore_eos,
+            output_kind=RequestOutputKind.DELTA if stream else RequestOutputKind.FINAL_ONLY,
+        )
+        text, token_ids, last = [], [], None
+        async for output in self._stream(prompt, params):
+            delta = output.outputs[0]
+            text.append(delta.text)
+            token_ids.extend(delta.token_ids)
+            last = output
+            if stream and delta.text and not output.finished:
+                yield StepChunk(text=delta.text)
+        out = last.outputs[0]
+        yield StepChunk(
+            text="".join(text),
+            done=True,
+            prompt_tokens=len(last.prompt_token_ids or ()),
+            cached_tokens=last.num_cached_tokens or 0,
+            output_tokens=len(token_ids),
+            output_token_ids=tuple(token_ids),
+            finish_reason=out.finish_reason,
+            stopped_by=out.stop_reason if isinstance(out.stop_reason, str) else None,
+        )
+
+    def cache_stats(self) -> CacheStats:
+        """This replica's prefix-cache counters."""
+        return CacheStats(self.replica, self._prompt_tokens, self._cached_tokens)
+
+    async def _run(self, prompt: Prompt, params):
+        final = None
+        async for output in self._stream(prompt, params):
+            final = output
+        return final
+
+    async def _stream(self, prompt: Prompt, params):
+        """The engine's outputs for one call; cancelling the caller aborts the engine request."""
+        request_id = f"{self.role}-{uuid.uuid4().hex}"
+        final = None
+        async for output in self.engine.generate(_engine_prompt(prompt), params, request_id=request_id):
+            final = output
+            yield output
+        if final is not None:
+            self._prompt_tokens += len(final.prompt_token_ids or ())
+            self._cached_tokens += final.num_cached_tokens or 0
