@@ -58,8 +58,8 @@ class EngineSettings(StrictModel):
     max_logprobs: int = Field(20, ge=20, le=1000, description="Most log-probs a request may ask for; the glimpse needs top-k.")
     max_num_seqs: int = Field(64, ge=1, le=4096, description="Most sequences batched at once.")
     tensor_parallel_size: int = Field(1, ge=1, le=64, description="GPUs per replica (tensor parallel).")
-    kv_cache_gib: float | None = Field(
-        None, gt=0, le=1024, description="CPU only: KV cache size in GiB (VLLM_CPU_KVCACHE_SPACE)."
+    kv_cache_gib: int | None = Field(
+        None, ge=1, le=1024, description="CPU only: KV cache size in whole GiB (VLLM_CPU_KVCACHE_SPACE)."
     )
     gpu_memory_utilization: float | None = Field(
         None, gt=0, le=1, description="GPU only: fraction of GPU memory the engine may take."

@@ -1,0 +1,118 @@
+"""The local cluster: Redis, a Ray head node, and the Serve application, started and stopped in one go.
+
+``python -m cluster up`` prints progress while models convert and each pool's engines start, then the
+endpoint; ``python -m cluster down`` stops the application, Ray and the Redis it started.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from cluster.config import ClusterConfig
+from cluster.models import ensure_embedded_model
+from cluster.redis_server import ping, redis_url, start_local_redis
+
+RUN_DIR = Path(os.environ.get("GLIMP_RUN_DIR", "run"))
+RAY_ENV = {"RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0", "HF_HUB_OFFLINE": "1",
+           "TOKENIZERS_PARALLELISM": "false"}
+
+
+def say(message: str) -> None:
+    """Progress on stderr."""
+    print(f"[cluster] {message}", file=sys.stderr, flush=True)
+
+
+def node_resources(cfg: ClusterConfig) -> dict[str, float]:
+    """Custom resources the local node advertises: every pool's node-pool resource."""
+    return {p.placement.node_resource: 1000.0 for _, p in cfg.pools.items() if p.placement.node_resource}
+
+
+def start_ray(cfg: ClusterConfig, num_cpus: int) -> None:
+    """A local Ray head node (more logical CPUs than cores: replicas each ask for one)."""
+    os.environ.update(RAY_ENV)
+    status = subprocess.run(["ray", "status"], capture_output=True, text=True, env=os.environ)
+    if status.returncode == 0:
+        say("Ray is already running; reusing it")
+        return
+    say(f"starting Ray head node ({num_cpus} logical CPUs, resources {node_resources(cfg)})")
+    subprocess.run(
+        ["ray", "start", "--head", f"--num-cpus={num_cpus}", "--num-gpus=0", "--disable-usage-stats",
+         f"--resources={json.dumps(node_resources(cfg))}", "--include-dashboard=false"],
+        check=True, env=os.environ, stdout=subprocess.DEVNULL)
+
+
+def deploy(cfg: ClusterConfig, timeout_s: float = 900) -> None:
+    """Run the Serve application and wait until every deployment is healthy, printing each change."""
+    import ray
+    from ray import serve
+
+    from deployments.builder import build_app
+
+    ray.init(address="auto", logging_level="ERROR", log_to_driver=False)
+    serve.start(http_options={"host": cfg.router.host, "port": cfg.router.port})
+    say(f"deploying application '{cfg.name}' (pools start their vLLM engines; this takes a few minutes on CPU)")
+    serve.run(build_app(cfg), name=cfg.name, route_prefix="/", blocking=False)
+    start, seen = time.time(), {}
+    while time.time() - start < timeout_s:
+        app = serve.status().applications.get(cfg.name)
+        if app is not None:
+            for name, dep in app.deployments.items():
+                state = dep.status.value if hasattr(dep.status, "value") else str(dep.status)
+                if seen.get(name) != state:
+                    seen[name] = state
+                    say(f"  {name}: {state} ({time.time() - start:.0f} s)")
+            app_state = app.status.value if hasattr(app.status, "value") else str(app.status)
+            if app_state == "RUNNING":
+                say(f"application ready in {time.time() - start:.0f} s")
+                return
+            if app_state == "DEPLOY_FAILED":
+                raise RuntimeError(f"deployment failed: {app.message}")
+        time.sleep(2)
+    raise TimeoutError(f"application not ready after {timeout_s:.0f} s")
+
+
+def up(cfg: ClusterConfig, num_cpus: int = 8) -> str:
+    """Start everything; returns the API's base URL."""
+    RUN_DIR.mkdir(parents=True, exist_ok=True)
+    for _, pool in cfg.pools.items():
+        if pool.model.embedded:
+            say(f"model {pool.model.embedded}: {ensure_embedded_model(pool.model.embedded)}")
+    url = redis_url(cfg.redis.url)
+    proc = start_local_redis(url, RUN_DIR / "redis")
+    if proc is not None:
+        (RUN_DIR / "redis.pid").write_text(str(proc.pid))
+        say(f"started redis-server at {url}")
+    else:
+        say(f"using Redis at {url}")
+    cfg.redis.url = url
+    start_ray(cfg, num_cpus)
+    deploy(cfg)
+    base = f"http://{cfg.router.host}:{cfg.router.port}"
+    say(f"API at {base}/v1 (OpenAI-compatible; model '{cfg.name}')")
+    return base
+
+
+def down() -> None:
+    """Stop the Serve application, Ray and the Redis this launcher started."""
+    os.environ.update(RAY_ENV)
+    say("stopping Ray (and Serve)")
+    subprocess.run(["ray", "stop", "--force"], env=os.environ, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    pid_file = RUN_DIR / "redis.pid"
+    if pid_file.exists():
+        try:
+            os.kill(int(pid_file.read_text()), signal.SIGTERM)
+            say("stopped redis-server")
+        except ProcessLookupError:
+            pass
+        pid_file.unlink()
+
+
+def redis_is_up(cfg: ClusterConfig) -> bool:
+    """Whether the configured Redis answers."""
+    return ping(redis_url(cfg.redis.url))

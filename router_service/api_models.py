@@ -1,0 +1,100 @@
+"""Request models of the OpenAI-compatible API, with GlimpRouter's extension fields."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from cluster.config import PolicyName
+
+
+class APIModel(BaseModel):
+    """Unknown fields are rejected, as everywhere in the config tree."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+class TextPart(APIModel):
+    """A text content part."""
+
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(APIModel):
+    """One chat message."""
+
+    role: Literal["system", "user", "assistant", "developer"]
+    content: str | list[TextPart]
+    name: str | None = None
+
+    def text(self) -> str:
+        """The content as one string."""
+        return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
+
+
+class StreamOptions(APIModel):
+    """OpenAI's stream options."""
+
+    include_usage: bool = False
+
+
+class RoutingOverrides(APIModel):
+    """Extension fields: the request's routing policy and step loop limits (None: the tenant's or router's)."""
+
+    policy: PolicyName | None = Field(None, description="glimprouter, large_only, small_only or random.")
+    tau: float | None = Field(None, ge=0, le=10, description="Entropy threshold in nats.")
+    large_fraction: float | None = Field(None, ge=0, le=1, description="'random' policy: large fraction.")
+    token_budget: int | None = Field(None, ge=1, le=1_000_000, description="Most output tokens of all steps.")
+    step_max_tokens: int | None = Field(None, ge=1, le=32_768, description="Most tokens of one step.")
+
+
+class SamplingFields(RoutingOverrides):
+    """OpenAI sampling fields shared by both endpoints."""
+
+    model: str = Field(min_length=1)
+    temperature: float | None = Field(None, ge=0, le=2)
+    top_p: float | None = Field(None, gt=0, le=1)
+    max_tokens: int | None = Field(None, ge=1, le=32_768, description="Most tokens of the final answer.")
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    seed: int | None = Field(None, ge=0, le=2**31 - 1)
+    n: int = Field(1, ge=1, le=1, description="Only one choice is supported.")
+    user: str | None = Field(None, max_length=256)
+
+
+class ChatCompletionRequest(SamplingFields):
+    """``POST /v1/chat/completions``."""
+
+    messages: list[ChatMessage] = Field(min_length=1, max_length=256)
+    max_completion_tokens: int | None = Field(None, ge=1, le=32_768)
+
+    @field_validator("messages")
+    @classmethod
+    def _ends_with_user(cls, messages: list[ChatMessage]) -> list[ChatMessage]:
+        if messages[-1].role not in ("user", "developer", "system") or not messages[-1].text().strip():
+            raise ValueError("the last message must be a non-empty user message")
+        return messages
+
+    def chat(self) -> list[dict]:
+        """Messages as chat-template dicts."""
+        return [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in self.messages]
+
+    def final_max_tokens(self) -> int | None:
+        """``max_completion_tokens`` wins over the deprecated ``max_tokens``."""
+        return self.max_completion_tokens or self.max_tokens
+
+
+class CompletionRequest(SamplingFields):
+    """``POST /v1/completions``: the prompt is sent as one user message."""
+
+    prompt: str = Field(min_length=1)
+
+    def chat(self) -> list[dict]:
+        """The prompt as a one-message chat."""
+        return [{"role": "user", "content": self.prompt}]
+
+    def final_max_tokens(self) -> int | None:
+        """The final answer's limit."""
+        return self.max_tokens

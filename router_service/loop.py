@@ -1,0 +1,160 @@
+"""The step loop of glimprouter-algorithm.md over two pools: glimpse, decide, step, stop, final answer.
+
+The loop knows nothing of Redis or HTTP: it yields events, and the caller persists each complete
+step before asking for the next (the generator is suspended at the ``yield`` until then).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass
+from typing import Protocol
+
+from cluster.config import PolicySettings, PoolRole, StepSettings
+from deployments.protocol import Glimpse, Prompt, StepChunk, StepSampling
+from router_service.policy import decide, needs_glimpse, seeded_draw
+from router_service.prompts import THINK_CLOSE, PromptRenderer
+from router_service.state import StepRecord
+
+
+class PoolClient(Protocol):
+    """What the loop needs of a pool (a Ray Serve handle wrapper, or a fake in unit tests)."""
+
+    async def glimpse(self, prompt: Prompt, top_k: int, affinity_key: str) -> Glimpse: ...
+
+    def step(self, prompt: Prompt, sampling: StepSampling, stream: bool, affinity_key: str) -> AsyncIterator[StepChunk]: ...
+
+
+@dataclass(frozen=True)
+class LoopRequest:
+    """One request as the loop sees it."""
+
+    request_id: str
+    messages: list[dict]
+    policy: PolicySettings
+    steps: StepSettings
+    temperature: float
+    top_p: float
+    seed: int | None
+    stream: bool
+
+
+@dataclass(frozen=True)
+class ReasoningDelta:
+    """Text of the step being written (only when streaming)."""
+
+    text: str
+
+
+@dataclass(frozen=True)
+class StepDone:
+    """A complete step: persist it before resuming the loop."""
+
+    record: StepRecord
+    glimpsed: bool
+
+
+@dataclass(frozen=True)
+class AnswerDelta:
+    """Text of the final answer (only when streaming)."""
+
+    text: str
+
+
+@dataclass(frozen=True)
+class AnswerDone:
+    """The final answer and its engine counts."""
+
+    pool: PoolRole
+    text: str
+    prompt_tokens: int
+    output_tokens: int
+    finish_reason: str | None
+    ms: float
+
+
+LoopEvent = ReasoningDelta | StepDone | AnswerDelta | AnswerDone
+
+
+def thinking_finished(steps: list[StepRecord], budget: int) -> bool:
+    """The stop rules: ``</think>`` or EOS in the last step, two identical last steps, budget spent."""
+    if not steps:
+        return False
+    last = steps[-1]
+    if THINK_CLOSE in last.text or last.ended_by_eos:
+        return True
+    if len(steps) > 2 and steps[-1].text == steps[-2].text:
+        return True
+    return sum(s.output_tokens for s in steps) >= budget
+
+
+class StepLoop:
+    """Runs requests over a small and a large pool."""
+
+    def __init__(self, pools: Mapping[PoolRole, PoolClient], renderers: Mapping[PoolRole, PromptRenderer]):
+        self.pools = pools
+        self.renderers = renderers
+
+    async def run(self, req: LoopRequest, done: list[StepRecord]) -> AsyncIterator[LoopEvent]:
+        """Continue ``req`` after its complete steps ``done`` (empty for a new request).
+
+        Yields ``ReasoningDelta`` (streaming only) while a step is written, one ``StepDone`` per step,
+        then ``AnswerDelta`` (streaming only) and one ``AnswerDone``.
+        """
+        cfg = req.steps
+        steps = list(done)
+        while not thinking_finished(steps, cfg.token_budget):
+            record = None
+            async for event in self._one_step(req, steps):
+                if isinstance(event, StepDone):
+                    record = event.record
+                yield event
+            steps.append(record)
+        async for event in self._final_answer(req, [s.text for s in steps]):
+            yield event
+
+    async def _one_step(self, req: LoopRequest, steps: list[StepRecord]) -> AsyncIterator[LoopEvent]:
+        cfg, index = req.steps, len(steps)
+        texts = [s.text for s in steps]
+        small_prompt = self.renderers["small"].step_prompt(req.messages, texts, cfg.delimiter)
+        glimpse_ms, logprobs = 0.0, None
+        glimpsed = needs_glimpse(req.policy)
+        if glimpsed:
+            t0 = time.perf_counter()
+            glimpse = await self.pools["small"].glimpse(small_prompt, cfg.top_k, req.request_id)
+            glimpse_ms, logprobs = (time.perf_counter() - t0) * 1e3, glimpse.top_logprobs
+        decision = decide(req.policy, logprobs, seeded_draw(req.policy.seed, req.request_id, index))
+        prompt = small_prompt if decision.pool == "small" else self.renderers["large"].step_prompt(
+            req.messages, texts, cfg.delimiter)
+        used = sum(s.output_tokens for s in steps)
+        sampling = StepSampling(
+            max_tokens=min(cfg.step_max_tokens, cfg.token_budget - used), temperature=req.temperature,
+            top_p=req.top_p, stop=[cfg.delimiter], seed=None if req.seed is None else req.seed + index,
+        )
+        t0 = time.perf_counter()
+        last = None
+        async for chunk in self.pools[decision.pool].step(prompt, sampling, req.stream, req.request_id):
+            if chunk.done:
+                last = chunk
+            else:
+                yield ReasoningDelta(chunk.text)
+        yield StepDone(StepRecord(
+            index=index, pool=decision.pool, entropy=decision.entropy, text=last.text,
+            output_tokens=last.output_tokens, prompt_tokens=last.prompt_tokens, cached_tokens=last.cached_tokens,
+            glimpse_ms=round(glimpse_ms, 3), step_ms=round((time.perf_counter() - t0) * 1e3, 3),
+            finish_reason=last.finish_reason, ended_by_eos=last.ended_by_eos,
+        ), glimpsed)
+
+    async def _final_answer(self, req: LoopRequest, texts: list[str]) -> AsyncIterator[LoopEvent]:
+        pool: PoolRole = "small" if req.policy.policy == "small_only" else "large"
+        prompt = self.renderers[pool].final_prompt(req.messages, texts, req.steps.delimiter)
+        sampling = StepSampling(max_tokens=req.steps.final_max_tokens, temperature=req.temperature,
+                                top_p=req.top_p, seed=req.seed)
+        t0 = time.perf_counter()
+        async for chunk in self.pools[pool].step(prompt, sampling, req.stream, req.request_id):
+            if not chunk.done:
+                yield AnswerDelta(chunk.text)
+                continue
+            yield AnswerDone(pool, chunk.text, chunk.prompt_tokens, chunk.output_tokens, chunk.finish_reason,
+                             round((time.perf_counter() - t0) * 1e3, 3))

@@ -1,0 +1,70 @@
+"""Routing policies: pure functions from a step's first-token log-probs to the pool that writes it."""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from cluster.config import PolicySettings, PoolRole
+
+
+def first_token_entropy(top_logprobs: Sequence[float]) -> float:
+    """Entropy (nats) of the top-k distribution renormalised to sum to one; in [0, ln k]."""
+    if not top_logprobs:
+        raise ValueError("entropy needs at least one log-prob")
+    peak = max(top_logprobs)
+    weights = [math.exp(lp - peak) for lp in top_logprobs]
+    total = sum(weights)
+    return max(0.0, -sum((w / total) * math.log(w / total) for w in weights if w > 0))
+
+
+@dataclass(frozen=True)
+class Decision:
+    """Which pool writes a step, and the entropy that decided it (None when no glimpse was taken)."""
+
+    pool: PoolRole
+    entropy: float | None
+
+
+def _glimprouter(entropy: float | None, settings: PolicySettings, draw: float) -> PoolRole:
+    return "large" if entropy is not None and entropy >= settings.tau else "small"
+
+
+def _large_only(entropy: float | None, settings: PolicySettings, draw: float) -> PoolRole:
+    return "large"
+
+
+def _small_only(entropy: float | None, settings: PolicySettings, draw: float) -> PoolRole:
+    return "small"
+
+
+def _random(entropy: float | None, settings: PolicySettings, draw: float) -> PoolRole:
+    return "large" if draw < settings.large_fraction else "small"
+
+
+PolicyFn = Callable[[float | None, PolicySettings, float], PoolRole]
+POLICIES: dict[str, PolicyFn] = {
+    "glimprouter": _glimprouter,
+    "large_only": _large_only,
+    "small_only": _small_only,
+    "random": _random,
+}
+
+
+def needs_glimpse(settings: PolicySettings) -> bool:
+    """Only glimprouter reads the first-token distribution; the baselines skip the glimpse call."""
+    return settings.policy == "glimprouter"
+
+
+def seeded_draw(seed: int, request_id: str, step_index: int) -> float:
+    """A uniform draw in [0, 1) fixed by (seed, request, step): a resumed request redraws the same."""
+    digest = hashlib.blake2b(f"{seed}|{request_id}|{step_index}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big") / 2**64
+
+
+def decide(settings: PolicySettings, top_logprobs: Sequence[float] | None, draw: float) -> Decision:
+    """Route one step: ``top_logprobs`` of the glimpse (None if no glimpse), ``draw`` for 'random'."""
+    entropy = first_token_entropy(top_logprobs) if top_logprobs else None
+    return Decision(POLICIES[settings.policy](entropy, settings, draw), entropy)

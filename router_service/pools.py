@@ -1,0 +1,46 @@
+"""The loop's view of a pool deployment: Ray Serve handles made once, a retry when a replica dies."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+from ray.exceptions import RayActorError
+from ray.serve.exceptions import RayServeException
+from ray.serve.handle import DeploymentHandle
+
+from deployments.protocol import Glimpse, Prompt, StepChunk, StepSampling
+
+RETRYABLE = (RayActorError, RayServeException)
+
+
+class ServePoolClient:
+    """Calls one pool. A call that fails because its replica died is sent again (once) to another one,
+    unless part of its stream already reached the caller."""
+
+    def __init__(self, handle: DeploymentHandle, retries: int = 1):
+        self._glimpse = handle.options(method_name="glimpse")
+        self._step = handle.options(method_name="step", stream=True)
+        self._retries = retries
+
+    async def glimpse(self, prompt: Prompt, top_k: int, affinity_key: str) -> Glimpse:
+        """The step's first token and top-k log-probs, from the replica holding the request's prefix."""
+        for attempt in range(self._retries + 1):
+            try:
+                return await self._glimpse.remote(prompt, top_k, affinity_key=affinity_key)
+            except RETRYABLE:
+                if attempt == self._retries:
+                    raise
+        raise AssertionError("unreachable")
+
+    async def step(self, prompt: Prompt, sampling: StepSampling, stream: bool, affinity_key: str) -> AsyncIterator[StepChunk]:
+        """The step's chunks (see ``ModelPool.step``)."""
+        for attempt in range(self._retries + 1):
+            sent = False
+            try:
+                async for chunk in self._step.remote(prompt, sampling, stream, affinity_key=affinity_key):
+                    sent = sent or not chunk.done
+                    yield chunk
+                return
+            except RETRYABLE:
+                if sent or attempt == self._retries:
+                    raise
