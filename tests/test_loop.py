@@ -1,0 +1,215 @@
+"""The step loop over fake pools and renderers: glimpse, route, stop rules, final answer, resume, streaming."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import pytest
+
+from cluster.config import PolicySettings, StepSettings
+from deployments.protocol import Glimpse, StepChunk, StepSampling
+from router_service.loop import AnswerDelta, AnswerDone, LoopRequest, ReasoningDelta, StepDone, StepLoop, thinking_finished
+from router_service.state import StepRecord
+
+MESSAGES = [{"role": "user", "content": "What is 6*7?"}]
+HIGH = [0.0] * 20                 # H = ln 20 ~ 3.0: large
+LOW = [0.0] + [-60.0] * 19        # H ~ 0: small
+ANSWER = "The answer is 42."
+
+
+@dataclass
+class Out:
+    """A scripted step result; ``tokens=None`` spends the whole ``max_tokens`` (finish 'length')."""
+
+    text: str
+    tokens: int | None = 4
+    eos: bool = False
+
+
+@dataclass
+class Call:
+    kind: str
+    prompt: object
+    arg: object  # top_k of a glimpse, StepSampling of a step
+    stream: bool | None
+    key: str
+
+
+class FakePool:
+    """Records every call; answers glimpses and steps from scripts, in order. Like ModelPool, it yields
+    text deltas only when asked to stream."""
+
+    def __init__(self, outputs=(), glimpses=()):
+        self.outputs, self.glimpses, self.calls = list(outputs), list(glimpses), []
+
+    async def glimpse(self, prompt, top_k, affinity_key):
+        self.calls.append(Call("glimpse", prompt, top_k, None, affinity_key))
+        return Glimpse(7, "x", self.glimpses.pop(0), ["x"] * top_k, 10, 0)
+
+    async def step(self, prompt, sampling: StepSampling, stream, affinity_key):
+        self.calls.append(Call("step", prompt, sampling, stream, affinity_key))
+        out = self.outputs.pop(0)
+        if stream:
+            half = len(out.text) // 2
+            yield StepChunk(out.text[:half])
+            yield StepChunk(out.text[half:])
+        tokens = sampling.max_tokens if out.tokens is None else out.tokens
+        yield StepChunk(out.text, done=True, prompt_tokens=10, cached_tokens=3, output_tokens=tokens,
+                        finish_reason="length" if out.tokens is None else "stop",
+                        stopped_by=None if out.eos or out.tokens is None else "\n\n")
+
+    def of(self, kind: str) -> list[Call]:
+        return [c for c in self.calls if c.kind == kind]
+
+
+class FakeRenderer:
+    def __init__(self, role: str):
+        self.role = role
+
+    def step_prompt(self, messages, steps, delimiter):
+        return (self.role, "step", messages[-1]["content"], tuple(steps), delimiter)
+
+    def final_prompt(self, messages, steps, delimiter):
+        return (self.role, "final", messages[-1]["content"], tuple(steps), delimiter)
+
+
+def request(policy="glimprouter", *, stream=False, temperature=0.6, seed=None, **steps) -> LoopRequest:
+    settings = PolicySettings(policy=policy, tau=1.0, large_fraction=1.0 if policy == "random" else 0.25)
+    return LoopRequest("req-1", MESSAGES, settings, StepSettings(**steps), temperature, 0.95, seed, stream)
+
+
+async def run(req, small, large, done=()):
+    loop = StepLoop({"small": small, "large": large}, {"small": FakeRenderer("small"), "large": FakeRenderer("large")})
+    return [e async for e in loop.run(req, list(done))]
+
+
+def steps_of(events) -> list[StepRecord]:
+    return [e.record for e in events if isinstance(e, StepDone)]
+
+
+def rec(text="s", tokens=4, eos=False, index=0) -> StepRecord:
+    return StepRecord(index, "small", None, text, tokens, 10, 0, 0.0, 0.0, "stop", eos)
+
+
+@pytest.mark.parametrize("steps, budget, finished", [
+    ([], 100, False),
+    ([rec("a")], 100, False),
+    ([rec("a</think>b")], 100, True),
+    ([rec("a", eos=True)], 100, True),
+    ([rec("a"), rec("a")], 100, False),            # two identical steps are not yet "more than two"
+    ([rec("a"), rec("b"), rec("b")], 100, True),
+    ([rec("b"), rec("b"), rec("c")], 100, False),
+    ([rec(tokens=4), rec(tokens=5)], 9, True),
+    ([rec(tokens=4), rec(tokens=5)], 10, False),
+])
+def test_thinking_finished(steps, budget, finished):
+    assert thinking_finished(steps, budget) is finished
+
+
+@pytest.mark.parametrize("outputs", [
+    [Out("a"), Out("b </think> c")],
+    [Out("a"), Out("b", eos=True)],
+    [Out("x"), Out("x"), Out("y"), Out("y")],
+])
+async def test_stop_rules_end_thinking(outputs):
+    large = FakePool(outputs + [Out(ANSWER)])
+    events = await run(request("large_only"), FakePool(), large)
+    assert [s.text for s in steps_of(events)] == [o.text for o in outputs]
+    assert len(large.of("step")) == len(outputs) + 1  # no step after the stop, then the answer
+
+
+async def test_token_budget_caps_last_step():
+    large = FakePool([Out("a", None), Out("b", None), Out("c", None), Out(ANSWER)])
+    events = await run(request("large_only", token_budget=12, step_max_tokens=5), FakePool(), large)
+    assert [s.output_tokens for s in steps_of(events)] == [5, 5, 2]
+    assert [c.arg.max_tokens for c in large.of("step")] == [5, 5, 2, 2048]
+
+
+async def test_glimprouter_routes_by_entropy_and_large_answers():
+    small = FakePool([Out("s0"), Out("s2 </think>")], glimpses=[LOW, HIGH, LOW])
+    large = FakePool([Out("l1"), Out(ANSWER, tokens=6)])
+    events = await run(request(top_k=5, seed=100), small, large)
+
+    steps = steps_of(events)
+    assert [(s.index, s.pool, s.text) for s in steps] == [(0, "small", "s0"), (1, "large", "l1"), (2, "small", "s2 </think>")]
+    assert steps[1].entropy == pytest.approx(math.log(20)) and steps[0].entropy < 1e-20
+    assert all(isinstance(e, StepDone) and e.glimpsed for e in events[:-1])
+    # one glimpse (top_k from the settings) before every step, on the prefix the step then uses
+    history = [(), ("s0",), ("s0", "l1")]
+    assert [c.kind for c in small.calls] == ["glimpse", "step", "glimpse", "glimpse", "step"]
+    assert [(c.prompt, c.arg) for c in small.of("glimpse")] == [(("small", "step", "What is 6*7?", h, "\n\n"), 5) for h in history]
+    assert [c.prompt[3] for c in small.of("step")] == [history[0], history[2]]
+    assert large.calls[0].prompt == ("large", "step", "What is 6*7?", history[1], "\n\n")
+    assert [c.arg for c in small.of("step")][0] == StepSampling(max_tokens=512, temperature=0.6, top_p=0.95,
+                                                               stop=["\n\n"], seed=100)
+    assert large.calls[0].arg.seed == 101
+    # the final answer: large pool, final_prompt of all steps, no stop string
+    final = large.calls[-1]
+    assert final.prompt == ("large", "final", "What is 6*7?", ("s0", "l1", "s2 </think>"), "\n\n")
+    assert final.arg == StepSampling(max_tokens=2048, temperature=0.6, top_p=0.95, stop=[], seed=100)
+    assert events[-1] == AnswerDone("large", ANSWER, 10, 6, "stop", events[-1].ms)
+    assert {c.key for c in small.calls + large.calls} == {"req-1"}
+
+
+async def test_glimpse_ignores_temperature():
+    calls = []
+    for temperature in (0.0, 1.3):
+        small = FakePool([Out("s", eos=True)], glimpses=[LOW])
+        await run(request(temperature=temperature), small, FakePool([Out(ANSWER)]))
+        calls.append(([(c.prompt, c.arg) for c in small.of("glimpse")], small.of("step")[0].arg.temperature))
+    assert calls[0][0] == calls[1][0]
+    assert (calls[0][1], calls[1][1]) == (0.0, 1.3)
+
+
+@pytest.mark.parametrize("policy", ["large_only", "random"])  # random at large_fraction 1
+async def test_large_only_never_calls_small(policy):
+    large = FakePool([Out("a"), Out("b", eos=True), Out(ANSWER)])
+    small = FakePool()
+    events = await run(request(policy), small, large)
+    assert small.calls == []
+    assert [s.pool for s in steps_of(events)] == ["large", "large"]
+    assert [s.entropy for s in steps_of(events)] == [None, None]
+    assert not any(e.glimpsed for e in events if isinstance(e, StepDone))
+    assert events[-1].pool == "large" and large.calls[-1].prompt[1] == "final"
+
+
+async def test_small_only_never_calls_large():
+    small = FakePool([Out("a"), Out("b", eos=True), Out(ANSWER)])
+    large = FakePool()
+    events = await run(request("small_only"), small, large)
+    assert large.calls == [] and small.of("glimpse") == []
+    assert [s.pool for s in steps_of(events)] == ["small", "small"]
+    assert events[-1].pool == "small" and events[-1].text == ANSWER
+    assert small.calls[-1].prompt == ("small", "final", "What is 6*7?", ("a", "b"), "\n\n")
+
+
+async def test_resume_continues_after_done_steps():
+    done = [rec("s0", tokens=10, index=0), rec("s1", tokens=10, index=1)]
+    small = FakePool([Out("s2", tokens=5)], glimpses=[LOW])
+    large = FakePool([Out(ANSWER)])
+    events = await run(request(token_budget=25, seed=100), small, large, done)
+    assert [s.index for s in steps_of(events)] == [2]
+    assert [(c.kind, c.prompt[3]) for c in small.calls] == [("glimpse", ("s0", "s1")), ("step", ("s0", "s1"))]
+    assert small.calls[1].arg.max_tokens == 5 and small.calls[1].arg.seed == 102  # budget counts done steps
+    assert large.calls[0].prompt[3] == ("s0", "s1", "s2")
+
+
+async def test_resume_of_finished_thinking_only_answers():
+    large = FakePool([Out(ANSWER)])
+    events = await run(request(), FakePool(), large, [rec("s0 </think>")])
+    assert [type(e) for e in events] == [AnswerDone] and len(large.calls) == 1
+
+
+@pytest.mark.parametrize("stream", [True, False])
+async def test_deltas_only_when_streaming(stream):
+    large = FakePool([Out("abcd", eos=True), Out(ANSWER)])
+    events = await run(request("large_only", stream=stream), FakePool(), large)
+    assert [c.stream for c in large.calls] == [stream, stream]
+    kinds = [type(e) for e in events]
+    if stream:
+        assert kinds == [ReasoningDelta, ReasoningDelta, StepDone, AnswerDelta, AnswerDelta, AnswerDone]
+        assert "".join(e.text for e in events[:2]) == "abcd"
+        assert "".join(e.text for e in events[3:5]) == ANSWER
+    else:
+        assert kinds == [StepDone, AnswerDone]
