@@ -9,8 +9,10 @@ from __future__ import annotations
 import json
 import os
 import signal
+import secrets
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -57,7 +59,9 @@ def deploy(cfg: ClusterConfig, timeout_s: float = 900) -> None:
     ray.init(address="auto", logging_level="ERROR", log_to_driver=False)
     serve.start(http_options={"host": cfg.router.host, "port": cfg.router.port})
     say(f"deploying application '{cfg.name}' (pools start their vLLM engines; this takes a few minutes on CPU)")
-    serve.run(build_app(cfg), name=cfg.name, route_prefix="/", blocking=False)
+    runner = threading.Thread(target=serve.run, args=(build_app(cfg),),
+                              kwargs={"name": cfg.name, "route_prefix": "/"}, daemon=True)
+    runner.start()  # serve.run waits for the application; progress is read from serve.status meanwhile
     start, seen = time.time(), {}
     while time.time() - start < timeout_s:
         app = serve.status().applications.get(cfg.name)
@@ -68,13 +72,25 @@ def deploy(cfg: ClusterConfig, timeout_s: float = 900) -> None:
                     seen[name] = state
                     say(f"  {name}: {state} ({time.time() - start:.0f} s)")
             app_state = app.status.value if hasattr(app.status, "value") else str(app.status)
-            if app_state == "RUNNING":
+            if app_state == "RUNNING" and not runner.is_alive():
                 say(f"application ready in {time.time() - start:.0f} s")
                 return
             if app_state == "DEPLOY_FAILED":
                 raise RuntimeError(f"deployment failed: {app.message}")
         time.sleep(2)
     raise TimeoutError(f"application not ready after {timeout_s:.0f} s")
+
+
+def ensure_admin_key() -> str:
+    """The bootstrap admin key: GLIMP_ADMIN_KEY, else the one kept in the run directory, else a new one.
+    Exported before Ray starts, so router replicas inherit it."""
+    key_file = RUN_DIR / "admin.key"
+    key = os.environ.get("GLIMP_ADMIN_KEY") or (key_file.read_text().strip() if key_file.exists() else "")
+    key = key or "gr-admin-" + secrets.token_urlsafe(32)
+    key_file.write_text(key)
+    key_file.chmod(0o600)
+    os.environ["GLIMP_ADMIN_KEY"] = key
+    return key
 
 
 def up(cfg: ClusterConfig, num_cpus: int = 8) -> str:
@@ -91,6 +107,7 @@ def up(cfg: ClusterConfig, num_cpus: int = 8) -> str:
     else:
         say(f"using Redis at {url}")
     cfg.redis.url = url
+    ensure_admin_key()
     start_ray(cfg, num_cpus)
     deploy(cfg)
     base = f"http://{cfg.router.host}:{cfg.router.port}"

@@ -73,7 +73,7 @@ class ChatCompletionRequest(SamplingFields):
     @field_validator("messages")
     @classmethod
     def _ends_with_user(cls, messages: list[ChatMessage]) -> list[ChatMessage]:
-        if messages[-1].role not in ("user", "developer", "system") or not messages[-1].text().strip():
+        if messages[-1].role != "user" or not messages[-1].text().strip():
             raise ValueError("the last message must be a non-empty user message")
         return messages
 

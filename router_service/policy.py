@@ -61,7 +61,7 @@ def needs_glimpse(settings: PolicySettings) -> bool:
 def seeded_draw(seed: int, request_id: str, step_index: int) -> float:
     """A uniform draw in [0, 1) fixed by (seed, request, step): a resumed request redraws the same."""
     digest = hashlib.blake2b(f"{seed}|{request_id}|{step_index}".encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "big") / 2**64
+    return (int.from_bytes(digest, "big") >> 11) / 2**53
 
 
 def decide(settings: PolicySettings, top_logprobs: Sequence[float] | None, draw: float) -> Decision:

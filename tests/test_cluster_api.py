@@ -1,0 +1,243 @@
+"""The router on the real local cluster: OpenAI API, the algorithm against an independent loop, state in
+Redis, resume after a router replica dies, errors."""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+
+import httpx
+import pytest
+import ray
+from ray import serve
+
+from deployments.protocol import StepSampling
+
+pytestmark = pytest.mark.cluster
+SMALL = {"token_budget": 40, "step_max_tokens": 16, "max_tokens": 12, "temperature": 0}
+QUESTION = "What is 12 times 3? Think step by step."
+
+
+@pytest.fixture(scope="module")
+def key(local_cluster):
+    return local_cluster.new_tenant("api-tests")
+
+
+@pytest.fixture(scope="module")
+def client(local_cluster, key):
+    with httpx.Client(base_url=local_cluster.base_url, headers={"Authorization": f"Bearer {key}"}, timeout=300) as c:
+        yield c
+
+
+def chat(client, content=QUESTION, **fields):
+    body = {"model": "glimprouter", "messages": [{"role": "user", "content": content}], **SMALL, **fields}
+    return client.post("/v1/chat/completions", json=body)
+
+
+# ---- the algorithm, against a loop written here from glimprouter-algorithm.md ----------------------------
+
+def reference_loop(local_cluster, question: str, tau: float, budget: int, step_max: int) -> list[tuple[str, str]]:
+    """Greedy GlimpRouter with the pools' handles and the models' own tokenizers: [(pool, step text)]."""
+    from transformers import AutoTokenizer
+
+    from cluster.models import ensure_embedded_model
+
+    cfg = local_cluster.config
+    toks = {r: AutoTokenizer.from_pretrained(str(ensure_embedded_model(p.model.embedded))) for r, p in cfg.pools.items()}
+    handles = {r: serve.get_deployment_handle(n, app_name=cfg.name) for r, n in (("small", "SmallPool"), ("large", "LargePool"))}
+    messages = [{"role": "user", "content": question}]
+
+    def prompt(role, steps):
+        if not steps:
+            return list(toks[role].apply_chat_template(messages, add_generation_prompt=True, tokenize=True)["input_ids"])
+        turn = messages + [{"role": "assistant", "content": "<think>" + "\n\n".join(steps) + "\n\n"}]
+        return list(toks[role].apply_chat_template(turn, continue_final_message=True, tokenize=True)["input_ids"])
+
+    async def run():
+        steps, out, used = [], [], 0
+        while True:
+            glimpse = await handles["small"].glimpse.remote(prompt("small", steps), 20)
+            probs = [math.exp(lp) for lp in glimpse.top_logprobs]
+            entropy = -sum(p / sum(probs) * math.log(p / sum(probs)) for p in probs)
+            role = "large" if entropy >= tau else "small"
+            sampling = StepSampling(max_tokens=min(step_max, budget - used), temperature=0.0, stop=["\n\n"])
+            chunks = [c async for c in handles[role].options(method_name="step", stream=True).remote(prompt(role, steps), sampling)]
+            last = chunks[-1]
+            steps.append(last.text)
+            out.append((role, last.text))
+            used += last.output_tokens
+            eos = last.finish_reason == "stop" and last.stopped_by is None
+            if "</think>" in last.text or eos or (len(steps) > 2 and steps[-1] == steps[-2]) or used >= budget:
+                return out
+
+    import asyncio
+
+    return asyncio.run(run())
+
+
+@pytest.mark.parametrize("question", [QUESTION, "Name a prime number larger than 10.", "Why is the sky blue?"])
+def test_steps_and_decisions_equal_an_independent_loop(local_cluster, client, question):
+    tau = 1.0
+    response = chat(client, question, tau=tau)
+    assert response.status_code == 200, response.text
+    routed = [(s["pool"], s) for s in response.json()["routing"]["steps"]]
+    trace = client.get(f"/v1/requests/{response.json()['id']}").json()
+    expected = reference_loop(local_cluster, question, tau, SMALL["token_budget"], SMALL["step_max_tokens"])
+    assert [(s["pool"], s["text"]) for s in trace["steps"]] == expected
+    assert [pool for pool, _ in routed] == [pool for pool, _ in expected]
+
+
+# ---- the OpenAI API -------------------------------------------------------------------------------------
+
+def test_openai_client_non_streaming(local_cluster, key):
+    import openai
+
+    oai = openai.OpenAI(base_url=f"{local_cluster.base_url}/v1", api_key=key)
+    assert [m.id for m in oai.models.list().data] == ["glimprouter"]
+    result = oai.chat.completions.create(model="glimprouter", messages=[{"role": "user", "content": QUESTION}],
+                                         temperature=0, max_tokens=12, extra_body={"token_budget": 40, "step_max_tokens": 16})
+    extra = result.model_extra
+    assert result.choices[0].message.model_extra["reasoning_content"]
+    assert extra["routing"]["steps"] and {s["pool"] for s in extra["routing"]["steps"]} <= {"small", "large"}
+    per_pool = result.usage.model_extra["per_pool"]
+    assert result.usage.completion_tokens == per_pool["small"]["completion_tokens"] + per_pool["large"]["completion_tokens"]
+
+
+def test_openai_client_streaming_matches_stored_state(local_cluster, key):
+    import openai
+
+    oai = openai.OpenAI(base_url=f"{local_cluster.base_url}/v1", api_key=key)
+    stream = oai.chat.completions.create(
+        model="glimprouter", messages=[{"role": "user", "content": QUESTION}], stream=True, temperature=0,
+        max_tokens=12, stream_options={"include_usage": True}, extra_body={"token_budget": 40, "step_max_tokens": 16})
+    reasoning, content, usage, routing, rid = [], [], None, None, None
+    for chunk in stream:
+        rid = chunk.id
+        if chunk.usage:
+            usage = chunk.usage
+        for choice in chunk.choices:
+            reasoning.append((choice.delta.model_extra or {}).get("reasoning_content") or "")
+            content.append(choice.delta.content or "")
+        routing = (chunk.model_extra or {}).get("routing") or routing
+    trace = httpx.get(f"{local_cluster.base_url}/v1/requests/{rid}", headers={"Authorization": f"Bearer {key}"}).json()
+    assert trace["status"] == "finished"
+    assert "".join(reasoning) == "\n\n".join(s["text"] for s in trace["steps"])
+    assert "".join(content) == trace["final"]["text"]
+    assert [s["pool"] for s in routing["steps"]] == [s["pool"] for s in trace["steps"]]
+    assert usage.completion_tokens == sum(s["output_tokens"] for s in trace["steps"]) + trace["final"]["output_tokens"]
+
+
+def test_completions_endpoint(client):
+    body = {"model": "glimprouter", "prompt": QUESTION, **SMALL}
+    result = client.post("/v1/completions", json=body).json()
+    assert result["object"] == "text_completion" and isinstance(result["choices"][0]["text"], str)
+
+
+@pytest.mark.parametrize("policy,pool", [("large_only", "large"), ("small_only", "small")])
+def test_baselines_route_as_named(client, policy, pool):
+    result = chat(client, policy=policy).json()
+    assert {s["pool"] for s in result["routing"]["steps"]} == {pool}
+    assert result["usage"]["per_pool"]["small"]["glimpses"] == 0
+    other = "small" if pool == "large" else "large"
+    assert result["usage"]["per_pool"][other]["completion_tokens"] == 0
+
+
+# ---- errors ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("body,status,param", [
+    ({"model": "glimprouter", "messages": [{"role": "user", "content": "hi"}], "bogus": 1}, 422, "bogus"),
+    ({"model": "glimprouter", "messages": [{"role": "user", "content": "hi"}], "tau": -1}, 422, "tau"),
+    ({"model": "glimprouter", "messages": [{"role": "user", "content": "hi"}], "temperature": 9}, 422, "temperature"),
+    ({"model": "glimprouter", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 0}, 422, "max_tokens"),
+    ({"model": "glimprouter", "messages": []}, 422, "messages"),
+    ({"model": "nope", "messages": [{"role": "user", "content": "hi"}]}, 404, "model"),
+    ({"model": "glimprouter", "messages": [{"role": "user", "content": "word " * 3000}]}, 400, "messages"),
+])
+def test_bad_input_gets_openai_error(client, body, status, param):
+    response = client.post("/v1/chat/completions", json=body)
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert error["param"] == param and error["message"] and error["type"]
+
+
+def test_malformed_json_and_huge_body(client, local_cluster):
+    bad = client.post("/v1/chat/completions", content=b"{not json", headers={"content-type": "application/json"})
+    assert bad.status_code == 400 and bad.json()["error"]["code"] == "invalid_json"
+    huge = client.post("/v1/chat/completions", content=b" " * (local_cluster.config.router.max_body_bytes + 1))
+    assert huge.status_code == 413 and "error" in huge.json()
+
+
+def test_missing_or_wrong_key_is_401(local_cluster):
+    for headers in ({}, {"Authorization": "Bearer gr-00000000-nottherightkeyatallxx"}):
+        response = httpx.get(f"{local_cluster.base_url}/v1/models", headers=headers)
+        assert response.status_code == 401 and response.json()["error"]["type"] == "authentication_error"
+
+
+def test_another_tenants_request_is_404(local_cluster, client):
+    rid = chat(client).json()["id"]
+    other = local_cluster.new_tenant("api-tests-other")
+    response = httpx.get(f"{local_cluster.base_url}/v1/requests/{rid}", headers={"Authorization": f"Bearer {other}"})
+    assert response.status_code == 404
+    assert client.get(f"/v1/requests/{rid}").status_code == 200
+
+
+# ---- failures in the middle of a request ----------------------------------------------------------------
+
+def _stream_until(local_cluster, key, n_steps: int, then=lambda rid: None, **fields) -> str:
+    """Start a streamed request, call ``then(id)`` once ``n_steps`` steps are stored, then hang up."""
+    body = {"model": "glimprouter", "messages": [{"role": "user", "content": QUESTION}], "stream": True,
+            **SMALL, "token_budget": 120, **fields}
+    with httpx.stream("POST", f"{local_cluster.base_url}/v1/chat/completions", json=body, timeout=120,
+                      headers={"Authorization": f"Bearer {key}"}) as response:
+        for line in response.iter_lines():
+            if line.startswith("data: {"):
+                rid = json.loads(line[6:])["id"]
+                trace = httpx.get(f"{local_cluster.base_url}/v1/requests/{rid}", headers={"Authorization": f"Bearer {key}"}).json()
+                if len(trace["steps"]) >= n_steps:
+                    then(rid)
+                    return rid
+    raise AssertionError("stream ended early")
+
+
+def _trace(local_cluster, key, rid):
+    return httpx.get(f"{local_cluster.base_url}/v1/requests/{rid}", headers={"Authorization": f"Bearer {key}"}).json()
+
+
+def test_client_disconnect_cancels_the_request(local_cluster, key):
+    rid = _stream_until(local_cluster, key, 1)
+    deadline = time.time() + 30
+    while _trace(local_cluster, key, rid)["status"] == "running" and time.time() < deadline:
+        time.sleep(0.5)
+    trace = _trace(local_cluster, key, rid)
+    assert trace["status"] == "cancelled"
+    assert [s["index"] for s in trace["steps"]] == list(range(len(trace["steps"])))
+
+
+def test_router_replica_killed_mid_request_resumes_from_last_step(local_cluster, key):
+    def kill_router(_):
+        details = serve.context._get_global_client().get_serve_details()
+        router = details["applications"][local_cluster.config.name]["deployments"]["Router"]["replicas"][0]
+        ray.kill(ray.get_actor(router["actor_name"], namespace="serve"), no_restart=True)
+
+    rid = _stream_until(local_cluster, key, 2, then=kill_router, step_max_tokens=8)
+    before = _trace(local_cluster, key, rid)
+    assert before["status"] == "running"
+    kept = before["steps"]
+    headers = {"Authorization": f"Bearer {key}"}
+    deadline = time.time() + 120
+    while True:  # Serve replaces the replica; the lease of the dead one expires after lease_s
+        try:
+            response = httpx.post(f"{local_cluster.base_url}/v1/requests/{rid}/resume", headers=headers, timeout=300)
+            if response.status_code == 200:
+                break
+            assert response.status_code in (409, 503, 500), response.text
+        except httpx.TransportError:
+            pass
+        assert time.time() < deadline, "resume never succeeded"
+        time.sleep(1)
+    after = _trace(local_cluster, key, rid)
+    assert after["status"] == "finished"
+    assert after["steps"][: len(kept)] == kept
+    assert [s["index"] for s in after["steps"]] == list(range(len(after["steps"])))
+    assert response.json()["choices"][0]["message"]["content"] == after["final"]["text"]
