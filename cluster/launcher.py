@@ -21,6 +21,7 @@ from cluster.models import ensure_embedded_model
 from cluster.redis_server import ping, redis_url, start_local_redis
 
 RUN_DIR = Path(os.environ.get("GLIMP_RUN_DIR", "run"))
+RAY = str(Path(sys.executable).with_name("ray"))  # the venv's ray CLI, whatever PATH says
 RAY_ENV = {"RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0", "HF_HUB_OFFLINE": "1",
            "TOKENIZERS_PARALLELISM": "false"}
 
@@ -38,13 +39,13 @@ def node_resources(cfg: ClusterConfig) -> dict[str, float]:
 def start_ray(cfg: ClusterConfig, num_cpus: int) -> None:
     """A local Ray head node (more logical CPUs than cores: replicas each ask for one)."""
     os.environ.update(RAY_ENV)
-    status = subprocess.run(["ray", "status"], capture_output=True, text=True, env=os.environ)
+    status = subprocess.run([RAY, "status"], capture_output=True, text=True, env=os.environ)
     if status.returncode == 0:
         say("Ray is already running; reusing it")
         return
     say(f"starting Ray head node ({num_cpus} logical CPUs, resources {node_resources(cfg)})")
     subprocess.run(
-        ["ray", "start", "--head", f"--num-cpus={num_cpus}", "--num-gpus=0", "--disable-usage-stats",
+        [RAY, "start", "--head", f"--num-cpus={num_cpus}", "--num-gpus=0", "--disable-usage-stats",
          f"--resources={json.dumps(node_resources(cfg))}", "--include-dashboard=false"],
         check=True, env=os.environ, stdout=subprocess.DEVNULL)
 
@@ -119,7 +120,10 @@ def down() -> None:
     """Stop the Serve application, Ray and the Redis this launcher started."""
     os.environ.update(RAY_ENV)
     say("stopping Ray (and Serve)")
-    subprocess.run(["ray", "stop", "--force"], env=os.environ, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    subprocess.run([RAY, "stop", "--force"], env=os.environ, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    stopped = kill_engine_processes()
+    if stopped:
+        say(f"stopped {stopped} leftover vLLM engine processes")
     pid_file = RUN_DIR / "redis.pid"
     if pid_file.exists():
         try:
@@ -128,6 +132,24 @@ def down() -> None:
         except ProcessLookupError:
             pass
         pid_file.unlink()
+
+
+def kill_engine_processes() -> int:
+    """Kill vLLM engine processes of this machine's pools that outlived their Ray worker (engine cores
+    are separate processes; a replica killed by Ray leaves them behind). They carry ``ENGINE_MARKER``."""
+    import psutil
+
+    from deployments.pool import ENGINE_MARKER
+
+    killed = 0
+    for proc in psutil.process_iter(["pid"]):
+        try:
+            if proc.pid != os.getpid() and ENGINE_MARKER in proc.environ():
+                proc.kill()
+                killed += 1
+        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+            continue
+    return killed
 
 
 def redis_is_up(cfg: ClusterConfig) -> bool:

@@ -15,9 +15,13 @@ from deployments.protocol import CacheStats, Glimpse, Prompt, StepChunk, StepSam
 log = logging.getLogger("ray.serve")
 
 
+ENGINE_MARKER = "GLIMP_POOL_ENGINE"  # set in every engine process, so the launcher can find leftovers
+
+
 def engine_env(settings: PoolSettings) -> dict[str, str]:
     """Environment variables the engine process needs (CPU KV cache and thread binding)."""
-    env = {"VLLM_CPU_NUM_OF_RESERVED_CPU": "0", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}
+    env = {"VLLM_CPU_NUM_OF_RESERVED_CPU": "0", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1",
+           ENGINE_MARKER: "1"}
     if settings.engine.kv_cache_gib is not None:
         env["VLLM_CPU_KVCACHE_SPACE"] = str(settings.engine.kv_cache_gib)
     if settings.engine.cpu_threads_bind is not None:
@@ -73,6 +77,12 @@ class ModelPool:
         self._cached_tokens = 0
         log.info("%s pool replica %s: engine ready", role, self.replica)
 
+    def __del__(self):
+        """Serve calls this on graceful shutdown: stop the engine's processes with the replica."""
+        engine = getattr(self, "engine", None)
+        if engine is not None:
+            engine.shutdown()
+
     async def check_health(self) -> None:
         """Serve's health check: healthy only while the engine answers."""
         await self.engine.check_health()
@@ -121,7 +131,7 @@ class ModelPool:
             text.append(delta.text)
             token_ids.extend(delta.token_ids)
             last = output
-            if stream and delta.text and not output.finished:
+            if stream and delta.text:
                 yield StepChunk(text=delta.text)
         out = last.outputs[0]
         yield StepChunk(

@@ -241,3 +241,41 @@ def test_router_replica_killed_mid_request_resumes_from_last_step(local_cluster,
     assert after["steps"][: len(kept)] == kept
     assert [s["index"] for s in after["steps"]] == list(range(len(after["steps"])))
     assert response.json()["choices"][0]["message"]["content"] == after["final"]["text"]
+
+
+# ---- tenancy through the API ----------------------------------------------------------------------------
+
+def test_usage_sums_equal_the_tokens_in_responses(local_cluster):
+    import asyncio
+
+    import redis.asyncio as aioredis
+
+    from router_service.tenancy import TenantStore
+
+    key = local_cluster.new_tenant("usage-check")
+    with httpx.Client(base_url=local_cluster.base_url, headers={"Authorization": f"Bearer {key}"}, timeout=300) as c:
+        results = [chat(c).json(), chat(c, policy="large_only").json()]
+
+    async def read():
+        client = aioredis.Redis.from_url(local_cluster.redis_url())
+        usage = await TenantStore(client).usage("usage-check")
+        await client.aclose()
+        return usage
+
+    usage = asyncio.run(read())["pools"]
+    for pool in ("small", "large"):
+        reported = sum(r["usage"]["per_pool"][pool]["completion_tokens"] for r in results)
+        assert int(usage[pool]["output_tokens"]) == reported
+        assert int(usage[pool]["steps"]) == sum(r["usage"]["per_pool"][pool]["steps"] for r in results)
+    assert int(usage["small"]["glimpses"]) == results[0]["usage"]["per_pool"]["small"]["glimpses"]
+    assert int(usage["small"]["requests"]) + int(usage["large"]["requests"]) == 2
+
+
+def test_rate_limit_gives_429_with_openai_headers(local_cluster):
+    key = local_cluster.new_tenant("limited", requests_per_minute=1)
+    with httpx.Client(base_url=local_cluster.base_url, headers={"Authorization": f"Bearer {key}"}, timeout=300) as c:
+        first = chat(c)
+        second = chat(c)
+    assert first.status_code == 200 and first.headers["x-ratelimit-remaining-requests"] == "0"
+    assert second.status_code == 429 and second.json()["error"]["type"] == "rate_limit_error"
+    assert int(second.headers["retry-after"]) >= 1 and "x-ratelimit-reset-requests" in second.headers
