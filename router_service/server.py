@@ -116,7 +116,8 @@ class Router:
 
     @app.post("/v1/requests/{request_id}/resume")
     async def resume(self, request_id: str, request: Request):
-        """Continue a running request whose router replica died, from its last complete step."""
+        """Continue a running request whose router replica died, from its last complete step.
+        ``?stream=true`` streams the rest (the steps kept come first as one reasoning chunk)."""
         tenant = await self._tenant(request)
         await self._redis(self.store.claim(tenant.name, request_id, self.replica))
         state = await self._redis(self.store.get(tenant.name, request_id))
@@ -124,7 +125,7 @@ class Router:
         loop_req = LoopRequest(
             request_id=request_id, messages=stored["messages"], policy=PolicySettings(**stored["policy"]),
             steps=StepSettings(**stored["steps"]), temperature=stored["temperature"], top_p=stored["top_p"],
-            seed=stored["seed"], stream=stored["stream"])
+            seed=stored["seed"], stream=request.query_params.get("stream", "false").lower() == "true")
         admission = await self._admit(tenant, request_id)
         return await self._respond(tenant, loop_req, stored, state.steps, admission)
 

@@ -201,7 +201,18 @@ def _stream_until(local_cluster, key, n_steps: int, then=lambda rid: None, **fie
 
 
 def _trace(local_cluster, key, rid):
-    return httpx.get(f"{local_cluster.base_url}/v1/requests/{rid}", headers={"Authorization": f"Bearer {key}"}).json()
+    """The request's trace, waiting for a router replica to answer (one may be restarting)."""
+    deadline = time.time() + 120
+    while True:
+        try:
+            response = httpx.get(f"{local_cluster.base_url}/v1/requests/{rid}", timeout=30,
+                                 headers={"Authorization": f"Bearer {key}"})
+            if response.status_code == 200:
+                return response.json()
+        except httpx.TransportError:
+            pass
+        assert time.time() < deadline, "no router replica answered"
+        time.sleep(1)
 
 
 def test_client_disconnect_cancels_the_request(local_cluster, key):
