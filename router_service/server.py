@@ -114,6 +114,24 @@ class Router:
         state = await self._redis(self.store.get(tenant.name, request_id))
         return state.trace()
 
+    @app.get("/v1/requests")
+    async def list_requests(self, request: Request) -> dict:
+        """Ids of the caller's own requests (another tenant's never appear)."""
+        tenant = await self._tenant(request)
+        return {"object": "list", "data": await self._redis(self.store.list_ids(tenant.name))}
+
+    @app.get("/v1/admin/tenants/{name}/usage")
+    async def tenant_usage(self, name: str, request: Request, day: str | None = None) -> dict:
+        """A tenant's usage per pool for one UTC day (admin key only)."""
+        if not is_admin_key(bearer_key(request)):
+            raise APIError(403, "this endpoint needs the admin key", code="admin_only")
+        if await self._redis(self.tenants.get_tenant(name)) is None:
+            raise APIError(404, f"tenant {name!r} not found", code="tenant_not_found")
+        try:
+            return await self._redis(self.tenants.usage(name, day))
+        except ValueError:
+            raise APIError(400, f"day must be YYYY-MM-DD, not {day!r}", param="day") from None
+
     @app.post("/v1/requests/{request_id}/resume")
     async def resume(self, request_id: str, request: Request):
         """Continue a running request whose router replica died, from its last complete step.

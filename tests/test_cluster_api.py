@@ -180,6 +180,8 @@ def test_another_tenants_request_is_404(local_cluster, client):
     response = httpx.get(f"{local_cluster.base_url}/v1/requests/{rid}", headers={"Authorization": f"Bearer {other}"})
     assert response.status_code == 404
     assert client.get(f"/v1/requests/{rid}").status_code == 200
+    listed = httpx.get(f"{local_cluster.base_url}/v1/requests", headers={"Authorization": f"Bearer {other}"}).json()
+    assert rid not in listed["data"] and rid in client.get("/v1/requests").json()["data"]
 
 
 # ---- failures in the middle of a request ----------------------------------------------------------------
@@ -280,6 +282,12 @@ def test_usage_sums_equal_the_tokens_in_responses(local_cluster):
         assert int(usage[pool]["steps"]) == sum(r["usage"]["per_pool"][pool]["steps"] for r in results)
     assert int(usage["small"]["glimpses"]) == results[0]["usage"]["per_pool"]["small"]["glimpses"]
     assert int(usage["small"]["requests"]) + int(usage["large"]["requests"]) == 2
+    admin = {"Authorization": f"Bearer {local_cluster.admin_key}"}
+    served = httpx.get(f"{local_cluster.base_url}/v1/admin/tenants/usage-check/usage", headers=admin).json()
+    assert served["pools"]["large"]["output_tokens"] == usage["large"]["output_tokens"]
+    tenant_only = httpx.get(f"{local_cluster.base_url}/v1/admin/tenants/usage-check/usage",
+                            headers={"Authorization": f"Bearer {key}"})
+    assert tenant_only.status_code == 403 and tenant_only.json()["error"]["code"] == "admin_only"
 
 
 def test_rate_limit_gives_429_with_openai_headers(local_cluster):
