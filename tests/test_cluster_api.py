@@ -8,6 +8,7 @@ import math
 import time
 
 import httpx
+import psutil
 import pytest
 import ray
 from ray import serve
@@ -232,6 +233,10 @@ def test_router_replica_killed_mid_request_resumes_from_last_step(local_cluster,
         details = serve.context._get_global_client().get_serve_details()
         router = details["applications"][local_cluster.config.name]["deployments"]["Router"]["replicas"][0]
         ray.kill(ray.get_actor(router["actor_name"], namespace="serve"), no_restart=True)
+        try:  # dead before the client hangs up, else the hang-up cancels the request first
+            psutil.Process(router["pid"]).wait(timeout=30)
+        except psutil.NoSuchProcess:
+            pass
 
     rid = _stream_until(local_cluster, key, 2, then=kill_router, step_max_tokens=8)
     before = _trace(local_cluster, key, rid)
