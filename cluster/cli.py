@@ -8,6 +8,7 @@ import os
 import sys
 import time
 
+from cluster import render, tenants_cli
 from cluster.config import ConfigError, load_config
 
 SAMPLE_PROMPT = "A farmer has 17 sheep. All but 9 run away. How many sheep are left? Think step by step."
@@ -97,11 +98,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_up)
     p = sub.add_parser("down", help="stop the local cluster")
     p.set_defaults(func=cmd_down)
-    for module in ("cluster.tenants_cli", "cluster.render"):
-        try:
-            __import__(module, fromlist=["register"]).register(sub)
-        except ImportError:
-            pass
+    tenants_cli.register(sub)
+    render.register(sub)
     return parser
 
 

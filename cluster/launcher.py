@@ -18,7 +18,7 @@ from pathlib import Path
 
 from cluster.config import ClusterConfig
 from cluster.models import ensure_embedded_model
-from cluster.redis_server import ping, redis_url, start_local_redis
+from cluster.redis_server import redis_url, start_local_redis
 
 RUN_DIR = Path(os.environ.get("GLIMP_RUN_DIR", "run"))
 RAY = str(Path(sys.executable).with_name("ray"))  # the venv's ray CLI, whatever PATH says
@@ -150,8 +150,3 @@ def kill_engine_processes() -> int:
         except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
             continue
     return killed
-
-
-def redis_is_up(cfg: ClusterConfig) -> bool:
-    """Whether the configured Redis answers."""
-    return ping(redis_url(cfg.redis.url))

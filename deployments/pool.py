@@ -10,7 +10,7 @@ from collections.abc import AsyncIterator
 from ray import serve
 
 from cluster.config import PoolSettings
-from deployments.protocol import CacheStats, Glimpse, Prompt, StepChunk, StepSampling
+from deployments.protocol import Glimpse, Prompt, StepChunk, StepSampling
 
 log = logging.getLogger("ray.serve")
 
@@ -73,8 +73,6 @@ class ModelPool:
         )
         log.info("%s pool replica %s: starting vLLM engine for %s", role, self.replica, args.model)
         self.engine = AsyncLLM.from_engine_args(args)
-        self._prompt_tokens = 0
-        self._cached_tokens = 0
         log.info("%s pool replica %s: engine ready", role, self.replica)
 
     def __del__(self):
@@ -93,7 +91,9 @@ class ModelPool:
         from vllm.sampling_params import RequestOutputKind
 
         params = SamplingParams(max_tokens=1, temperature=0.0, logprobs=top_k, output_kind=RequestOutputKind.FINAL_ONLY)
-        final = await self._run(prompt, params)
+        final = None
+        async for final in self._generate(prompt, params):
+            pass
         out = final.outputs[0]
         ranked = sorted(out.logprobs[0].items(), key=lambda kv: kv[1].logprob, reverse=True)[:top_k]
         return Glimpse(
@@ -126,7 +126,7 @@ class ModelPool:
             output_kind=RequestOutputKind.DELTA if stream else RequestOutputKind.FINAL_ONLY,
         )
         text, token_ids, last = [], [], None
-        async for output in self._stream(prompt, params):
+        async for output in self._generate(prompt, params):
             delta = output.outputs[0]
             text.append(delta.text)
             token_ids.extend(delta.token_ids)
@@ -145,23 +145,6 @@ class ModelPool:
             stopped_by=out.stop_reason if isinstance(out.stop_reason, str) else None,
         )
 
-    def cache_stats(self) -> CacheStats:
-        """This replica's prefix-cache counters."""
-        return CacheStats(self.replica, self._prompt_tokens, self._cached_tokens)
-
-    async def _run(self, prompt: Prompt, params):
-        final = None
-        async for output in self._stream(prompt, params):
-            final = output
-        return final
-
-    async def _stream(self, prompt: Prompt, params):
+    def _generate(self, prompt: Prompt, params):
         """The engine's outputs for one call; cancelling the caller aborts the engine request."""
-        request_id = f"{self.role}-{uuid.uuid4().hex}"
-        final = None
-        async for output in self.engine.generate(_engine_prompt(prompt), params, request_id=request_id):
-            final = output
-            yield output
-        if final is not None:
-            self._prompt_tokens += len(final.prompt_token_ids or ())
-            self._cached_tokens += final.num_cached_tokens or 0
+        return self.engine.generate(_engine_prompt(prompt), params, request_id=f"{self.role}-{uuid.uuid4().hex}")

@@ -49,17 +49,3 @@ class StepChunk:
     def ended_by_eos(self) -> bool:
         """The model ended its output (EOS), as opposed to a stop string or the token limit."""
         return self.finish_reason == "stop" and not isinstance(self.stopped_by, str)
-
-
-@dataclass(frozen=True)
-class CacheStats:
-    """Prefix-cache counters of one replica since it started."""
-
-    replica: str
-    prompt_tokens: int
-    cached_tokens: int
-
-    @property
-    def hit_rate(self) -> float:
-        """Fraction of prompt tokens served from the prefix cache."""
-        return self.cached_tokens / self.prompt_tokens if self.prompt_tokens else 0.0

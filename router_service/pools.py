@@ -24,13 +24,12 @@ class ServePoolClient:
 
     async def glimpse(self, prompt: Prompt, top_k: int, affinity_key: str) -> Glimpse:
         """The step's first token and top-k log-probs, from the replica holding the request's prefix."""
-        for attempt in range(self._retries + 1):
+        for _ in range(self._retries):
             try:
                 return await self._glimpse.remote(prompt, top_k, affinity_key=affinity_key)
             except RETRYABLE:
-                if attempt == self._retries:
-                    raise
-        raise AssertionError("unreachable")
+                pass
+        return await self._glimpse.remote(prompt, top_k, affinity_key=affinity_key)
 
     async def step(self, prompt: Prompt, sampling: StepSampling, stream: bool, affinity_key: str) -> AsyncIterator[StepChunk]:
         """The step's chunks (see ``ModelPool.step``)."""

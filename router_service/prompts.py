@@ -45,7 +45,3 @@ class PromptRenderer:
     def final_prompt(self, messages: list[dict], steps: list[str], delimiter: str) -> list[int]:
         """The final answer's prompt: closed thinking, the assistant turn left open."""
         return self._render(messages, final_thinking(steps, delimiter))
-
-    def count(self, text: str) -> int:
-        """Tokens of ``text`` without special tokens."""
-        return len(self.tokenizer.encode(text, add_special_tokens=False))

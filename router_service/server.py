@@ -24,6 +24,7 @@ from router_service import responses
 from router_service.api_models import ChatCompletionRequest, CompletionRequest
 from router_service.errors import APIError, install_error_handlers, validation_error
 from router_service.loop import AnswerDelta, AnswerDone, LoopRequest, ReasoningDelta, StepDone, StepLoop
+from router_service.policy import needs_glimpse
 from router_service.pools import ServePoolClient
 from router_service.prompts import PromptRenderer
 from router_service.state import CANCELLED, FAILED, RequestNotFound, RequestStateStore, StateConflict, StepRecord
@@ -250,14 +251,17 @@ class Router:
         rid, name = req.request_id, tenant.name
         try:
             async for event in self.loop.run(req, done):
-                if isinstance(event, StepDone):
-                    await self._redis(self.store.append_step(name, rid, self.replica, event.record, event.glimpsed))
-                    await self._redis(self.tenants.charge_tokens(tenant, event.record.pool, event.record.output_tokens))
+                if isinstance(event, StepDone):  # Redis calls of a step run concurrently: one round trip
+                    await self._redis(asyncio.gather(
+                        self.store.append_step(name, rid, self.replica, event.record, event.glimpsed),
+                        self.tenants.charge_tokens(tenant, event.record.pool, event.record.output_tokens),
+                        self.tenants.heartbeat(tenant, rid)))
                 elif isinstance(event, AnswerDone):
-                    await self._redis(self.tenants.charge_tokens(tenant, event.pool, event.output_tokens))
-                    await self._redis(self.store.finish(name, rid, self.replica, {
-                        "text": event.text, "pool": event.pool, "output_tokens": event.output_tokens,
-                        "prompt_tokens": event.prompt_tokens, "finish_reason": event.finish_reason, "ms": event.ms}))
+                    await self._redis(asyncio.gather(
+                        self.tenants.charge_tokens(tenant, event.pool, event.output_tokens),
+                        self.store.finish(name, rid, self.replica, {
+                            "text": event.text, "pool": event.pool, "output_tokens": event.output_tokens,
+                            "prompt_tokens": event.prompt_tokens, "finish_reason": event.finish_reason, "ms": event.ms})))
                 yield event
         except (asyncio.CancelledError, GeneratorExit):
             await self._end_quietly(name, rid, CANCELLED, "client disconnected")
@@ -285,27 +289,30 @@ class Router:
         except (RedisError, OSError):
             log.warning("request %s: could not release its admission", rid)
 
-    async def _record_usage(self, tenant: Tenant, steps: list[StepRecord], answer: AnswerDone, usage: dict) -> None:
+    async def _usage(self, tenant: Tenant, req: LoopRequest, stored: dict, steps: list[StepRecord],
+                     answer: AnswerDone) -> dict:
+        """The response's usage, recorded for the tenant. glimprouter glimpses before every step."""
+        glimpses = len(steps) if needs_glimpse(req.policy) else 0
+        usage = responses.usage(steps, answer, stored["prompt_tokens"], glimpses)
         for pool, counts in usage["per_pool"].items():
             await self._redis(self.tenants.record_usage(
                 tenant, pool, requests=int(pool == answer.pool),
                 prompt_tokens=usage["prompt_tokens"] if pool == answer.pool else 0,
                 output_tokens=counts["completion_tokens"], steps=counts["steps"], glimpses=counts.get("glimpses", 0)))
+        return usage
 
     async def _respond(self, tenant: Tenant, req: LoopRequest, stored: dict, done: list[StepRecord], admission):
         events = self._drive(tenant, req, done)
         headers = admission.headers()
         chat = stored["endpoint"] == "chat"
         if not req.stream:
-            steps, answer, glimpses = list(done), None, sum(1 for s in done if s.glimpse_ms > 0)
+            steps, answer = list(done), None
             async for event in events:
                 if isinstance(event, StepDone):
                     steps.append(event.record)
-                    glimpses += int(event.glimpsed)
                 elif isinstance(event, AnswerDone):
                     answer = event
-            usage = responses.usage(steps, answer, stored["prompt_tokens"], glimpses)
-            await self._record_usage(tenant, steps, answer, usage)
+            usage = await self._usage(tenant, req, stored, steps, answer)
             build = responses.chat_completion if chat else responses.text_completion
             body = build(req.request_id, stored["model"], responses.reasoning_text(steps, req.steps.delimiter), answer,
                          usage, responses.routing_summary(stored["policy"], steps))
@@ -318,7 +325,7 @@ class Router:
         """Yields SSE lines: role, reasoning deltas (steps joined by the delimiter), answer deltas, finish,
         usage (if asked), ``[DONE]``; an error after the start is sent as an error object."""
         writer = responses.ChunkWriter(req.request_id, stored["model"], stored["endpoint"] == "chat")
-        steps, glimpses = list(done), sum(1 for s in done if s.glimpse_ms > 0)
+        steps = list(done)
         if writer.chat:
             yield writer.delta(role="assistant", content="")
         if done:
@@ -339,13 +346,11 @@ class Router:
                     yield writer.delta(reasoning=event.text)
                 elif isinstance(event, StepDone):
                     steps.append(event.record)
-                    glimpses += int(event.glimpsed)
                     at_step_start = True
                 elif isinstance(event, AnswerDelta):
                     yield writer.delta(content=event.text)
                 elif isinstance(event, AnswerDone):
-                    usage = responses.usage(steps, event, stored["prompt_tokens"], glimpses)
-                    await self._record_usage(tenant, steps, event, usage)
+                    usage = await self._usage(tenant, req, stored, steps, event)
                     yield writer.finish(event.finish_reason or "stop", responses.routing_summary(stored["policy"], steps))
                     if stored.get("include_usage"):
                         yield writer.usage(usage)

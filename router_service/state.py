@@ -17,6 +17,16 @@ import redis.asyncio as aioredis
 
 RUNNING, FINISHED, FAILED, CANCELLED = "running", "finished", "failed", "cancelled"
 
+_CREATE = """
+-- KEYS[1] hash; ARGV: request json, owner, lease_until, now, ttl. Refuses an existing id.
+if redis.call('EXISTS', KEYS[1]) == 1 then return -4 end
+redis.call('HSET', KEYS[1], 'request', ARGV[1], 'status', 'running', 'owner', ARGV[2], 'lease_until', ARGV[3],
+  'created_at', ARGV[4], 'steps_small', 0, 'steps_large', 0, 'output_tokens_small', 0, 'output_tokens_large', 0,
+  'glimpses', 0)
+redis.call('EXPIRE', KEYS[1], tonumber(ARGV[5]))
+return 1
+"""
+
 _APPEND = """
 -- KEYS[1] hash, KEYS[2] steps; ARGV: owner, expected index, step json, pool, out tokens, glimpse, lease_until, ttl
 if redis.call('HGET', KEYS[1], 'status') ~= 'running' then return -1 end
@@ -112,6 +122,7 @@ class RequestStateStore:
         self.namespace = namespace
         self.ttl_s = ttl_s
         self.lease_s = lease_s
+        self._create = client.register_script(_CREATE)
         self._append = client.register_script(_APPEND)
         self._claim = client.register_script(_CLAIM)
         self._set_status = client.register_script(_SET_STATUS)
@@ -121,17 +132,11 @@ class RequestStateStore:
         return base, base + ":steps"
 
     async def create(self, tenant: str, request_id: str, request: dict, owner: str) -> None:
-        """Record a new running request owned by ``owner``; fails if the id exists."""
+        """Record a new running request owned by ``owner``, with its TTL, in one atomic script."""
         key, _ = self._keys(tenant, request_id)
         now = time.time()
-        created = await self.redis.hsetnx(key, "request", json.dumps(request))
-        if not created:
+        if await self._create(keys=[key], args=[json.dumps(request), owner, now + self.lease_s, now, self.ttl_s]) < 0:
             raise StateConflict(f"request {request_id} already exists")
-        await self.redis.hset(key, mapping={
-            "status": RUNNING, "owner": owner, "lease_until": now + self.lease_s, "created_at": now,
-            "steps_small": 0, "steps_large": 0, "output_tokens_small": 0, "output_tokens_large": 0, "glimpses": 0,
-        })
-        await self.redis.expire(key, self.ttl_s)
 
     async def append_step(self, tenant: str, request_id: str, owner: str, step: StepRecord, glimpsed: bool) -> int:
         """Append step ``step.index`` atomically (owner and index checked); renews the lease."""
