@@ -8,7 +8,7 @@ import os
 import sys
 import time
 
-from cluster import render, tenants_cli
+from cluster import operators, plan, render, tenants_cli
 from cluster.config import ConfigError, load_config
 
 SAMPLE_PROMPT = "A farmer has 17 sheep. All but 9 run away. How many sheep are left? Think step by step."
@@ -100,6 +100,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_down)
     tenants_cli.register(sub)
     render.register(sub)
+    plan.register(sub)
+    operators.register(sub)
     return parser
 
 

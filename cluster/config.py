@@ -15,7 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 PoolRole = Literal["small", "large"]
-PolicyName = Literal["glimprouter", "large_only", "small_only", "random"]
+PolicyName = Literal["glimprouter", "large_only", "small_only", "random", "forced_fraction"]
 
 
 class StrictModel(BaseModel):
@@ -31,6 +31,7 @@ class ModelSource(StrictModel):
         None, description="Name of an embedded default model (converted once into the model cache)."
     )
     path: str | None = Field(None, description="Hugging Face model folder or hub id (hub needs network).")
+    tokenizer: str | None = Field(None, description="Tokenizer folder, when it is not the model's own.")
     served_name: str | None = Field(None, description="Name shown in /v1/models; defaults to the source name.")
     chat_template: str | None = Field(None, description="Jinja chat template overriding the tokenizer's.")
     load_format: Literal["auto", "safetensors", "dummy"] = Field(
@@ -178,6 +179,25 @@ class StepSettings(StrictModel):
     final_max_tokens: int = Field(2048, ge=1, le=32_768, description="Most tokens of the final answer.")
     temperature: float = Field(0.6, ge=0, le=2, description="Step sampling temperature.")
     top_p: float = Field(0.95, gt=0, le=1, description="Step nucleus sampling.")
+    ignore_eos: bool = Field(False, description="Benchmarks on random weights: steps and answer run to their token limits.")
+
+
+class TauControllerSettings(StrictModel):
+    """Load-aware tau (beyond the paper): while the large pool's queue is long, tau rises so fewer steps go
+    there; it falls back as the queue drains. Off by default: the paper's fixed tau is the reference."""
+
+    enabled: bool = Field(False, description="Adjust tau by the large pool's queue.")
+    queue_high: int = Field(8, ge=1, le=100_000, description="Large-pool calls in flight (per router replica) above which tau rises.")
+    queue_low: int = Field(2, ge=0, le=100_000, description="In-flight large-pool calls below which tau falls back.")
+    step_nats: float = Field(0.25, gt=0, le=5, description="Change of tau per adjustment.")
+    max_offset_nats: float = Field(2.0, gt=0, le=10, description="Most tau may rise above the request's own tau.")
+    interval_s: float = Field(1.0, gt=0, le=60, description="Seconds between adjustments.")
+
+    @model_validator(mode="after")
+    def _bounds_ordered(self) -> TauControllerSettings:
+        if self.queue_low >= self.queue_high:
+            raise ValueError("queue_low must be below queue_high")
+        return self
 
 
 class RouterSettings(StrictModel):
@@ -193,6 +213,7 @@ class RouterSettings(StrictModel):
     lease_s: float = Field(30.0, ge=1, le=3600, description="A request's owner lease; expired leases may be resumed elsewhere.")
     policy: PolicySettings = Field(default_factory=PolicySettings, description="Default routing policy.")
     steps: StepSettings = Field(default_factory=StepSettings, description="Step loop constants.")
+    tau_controller: TauControllerSettings = Field(default_factory=TauControllerSettings, description="Load-aware tau.")
 
 
 class ClusterConfig(StrictModel):

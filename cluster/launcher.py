@@ -12,7 +12,6 @@ import signal
 import secrets
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -31,38 +30,48 @@ def say(message: str) -> None:
     print(f"[cluster] {message}", file=sys.stderr, flush=True)
 
 
-def node_resources(cfg: ClusterConfig) -> dict[str, float]:
-    """Custom resources the local node advertises: every pool's node-pool resource."""
-    return {p.placement.node_resource: 1000.0 for _, p in cfg.pools.items() if p.placement.node_resource}
+DASHBOARD_PORT = 8265
+HEAD_METRICS_PORT = 8080  # node i exports Prometheus metrics on HEAD_METRICS_PORT + i
+OBJECT_STORE_BYTES = 512 * 1024**2
+
+
+def local_nodes(cfg: ClusterConfig) -> list[dict[str, float]]:
+    """The custom resources of each simulated node: one node per pool's node-pool resource, the head first
+    (it also runs the router). Pools without one are placed wherever Ray likes."""
+    names = dict.fromkeys(p.placement.node_resource for _, p in cfg.pools.items() if p.placement.node_resource)
+    return [{name: 1000.0} for name in names] or [{}]
 
 
 def start_ray(cfg: ClusterConfig, num_cpus: int) -> None:
-    """A local Ray head node (more logical CPUs than cores: replicas each ask for one)."""
+    """A local Ray cluster of one node per node pool (e.g. ``small_pool`` on the head and ``large_pool`` on a
+    second node), with the dashboard (Serve's REST API) and a Prometheus endpoint per node."""
     os.environ.update(RAY_ENV)
     status = subprocess.run([RAY, "status"], capture_output=True, text=True, env=os.environ)
     if status.returncode == 0:
         say("Ray is already running; reusing it")
         return
-    say(f"starting Ray head node ({num_cpus} logical CPUs, resources {node_resources(cfg)})")
-    subprocess.run(
-        [RAY, "start", "--head", f"--num-cpus={num_cpus}", "--num-gpus=0", "--disable-usage-stats",
-         f"--resources={json.dumps(node_resources(cfg))}", "--include-dashboard=false"],
-        check=True, env=os.environ, stdout=subprocess.DEVNULL)
+    for i, resources in enumerate(local_nodes(cfg)):
+        common = [f"--num-cpus={num_cpus}", "--num-gpus=0", f"--resources={json.dumps(resources)}",
+                  f"--metrics-export-port={HEAD_METRICS_PORT + i}", f"--object-store-memory={OBJECT_STORE_BYTES}",
+                  f"--dashboard-agent-listen-port={52365 + i}", "--disable-usage-stats"]
+        role = ["--head", f"--dashboard-port={DASHBOARD_PORT}", "--dashboard-host=127.0.0.1"] if i == 0 else \
+            [f"--address=127.0.0.1:6379"]
+        say(f"starting Ray {'head' if i == 0 else 'worker'} node {i} ({num_cpus} logical CPUs, resources {resources})")
+        subprocess.run([RAY, "start", *role, *common], check=True, env=os.environ, stdout=subprocess.DEVNULL)
 
 
 def deploy(cfg: ClusterConfig, timeout_s: float = 900) -> None:
-    """Run the Serve application and wait until every deployment is healthy, printing each change."""
+    """Deploy the rendered Serve config through the dashboard (as ``serve deploy`` does, so that a later
+    ``cluster scale`` is a light update), and wait until every deployment is healthy, printing each change."""
     import ray
     from ray import serve
+    from ray.dashboard.modules.serve.sdk import ServeSubmissionClient
 
-    from deployments.builder import build_app
+    from cluster.render import serve_config
 
     ray.init(address="auto", logging_level="ERROR", log_to_driver=False)
-    serve.start(http_options={"host": cfg.router.host, "port": cfg.router.port})
     say(f"deploying application '{cfg.name}' (pools start their vLLM engines; this takes a few minutes on CPU)")
-    runner = threading.Thread(target=serve.run, args=(build_app(cfg),),
-                              kwargs={"name": cfg.name, "route_prefix": "/"}, daemon=True)
-    runner.start()  # serve.run waits for the application; progress is read from serve.status meanwhile
+    ServeSubmissionClient(f"http://127.0.0.1:{DASHBOARD_PORT}").deploy_applications(serve_config(cfg, proxy_location="HeadOnly"))
     start, seen = time.time(), {}
     while time.time() - start < timeout_s:
         app = serve.status().applications.get(cfg.name)
@@ -73,7 +82,7 @@ def deploy(cfg: ClusterConfig, timeout_s: float = 900) -> None:
                     seen[name] = state
                     say(f"  {name}: {state} ({time.time() - start:.0f} s)")
             app_state = app.status.value if hasattr(app.status, "value") else str(app.status)
-            if app_state == "RUNNING" and not runner.is_alive():
+            if app_state == "RUNNING":
                 say(f"application ready in {time.time() - start:.0f} s")
                 return
             if app_state == "DEPLOY_FAILED":

@@ -20,6 +20,7 @@ from pathlib import Path
 from urllib.parse import ParseResult, urlparse
 
 import yaml
+from deployments.pool import actor_options
 from pydantic import Field, ValidationError, model_validator
 
 from cluster.config import (
@@ -52,18 +53,17 @@ CPU_HEADROOM = 1  # container CPUs beyond the Ray CPUs: raylet, Serve proxy, eng
 LOOPBACK = {"127.0.0.1", "localhost", "::1"}
 
 
-def serve_config(cfg: ClusterConfig) -> dict:
-    """The Ray Serve config (multi-application form) that deploys ``cfg``.
-
-    Serve replaces a deployment's ``ray_actor_options`` from code by the config's as a whole, so the
-    builder's ``runtime_env`` does not apply here: the pods' environment sets the engines' variables.
-    """
+def serve_config(cfg: ClusterConfig, proxy_location: str = "EveryNode") -> dict:
+    """The Ray Serve config (multi-application form) that deploys ``cfg``: the local launcher's and
+    the RayService's. Serve replaces a deployment's ``ray_actor_options`` from code by the config's as a
+    whole, so they are the builder's own (placement and the engine's environment). The local cluster's
+    nodes share one host, so it runs the HTTP proxy on the head node only."""
     pools = [
         {
             "name": DEPLOYMENTS[role],
             "max_ongoing_requests": pool.autoscaling.max_ongoing_requests,
             "autoscaling_config": pool.autoscaling.to_serve(),
-            "ray_actor_options": pool.placement.ray_actor_options(),
+            "ray_actor_options": actor_options(pool),
         }
         for role, pool in cfg.pools.items()
     ]
@@ -81,7 +81,7 @@ def serve_config(cfg: ClusterConfig) -> dict:
         "deployments": [*pools, router],
     }
     return {
-        "proxy_location": "EveryNode",
+        "proxy_location": proxy_location,
         "http_options": {"host": cfg.router.host, "port": cfg.router.port},
         "applications": [app],
     }

@@ -7,7 +7,7 @@ from ray import serve
 from ray.serve.config import RequestRouterConfig
 
 from cluster.config import ClusterConfig, PoolRole, PoolSettings
-from deployments.pool import ModelPool, engine_env
+from deployments.pool import ModelPool, actor_options
 
 DEPLOYMENT_NAMES: dict[PoolRole, str] = {"small": "SmallPool", "large": "LargePool"}
 AFFINITY_ROUTER = "deployments.affinity:PrefixAffinityRouter"
@@ -19,7 +19,7 @@ def pool_deployment(role: PoolRole, settings: PoolSettings, prefix_affinity: boo
         name=DEPLOYMENT_NAMES[role],
         autoscaling_config=settings.autoscaling.to_serve(),
         max_ongoing_requests=settings.autoscaling.max_ongoing_requests,
-        ray_actor_options={**settings.placement.ray_actor_options(), "runtime_env": {"env_vars": engine_env(settings)}},
+        ray_actor_options=actor_options(settings),
         health_check_period_s=10,
         health_check_timeout_s=30,
         graceful_shutdown_timeout_s=30,

@@ -6,9 +6,11 @@ import logging
 import os
 import uuid
 from collections.abc import AsyncIterator
+from contextlib import aclosing
 
 from ray import serve
 
+from cluster import metrics
 from cluster.config import PoolSettings
 from deployments.protocol import Glimpse, Prompt, StepChunk, StepSampling
 
@@ -19,14 +21,22 @@ ENGINE_MARKER = "GLIMP_POOL_ENGINE"  # set in every engine process, so the launc
 
 
 def engine_env(settings: PoolSettings) -> dict[str, str]:
-    """Environment variables the engine process needs (CPU KV cache and thread binding)."""
-    env = {"VLLM_CPU_NUM_OF_RESERVED_CPU": "0", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1",
-           ENGINE_MARKER: "1"}
+    """Environment variables the engine process needs (CPU KV cache and thread binding; no hub access
+    for local models)."""
+    env = {"TOKENIZERS_PARALLELISM": "false", ENGINE_MARKER: "1"}
+    if settings.model.embedded or settings.model.load_format == "dummy":
+        env["HF_HUB_OFFLINE"] = "1"
     if settings.engine.kv_cache_gib is not None:
+        env["VLLM_CPU_NUM_OF_RESERVED_CPU"] = "0"
         env["VLLM_CPU_KVCACHE_SPACE"] = str(settings.engine.kv_cache_gib)
     if settings.engine.cpu_threads_bind is not None:
         env["VLLM_CPU_OMP_THREADS_BIND"] = settings.engine.cpu_threads_bind
     return env
+
+
+def actor_options(settings: PoolSettings) -> dict:
+    """A pool replica's Ray actor options: its placement and its engine's environment."""
+    return {**settings.placement.ray_actor_options(), "runtime_env": {"env_vars": engine_env(settings)}}
 
 
 def resolve_model_dir(settings: PoolSettings) -> str:
@@ -36,6 +46,29 @@ def resolve_model_dir(settings: PoolSettings) -> str:
 
         return str(ensure_embedded_model(settings.model.embedded))
     return str(settings.model.path)
+
+
+def resolve_tokenizer_dir(settings: PoolSettings) -> str:
+    """The tokenizer folder: the configured one, else the model's."""
+    return settings.model.tokenizer or resolve_model_dir(settings)
+
+
+def queue_depth_logger(role: str):
+    """A vLLM stat-logger factory that exports the scheduler's waiting requests as the pool's queue depth."""
+    from vllm.v1.metrics.loggers import StatLoggerBase
+
+    class QueueDepthLogger(StatLoggerBase):
+        def __init__(self, vllm_config, engine_index: int = 0):
+            pass
+
+        def record(self, scheduler_stats, iteration_stats, *args, **kwargs) -> None:
+            if scheduler_stats is not None:
+                metrics.set_gauge("glimprouter_pool_queue_depth", scheduler_stats.num_waiting_reqs, pool=role)
+
+        def log_engine_initialized(self) -> None:
+            pass
+
+    return QueueDepthLogger
 
 
 def _engine_prompt(prompt: Prompt):
@@ -54,12 +87,14 @@ class ModelPool:
             os.environ.setdefault(key, value)
         from vllm.engine.arg_utils import AsyncEngineArgs
         from vllm.v1.engine.async_llm import AsyncLLM
+        from vllm.v1.metrics.ray_wrappers import RayPrometheusStatLogger
 
         self.role = role
         self.replica = serve.get_replica_context().replica_id.unique_id
         eng = settings.engine
         args = AsyncEngineArgs(
             model=resolve_model_dir(settings),
+            tokenizer=resolve_tokenizer_dir(settings),
             served_model_name=settings.model.name,
             load_format=settings.model.load_format,
             dtype=eng.dtype,
@@ -69,10 +104,12 @@ class ModelPool:
             max_num_seqs=eng.max_num_seqs,
             tensor_parallel_size=eng.tensor_parallel_size,
             enforce_eager=eng.enforce_eager,
+            disable_log_stats=False,
             **({"gpu_memory_utilization": eng.gpu_memory_utilization} if eng.gpu_memory_utilization else {}),
         )
         log.info("%s pool replica %s: starting vLLM engine for %s", role, self.replica, args.model)
-        self.engine = AsyncLLM.from_engine_args(args)
+        self.engine = AsyncLLM.from_engine_args(args, stat_loggers=[RayPrometheusStatLogger, queue_depth_logger(role)])
+        self.ongoing = 0
         log.info("%s pool replica %s: engine ready", role, self.replica)
 
     def __del__(self):
@@ -145,6 +182,17 @@ class ModelPool:
             stopped_by=out.stop_reason if isinstance(out.stop_reason, str) else None,
         )
 
-    def _generate(self, prompt: Prompt, params):
+    async def _generate(self, prompt: Prompt, params):
         """The engine's outputs for one call; cancelling the caller aborts the engine request."""
-        return self.engine.generate(_engine_prompt(prompt), params, request_id=f"{self.role}-{uuid.uuid4().hex}")
+        self._count_ongoing(+1)
+        try:
+            request_id = f"{self.role}-{uuid.uuid4().hex}"
+            async with aclosing(self.engine.generate(_engine_prompt(prompt), params, request_id=request_id)) as outputs:
+                async for output in outputs:
+                    yield output
+        finally:
+            self._count_ongoing(-1)
+
+    def _count_ongoing(self, change: int) -> None:
+        self.ongoing += change
+        metrics.set_gauge("glimprouter_pool_ongoing_requests", self.ongoing, pool=self.role)

@@ -43,9 +43,9 @@ class StreamOptions(APIModel):
 class RoutingOverrides(APIModel):
     """Extension fields: the request's routing policy and step loop limits (None: the tenant's or router's)."""
 
-    policy: PolicyName | None = Field(None, description="glimprouter, large_only, small_only or random.")
+    policy: PolicyName | None = Field(None, description="glimprouter, large_only, small_only, random or forced_fraction (benchmarks).")
     tau: float | None = Field(None, ge=0, le=10, description="Entropy threshold in nats.")
-    large_fraction: float | None = Field(None, ge=0, le=1, description="'random' policy: large fraction.")
+    large_fraction: float | None = Field(None, ge=0, le=1, description="'random' and 'forced_fraction': large fraction.")
     token_budget: int | None = Field(None, ge=1, le=1_000_000, description="Most output tokens of all steps.")
     step_max_tokens: int | None = Field(None, ge=1, le=32_768, description="Most tokens of one step.")
 

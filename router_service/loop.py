@@ -16,6 +16,7 @@ from deployments.protocol import Glimpse, Prompt, StepChunk, StepSampling
 from router_service.policy import decide, needs_glimpse, seeded_draw
 from router_service.prompts import THINK_CLOSE, PromptRenderer
 from router_service.state import StepRecord
+from router_service.tau_control import TauController
 
 
 class PoolClient(Protocol):
@@ -38,6 +39,7 @@ class LoopRequest:
     top_p: float
     seed: int | None
     stream: bool
+    tau_bounds: tuple[float | None, float | None] = (None, None)  # the tenant's floor and ceiling of tau
 
 
 @dataclass(frozen=True)
@@ -92,9 +94,11 @@ def thinking_finished(steps: list[StepRecord], budget: int) -> bool:
 class StepLoop:
     """Runs requests over a small and a large pool."""
 
-    def __init__(self, pools: Mapping[PoolRole, PoolClient], renderers: Mapping[PoolRole, PromptRenderer]):
+    def __init__(self, pools: Mapping[PoolRole, PoolClient], renderers: Mapping[PoolRole, PromptRenderer],
+                 tau_controller: TauController | None = None):
         self.pools = pools
         self.renderers = renderers
+        self.tau_controller = tau_controller
 
     async def run(self, req: LoopRequest, done: list[StepRecord]) -> AsyncIterator[LoopEvent]:
         """Continue ``req`` after its complete steps ``done`` (empty for a new request).
@@ -119,18 +123,20 @@ class StepLoop:
         texts = [s.text for s in steps]
         small_prompt = self.renderers["small"].step_prompt(req.messages, texts, cfg.delimiter)
         glimpse_ms, logprobs = 0.0, None
-        glimpsed = needs_glimpse(req.policy)
+        policy = self.tau_controller.apply(req.policy, *req.tau_bounds) if self.tau_controller else req.policy
+        glimpsed = needs_glimpse(policy)
         if glimpsed:
             t0 = time.perf_counter()
             glimpse = await self.pools["small"].glimpse(small_prompt, cfg.top_k, req.request_id)
             glimpse_ms, logprobs = (time.perf_counter() - t0) * 1e3, glimpse.top_logprobs
-        decision = decide(req.policy, logprobs, seeded_draw(req.policy.seed, req.request_id, index))
+        decision = decide(policy, logprobs, seeded_draw(policy.seed, req.request_id, index), index)
         prompt = small_prompt if decision.pool == "small" else self.renderers["large"].step_prompt(
             req.messages, texts, cfg.delimiter)
         used = sum(s.output_tokens for s in steps)
         sampling = StepSampling(
             max_tokens=min(cfg.step_max_tokens, cfg.token_budget - used), temperature=req.temperature,
             top_p=req.top_p, stop=[cfg.delimiter], seed=None if req.seed is None else req.seed + index,
+            ignore_eos=cfg.ignore_eos,
         )
         t0 = time.perf_counter()
         last = None
@@ -150,7 +156,7 @@ class StepLoop:
         pool: PoolRole = "small" if req.policy.policy == "small_only" else "large"
         prompt = self.renderers[pool].final_prompt(req.messages, texts, req.steps.delimiter)
         sampling = StepSampling(max_tokens=req.steps.final_max_tokens, temperature=req.temperature,
-                                top_p=req.top_p, seed=req.seed)
+                                top_p=req.top_p, seed=req.seed, ignore_eos=req.steps.ignore_eos)
         t0 = time.perf_counter()
         async for chunk in self.pools[pool].step(prompt, sampling, req.stream, req.request_id):
             if not chunk.done:

@@ -28,34 +28,42 @@ class Decision:
     entropy: float | None
 
 
-def _glimprouter(entropy: float | None, settings: PolicySettings, draw: float) -> PoolRole:
+def _glimprouter(entropy: float | None, settings: PolicySettings, draw: float, index: int) -> PoolRole:
     return "large" if entropy is not None and entropy >= settings.tau else "small"
 
 
-def _large_only(entropy: float | None, settings: PolicySettings, draw: float) -> PoolRole:
+def _large_only(entropy: float | None, settings: PolicySettings, draw: float, index: int) -> PoolRole:
     return "large"
 
 
-def _small_only(entropy: float | None, settings: PolicySettings, draw: float) -> PoolRole:
+def _small_only(entropy: float | None, settings: PolicySettings, draw: float, index: int) -> PoolRole:
     return "small"
 
 
-def _random(entropy: float | None, settings: PolicySettings, draw: float) -> PoolRole:
+def _random(entropy: float | None, settings: PolicySettings, draw: float, index: int) -> PoolRole:
     return "large" if draw < settings.large_fraction else "small"
 
 
-PolicyFn = Callable[[float | None, PolicySettings, float], PoolRole]
+def _forced_fraction(entropy: float | None, settings: PolicySettings, draw: float, index: int) -> PoolRole:
+    """Benchmarks on random weights (every entropy equal): evenly spaced steps, ``large_fraction`` of them."""
+    f = settings.large_fraction
+    return "large" if math.floor((index + 1) * f) > math.floor(index * f) else "small"
+
+
+PolicyFn = Callable[[float | None, PolicySettings, float, int], PoolRole]
 POLICIES: dict[str, PolicyFn] = {
     "glimprouter": _glimprouter,
     "large_only": _large_only,
     "small_only": _small_only,
     "random": _random,
+    "forced_fraction": _forced_fraction,
 }
 
 
 def needs_glimpse(settings: PolicySettings) -> bool:
-    """Only glimprouter reads the first-token distribution; the baselines skip the glimpse call."""
-    return settings.policy == "glimprouter"
+    """glimprouter reads the first-token distribution; forced_fraction takes the glimpse too (its cost is
+    what a benchmark measures) but ignores it; the baselines skip the call."""
+    return settings.policy in ("glimprouter", "forced_fraction")
 
 
 def seeded_draw(seed: int, request_id: str, step_index: int) -> float:
@@ -64,7 +72,7 @@ def seeded_draw(seed: int, request_id: str, step_index: int) -> float:
     return (int.from_bytes(digest, "big") >> 11) / 2**53
 
 
-def decide(settings: PolicySettings, top_logprobs: Sequence[float] | None, draw: float) -> Decision:
-    """Route one step: ``top_logprobs`` of the glimpse (None if no glimpse), ``draw`` for 'random'."""
+def decide(settings: PolicySettings, top_logprobs: Sequence[float] | None, draw: float, index: int = 0) -> Decision:
+    """Route step ``index``: ``top_logprobs`` of the glimpse (None if no glimpse), ``draw`` for 'random'."""
     entropy = first_token_entropy(top_logprobs) if top_logprobs else None
-    return Decision(POLICIES[settings.policy](entropy, settings, draw), entropy)
+    return Decision(POLICIES[settings.policy](entropy, settings, draw, index), entropy)

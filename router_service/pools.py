@@ -21,18 +21,31 @@ class ServePoolClient:
         self._glimpse = handle.options(method_name="glimpse")
         self._step = handle.options(method_name="step", stream=True)
         self._retries = retries
+        self.in_flight = 0  # this router replica's calls to the pool not yet answered (the tau controller's queue)
 
     async def glimpse(self, prompt: Prompt, top_k: int, affinity_key: str) -> Glimpse:
         """The step's first token and top-k log-probs, from the replica holding the request's prefix."""
-        for _ in range(self._retries):
-            try:
-                return await self._glimpse.remote(prompt, top_k, affinity_key=affinity_key)
-            except RETRYABLE:
-                pass
-        return await self._glimpse.remote(prompt, top_k, affinity_key=affinity_key)
+        self.in_flight += 1
+        try:
+            for _ in range(self._retries):
+                try:
+                    return await self._glimpse.remote(prompt, top_k, affinity_key=affinity_key)
+                except RETRYABLE:
+                    pass
+            return await self._glimpse.remote(prompt, top_k, affinity_key=affinity_key)
+        finally:
+            self.in_flight -= 1
 
     async def step(self, prompt: Prompt, sampling: StepSampling, stream: bool, affinity_key: str) -> AsyncIterator[StepChunk]:
         """The step's chunks (see ``ModelPool.step``)."""
+        self.in_flight += 1
+        try:
+            async for chunk in self._step_with_retry(prompt, sampling, stream, affinity_key):
+                yield chunk
+        finally:
+            self.in_flight -= 1
+
+    async def _step_with_retry(self, prompt, sampling, stream, affinity_key) -> AsyncIterator[StepChunk]:
         for attempt in range(self._retries + 1):
             sent = False
             try:

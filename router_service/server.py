@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import time
 import uuid
 from collections.abc import AsyncIterator
 
@@ -17,9 +18,10 @@ from ray.exceptions import RayError
 from ray.serve.handle import DeploymentHandle
 from redis.exceptions import RedisError
 
+from cluster import metrics
 from cluster.config import ClusterConfig, PolicySettings, StepSettings
 from cluster.redis_server import redis_url
-from deployments.pool import resolve_model_dir
+from deployments.pool import resolve_tokenizer_dir
 from router_service import responses
 from router_service.api_models import ChatCompletionRequest, CompletionRequest
 from router_service.errors import APIError, install_error_handlers, validation_error
@@ -27,7 +29,8 @@ from router_service.loop import AnswerDelta, AnswerDone, LoopRequest, ReasoningD
 from router_service.policy import needs_glimpse
 from router_service.pools import ServePoolClient
 from router_service.prompts import PromptRenderer
-from router_service.state import CANCELLED, FAILED, RequestNotFound, RequestStateStore, StateConflict, StepRecord
+from router_service.state import CANCELLED, FAILED, FINISHED, RequestNotFound, RequestStateStore, StateConflict, StepRecord
+from router_service.tau_control import TauController
 from router_service.tenancy import RateLimited, Tenant, TenantSettings, TenantStore, is_admin_key
 
 log = logging.getLogger("ray.serve")
@@ -79,10 +82,15 @@ class Router:
         self.admin = Tenant(name="admin", settings=TenantSettings(
             policy=self.cfg.router.policy, max_token_budget=self.cfg.router.steps.token_budget,
             requests_per_minute=1_000_000, max_concurrent_requests=100_000))
-        renderers = {role: PromptRenderer(resolve_model_dir(pool), pool.model.chat_template)
+        renderers = {role: PromptRenderer(resolve_tokenizer_dir(pool), pool.model.chat_template)
                      for role, pool in self.cfg.pools.items()}
         self.renderers = renderers
-        self.loop = StepLoop({"small": ServePoolClient(small), "large": ServePoolClient(large)}, renderers)
+        self.pools = {"small": ServePoolClient(small), "large": ServePoolClient(large)}
+        control = self.cfg.router.tau_controller
+        self.tau_controller = TauController(control) if control.enabled else None
+        self._tau_task: asyncio.Task | None = None
+        self.loop = StepLoop(self.pools, renderers, self.tau_controller)
+        self.large_fraction = metrics.LargeFraction()
 
     # ---- endpoints -------------------------------------------------------------------------------------
 
@@ -144,7 +152,8 @@ class Router:
         loop_req = LoopRequest(
             request_id=request_id, messages=stored["messages"], policy=PolicySettings(**stored["policy"]),
             steps=StepSettings(**stored["steps"]), temperature=stored["temperature"], top_p=stored["top_p"],
-            seed=stored["seed"], stream=request.query_params.get("stream", "false").lower() == "true")
+            seed=stored["seed"], stream=request.query_params.get("stream", "false").lower() == "true",
+            tau_bounds=self._tau_bounds(tenant))
         admission = await self._admit(tenant, request_id)
         return await self._respond(tenant, loop_req, stored, state.steps, admission)
 
@@ -178,8 +187,23 @@ class Router:
             await self.tenants.release(tenant, request_id)
             raise
         loop_req = LoopRequest(request_id, messages, policy, steps, stored["temperature"], stored["top_p"],
-                               body.seed, body.stream)
+                               body.seed, body.stream, self._tau_bounds(tenant))
         return await self._respond(tenant, loop_req, stored, [], admission)
+
+    def _tau_bounds(self, tenant: Tenant) -> tuple[float | None, float | None]:
+        """The tenant's floor and ceiling of tau, and (once) the tau controller's sampling task."""
+        if self.tau_controller is not None and self._tau_task is None:
+            self._tau_task = asyncio.create_task(self._control_tau())
+        return tenant.settings.tau_floor, tenant.settings.tau_ceiling
+
+    async def _control_tau(self) -> None:
+        """Sample the large pool's in-flight calls every interval and let the controller move tau."""
+        while True:
+            await asyncio.sleep(self.tau_controller.settings.interval_s)
+            direction = self.tau_controller.update(self.pools["large"].in_flight)
+            if direction:
+                metrics.inc("glimprouter_tau_changes", direction=direction)
+            metrics.set_gauge("glimprouter_tau_offset_nats", self.tau_controller.offset)
 
     def _temperature(self, body) -> float:
         return body.temperature if body.temperature is not None else self.cfg.router.steps.temperature
@@ -249,21 +273,29 @@ class Router:
         """The loop's events, with every complete step appended to Redis before the next begins and the
         request's end (finished, failed, cancelled) recorded; the admission is released at the end."""
         rid, name = req.request_id, tenant.name
+        start, outcome = time.perf_counter(), FAILED
         try:
             async for event in self.loop.run(req, done):
                 if isinstance(event, StepDone):  # Redis calls of a step run concurrently: one round trip
-                    await self._redis(asyncio.gather(
-                        self.store.append_step(name, rid, self.replica, event.record, event.glimpsed),
-                        self.tenants.charge_tokens(tenant, event.record.pool, event.record.output_tokens),
-                        self.tenants.heartbeat(tenant, rid)))
+                    with metrics.timed("glimprouter_redis_latency_seconds", op="append_step"):
+                        await self._redis(asyncio.gather(
+                            self.store.append_step(name, rid, self.replica, event.record, event.glimpsed),
+                            self.tenants.charge_tokens(tenant, event.record.pool, event.record.output_tokens),
+                            self.tenants.heartbeat(tenant, rid)))
+                    self._record_step(name, event)
                 elif isinstance(event, AnswerDone):
-                    await self._redis(asyncio.gather(
-                        self.tenants.charge_tokens(tenant, event.pool, event.output_tokens),
-                        self.store.finish(name, rid, self.replica, {
-                            "text": event.text, "pool": event.pool, "output_tokens": event.output_tokens,
-                            "prompt_tokens": event.prompt_tokens, "finish_reason": event.finish_reason, "ms": event.ms})))
+                    with metrics.timed("glimprouter_redis_latency_seconds", op="finish"):
+                        await self._redis(asyncio.gather(
+                            self.tenants.charge_tokens(tenant, event.pool, event.output_tokens),
+                            self.store.finish(name, rid, self.replica, {
+                                "text": event.text, "pool": event.pool, "output_tokens": event.output_tokens,
+                                "prompt_tokens": event.prompt_tokens, "finish_reason": event.finish_reason,
+                                "ms": event.ms})))
+                    metrics.inc("glimprouter_tokens", event.output_tokens, tenant=name, pool=event.pool)
+                    outcome = FINISHED
                 yield event
         except (asyncio.CancelledError, GeneratorExit):
+            outcome = CANCELLED
             await self._end_quietly(name, rid, CANCELLED, "client disconnected")
             raise
         except RayError as exc:
@@ -275,7 +307,22 @@ class Router:
                 await self._end_quietly(name, rid, FAILED, exc.message)
             raise
         finally:
+            metrics.inc("glimprouter_requests", tenant=name, policy=req.policy.policy, outcome=outcome)
+            metrics.observe("glimprouter_request_latency_seconds", time.perf_counter() - start, policy=req.policy.policy)
             await asyncio.shield(self._release(tenant, rid))
+
+    def _record_step(self, tenant: str, event: StepDone) -> None:
+        """Metrics of one complete step."""
+        step = event.record
+        metrics.inc("glimprouter_steps", tenant=tenant, pool=step.pool)
+        metrics.inc("glimprouter_tokens", step.output_tokens, tenant=tenant, pool=step.pool)
+        metrics.observe("glimprouter_step_latency_seconds", step.step_ms / 1e3, pool=step.pool)
+        if event.glimpsed:
+            metrics.inc("glimprouter_glimpses", tenant=tenant)
+            metrics.observe("glimprouter_glimpse_latency_seconds", step.glimpse_ms / 1e3)
+        if step.entropy is not None:
+            metrics.observe("glimprouter_first_token_entropy_nats", step.entropy)
+        self.large_fraction.record(step.pool)
 
     async def _end_quietly(self, tenant: str, rid: str, status: str, why: str) -> None:
         try:

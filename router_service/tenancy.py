@@ -58,6 +58,8 @@ class TenantSettings(StrictModel):
     tokens_per_minute_small: int = Field(1_000_000, ge=1, le=1_000_000_000, description="Small-pool tokens per window; none admitted once reached.")
     tokens_per_minute_large: int = Field(200_000, ge=1, le=1_000_000_000, description="Large-pool tokens per window; none admitted once reached.")
     max_concurrent_requests: int = Field(8, ge=1, le=100_000, description="Requests of the tenant in flight at once.")
+    tau_floor: float | None = Field(None, ge=0, le=10, description="Load-aware tau never goes below this (None: the request's tau).")
+    tau_ceiling: float | None = Field(None, ge=0, le=10, description="Load-aware tau never goes above this (None: no ceiling).")
 
     def allows_model(self, model: str) -> bool:
         """Whether the tenant may use ``model``."""

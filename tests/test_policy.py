@@ -78,3 +78,10 @@ def test_seeded_draw_below_one_for_largest_digest(monkeypatch):
 def test_needs_glimpse():
     assert [needs_glimpse(PolicySettings(policy=p)) for p in ("glimprouter", "large_only", "small_only", "random")] \
         == [True, False, False, False]
+
+
+def test_forced_fraction_spaces_large_steps_evenly_and_still_glimpses():
+    settings = PolicySettings(policy="forced_fraction", large_fraction=0.25)
+    pools = [decide(settings, [-1.0, -2.0], 0.0, index).pool for index in range(24)]
+    assert [i for i, p in enumerate(pools) if p == "large"] == [3, 7, 11, 15, 19, 23]
+    assert needs_glimpse(settings)
