@@ -60,7 +60,8 @@ class EngineSettings(StrictModel):
     max_num_seqs: int = Field(64, ge=1, le=4096, description="Most sequences batched at once.")
     tensor_parallel_size: int = Field(1, ge=1, le=64, description="GPUs per replica (tensor parallel).")
     kv_cache_gib: int | None = Field(
-        None, ge=1, le=1024, description="CPU only: KV cache size in whole GiB (VLLM_CPU_KVCACHE_SPACE)."
+        None, ge=1, le=1024, description="KV cache size in whole GiB (CPU: VLLM_CPU_KVCACHE_SPACE; GPU: kv_cache_memory_bytes, "
+        "which sizes the cache without vLLM's memory profiling, so pools sharing a GPU can start together)."
     )
     gpu_memory_utilization: float | None = Field(
         None, gt=0, le=1, description="GPU only: fraction of GPU memory the engine may take."

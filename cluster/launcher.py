@@ -10,6 +10,7 @@ import json
 import os
 import signal
 import secrets
+import shutil
 import subprocess
 import sys
 import time
@@ -20,7 +21,7 @@ from cluster.models import ensure_embedded_model
 from cluster.redis_server import redis_url, start_local_redis
 
 RUN_DIR = Path(os.environ.get("GLIMP_RUN_DIR", "run"))
-RAY = str(Path(sys.executable).with_name("ray"))  # the venv's ray CLI, whatever PATH says
+RAY = [sys.executable, "-m", "ray.scripts.scripts"]  # this interpreter's Ray CLI, whatever PATH says
 RAY_ENV = {"RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0", "HF_HUB_OFFLINE": "1",
            "TOKENIZERS_PARALLELISM": "false"}
 
@@ -42,22 +43,33 @@ def local_nodes(cfg: ClusterConfig) -> list[dict[str, float]]:
     return [{name: 1000.0} for name in names] or [{}]
 
 
+def local_gpus() -> int:
+    """NVIDIA GPUs for the head node: those in CUDA_VISIBLE_DEVICES when set, else all that ``nvidia-smi``
+    lists; 0 without it."""
+    if os.environ.get("CUDA_VISIBLE_DEVICES"):
+        return len(os.environ["CUDA_VISIBLE_DEVICES"].split(","))
+    if shutil.which("nvidia-smi") is None:
+        return 0
+    listing = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True).stdout
+    return sum(1 for line in listing.splitlines() if line.startswith("GPU "))
+
+
 def start_ray(cfg: ClusterConfig, num_cpus: int) -> None:
     """A local Ray cluster of one node per node pool (e.g. ``small_pool`` on the head and ``large_pool`` on a
     second node), with the dashboard (Serve's REST API) and a Prometheus endpoint per node."""
     os.environ.update(RAY_ENV)
-    status = subprocess.run([RAY, "status"], capture_output=True, text=True, env=os.environ)
+    status = subprocess.run([*RAY, "status"], capture_output=True, text=True, env=os.environ)
     if status.returncode == 0:
         say("Ray is already running; reusing it")
         return
     for i, resources in enumerate(local_nodes(cfg)):
-        common = [f"--num-cpus={num_cpus}", "--num-gpus=0", f"--resources={json.dumps(resources)}",
+        common = [f"--num-cpus={num_cpus}", f"--num-gpus={local_gpus() if i == 0 else 0}", f"--resources={json.dumps(resources)}",
                   f"--metrics-export-port={HEAD_METRICS_PORT + i}", f"--object-store-memory={OBJECT_STORE_BYTES}",
                   f"--dashboard-agent-listen-port={52365 + i}", "--disable-usage-stats"]
         role = ["--head", f"--dashboard-port={DASHBOARD_PORT}", "--dashboard-host=127.0.0.1"] if i == 0 else \
             [f"--address=127.0.0.1:6379"]
         say(f"starting Ray {'head' if i == 0 else 'worker'} node {i} ({num_cpus} logical CPUs, resources {resources})")
-        subprocess.run([RAY, "start", *role, *common], check=True, env=os.environ, stdout=subprocess.DEVNULL)
+        subprocess.run([*RAY, "start", *role, *common], check=True, env=os.environ, stdout=subprocess.DEVNULL)
 
 
 def deploy(cfg: ClusterConfig, timeout_s: float = 900) -> None:
@@ -129,7 +141,7 @@ def down() -> None:
     """Stop the Serve application, Ray and the Redis this launcher started."""
     os.environ.update(RAY_ENV)
     say("stopping Ray (and Serve)")
-    subprocess.run([RAY, "stop", "--force"], env=os.environ, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    subprocess.run([*RAY, "stop", "--force"], env=os.environ, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     stopped = kill_engine_processes()
     if stopped:
         say(f"stopped {stopped} leftover vLLM engine processes")

@@ -41,13 +41,13 @@ def metrics_endpoints() -> list[str]:
     return [f"http://{n['NodeManagerAddress']}:{n['MetricsExportPort']}/metrics" for n in ray.nodes() if n["Alive"]]
 
 
-def scrape(endpoints: list[str]) -> Samples:
-    """All samples of the system's metrics (``ray_glimprouter_*``), summed across nodes and replicas
-    over the labels that are not the metric's own tags (and the histogram's ``le``)."""
+def scrape(endpoints: list[str], extra: tuple[str, ...] = ()) -> Samples:
+    """All samples of the system's metrics (``ray_glimprouter_*``) and of the ``extra`` names (e.g. vLLM's),
+    summed across nodes and replicas over the labels that are not the metric's own tags (and ``le``)."""
     import httpx
     from prometheus_client.parser import text_string_to_metric_families
 
-    keep = {spec.exported: set(spec.tags) | {"le"} for spec in SPECS.values()}
+    keep = {spec.exported: set(spec.tags) | {"le"} for spec in SPECS.values()} | {name: {"le"} for name in extra}
     samples: Samples = defaultdict(float)
     for url in endpoints:
         for family in text_string_to_metric_families(httpx.get(url, timeout=10).text):

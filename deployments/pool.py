@@ -106,6 +106,7 @@ class ModelPool:
             enforce_eager=eng.enforce_eager,
             disable_log_stats=False,
             **({"gpu_memory_utilization": eng.gpu_memory_utilization} if eng.gpu_memory_utilization else {}),
+            **({"kv_cache_memory_bytes": eng.kv_cache_gib * 2**30} if eng.kv_cache_gib and settings.placement.num_gpus else {}),
         )
         log.info("%s pool replica %s: starting vLLM engine for %s", role, self.replica, args.model)
         self.engine = AsyncLLM.from_engine_args(args, stat_loggers=[RayPrometheusStatLogger, queue_depth_logger(role)])

@@ -1,0 +1,259 @@
+"""GPU benchmark driver: the whole system (Redis, Ray, both vLLM pools, the router) on the device machine,
+driven through the HTTP API.
+
+    python -m loadtests.gpu_bench single [--layout one-gpu] [--requests 3]
+    python -m loadtests.gpu_bench load --layout routed-2gpu --concurrency 1,32,64 [--steps 16]
+    python -m loadtests.gpu_bench plot results/gpu/load-*.json
+
+Settings come from ``cluster/configs/gpu-bench.yaml``; ``--layout`` patches its placement and replicas:
+``one-gpu`` (both pools on one GPU), ``routed-2gpu`` (small pool on one GPU, large on the other) and
+``large-only-2gpu`` (one large replica per GPU, policy large_only). The model folders have real Qwen2.5
+shapes and random weights (``loadtests.gpu_models``), so the routing is forced (see the config) and
+every run says so. ``single`` breaks each request's time down from the system's own metrics; ``load``
+runs closed loops at fixed numbers of requests in flight. Results go to ``results/gpu/`` as JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import math
+import random
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+
+from cluster.config import ClusterConfig, load_config
+from loadtests.gpu_models import build_model, build_tokenizer
+
+RESULTS = Path("results/gpu")
+FORCED = "routing forced: random weights make every first-token entropy equal; a glimpse still runs before every step"
+
+
+def layout_config(layout: str, steps: int, models_dir: Path) -> ClusterConfig:
+    """The benchmark config for ``layout``, with ``steps`` steps per request and absolute model folders."""
+    data = load_config("gpu-bench").model_dump(mode="json", exclude_none=True)
+    for pool in data["pools"].values():
+        for key in ("path", "tokenizer"):
+            pool["model"][key] = str(models_dir.resolve() / Path(pool["model"][key]).name)
+    data["router"]["steps"]["token_budget"] = steps * data["router"]["steps"]["step_max_tokens"]
+    small, large = data["pools"]["small"], data["pools"]["large"]
+    if layout != "one-gpu":
+        for pool, kv in ((small, 16), (large, 40)):
+            pool["placement"]["num_gpus"] = 1
+            pool["engine"].update(gpu_memory_utilization=0.85, kv_cache_gib=kv)
+    if layout == "large-only-2gpu":
+        small["autoscaling"] = {"min_replicas": 0, "max_replicas": 1, "initial_replicas": 0}
+        large["autoscaling"] = {"min_replicas": 2, "max_replicas": 2}
+        data["router"]["policy"] = {"policy": "large_only"}
+    return ClusterConfig.model_validate(data)
+
+
+def prompt_text(seed: int, tokens: int = 200) -> str:
+    """A user message of exactly ``tokens`` words of the benchmark tokenizer (one token each)."""
+    rnd = random.Random(seed)
+    return " ".join(f"w{rnd.randrange(1000, 150000)}" for _ in range(tokens))
+
+
+async def bench_key(cfg: ClusterConfig) -> str:
+    """A tenant without practical limits, for the benchmark."""
+    import redis.asyncio as aioredis
+
+    from router_service.tenancy import TenantSettings, TenantStore
+
+    client = aioredis.Redis.from_url(cfg.redis.url)
+    store = TenantStore(client)
+    if await store.get_tenant("bench") is not None:
+        await store.delete_tenant("bench")
+    _, key = await store.create_tenant("bench", TenantSettings(
+        policy=cfg.router.policy, max_token_budget=100_000, requests_per_minute=1_000_000,
+        tokens_per_minute_small=1_000_000_000, tokens_per_minute_large=1_000_000_000,
+        max_concurrent_requests=10_000))
+    await client.aclose()
+    return key
+
+
+async def start(cfg: ClusterConfig) -> tuple[str, str]:
+    """Bring the system up for ``cfg`` (blocking while the engines start); returns (base URL, key)."""
+    from cluster import launcher
+
+    subprocess.run([sys.executable, "-m", "cluster", "down"], check=False)
+    base = launcher.up(cfg, num_cpus=12)
+    return base, await bench_key(cfg)
+
+
+async def one_request(client: httpx.AsyncClient, model: str, seed: int, policy: dict | None = None) -> dict:
+    """One streamed chat completion: wall time, time to first token, usage and routing."""
+    body = {"model": model, "messages": [{"role": "user", "content": prompt_text(seed)}], "stream": True,
+            "stream_options": {"include_usage": True}, **(policy or {})}
+    t0 = time.perf_counter()
+    ttft, usage, routing, rid = None, None, None, None
+    async with client.stream("POST", "/v1/chat/completions", json=body) as response:
+        response.raise_for_status()
+        async for line in response.aiter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            chunk = json.loads(line[6:])
+            rid = chunk.get("id", rid)
+            delta = (chunk.get("choices") or [{}])[0].get("delta", {})
+            if ttft is None and (delta.get("content") or delta.get("reasoning_content")):
+                ttft = time.perf_counter() - t0
+            usage = chunk.get("usage") or usage
+            routing = chunk.get("routing") or routing
+    return {"id": rid, "seconds": time.perf_counter() - t0, "ttft": ttft, "usage": usage, "routing": routing}
+
+
+def breakdown(result: dict, trace: dict, before: dict, after: dict) -> dict:
+    """Where one request's time went: engines (vLLM's own end-to-end times), the calls as the router saw them,
+    Redis (the router's round trips) and the rest (router, Serve proxy, HTTP, client)."""
+    from cluster.operators import delta, total
+
+    moved = delta(after, before)
+    steps = result["routing"]["steps"]
+    glimpse = sum(s["glimpse_ms"] for s in steps) / 1e3
+    step_time = {p: sum(s["step_ms"] for s in steps if s["pool"] == p) / 1e3 for p in ("small", "large")}
+    final = trace["final"]["ms"] / 1e3
+    calls = glimpse + sum(step_time.values()) + final
+    engine = total(moved, "ray_vllm_e2e_request_latency_seconds_sum")
+    redis = total(moved, "ray_glimprouter_redis_latency_seconds_sum")
+    return {"total_s": result["seconds"], "glimpse_s": glimpse, "small_steps_s": step_time["small"],
+            "large_steps_s": step_time["large"], "final_s": final, "engine_s": engine,
+            "serve_calls_overhead_s": calls - engine, "redis_s": redis,
+            "router_http_rest_s": result["seconds"] - calls - redis,
+            "large_steps": sum(s["pool"] == "large" for s in steps), "steps": len(steps)}
+
+
+async def single(args) -> None:
+    from cluster.launcher import HEAD_METRICS_PORT
+    from cluster.operators import scrape
+
+    cfg = layout_config(args.layout, args.steps, args.models)
+    base, key = await start(cfg)
+    endpoints = [f"http://127.0.0.1:{HEAD_METRICS_PORT}/metrics"]
+    engine_metric = ("ray_vllm_e2e_request_latency_seconds",)
+    rows = []
+    async with httpx.AsyncClient(base_url=base, headers={"Authorization": f"Bearer {key}"}, timeout=3600) as client:
+        await one_request(client, cfg.name, 999)  # warm-up
+        for label, policy, n in (("routed", None, args.requests), ("large_only", {"policy": "large_only"}, 1)):
+            for i in range(n):
+                before = scrape(endpoints, engine_metric)
+                result = await one_request(client, cfg.name, i, policy)
+                trace = (await client.get(f"/v1/requests/{result['id']}")).json()
+                await asyncio.sleep(12)  # Ray exports metrics every few seconds
+                row = {"policy": label, **breakdown(result, trace, before, scrape(endpoints, engine_metric))}
+                rows.append(row)
+                print(json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in row.items()}), flush=True)
+    save(f"single-{args.layout}", {"layout": args.layout, "steps": args.steps, "note": FORCED, "rows": rows})
+
+
+async def load(args) -> None:
+    cfg = layout_config(args.layout, args.steps, args.models)
+    base, key = await start(cfg)
+    levels = []
+    limits = httpx.Limits(max_connections=4096, max_keepalive_connections=4096)
+    async with httpx.AsyncClient(base_url=base, headers={"Authorization": f"Bearer {key}"}, timeout=3600,
+                                 limits=limits) as client:
+        await one_request(client, cfg.name, 999)  # warm-up
+        for concurrency in args.concurrency:
+            n = max(2, 2 * concurrency)
+            gate = asyncio.Semaphore(concurrency)
+
+            async def gated(i: int) -> dict:
+                async with gate:
+                    return await one_request(client, cfg.name, 10_000 * concurrency + i)
+
+            t0 = time.perf_counter()
+            results = await asyncio.gather(*(gated(i) for i in range(n)))
+            wall = time.perf_counter() - t0
+            level = summarize(concurrency, results, wall, args.latency_bound)
+            levels.append(level)
+            print(json.dumps(level), flush=True)
+    save(f"load-{args.layout}", {"layout": args.layout, "steps": args.steps, "note": FORCED, "levels": levels})
+
+
+def percentile(values: list[float], q: float) -> float:
+    """Nearest-rank percentile."""
+    ordered = sorted(values)
+    return ordered[max(0, math.ceil(q * len(ordered)) - 1)]
+
+
+def summarize(concurrency: int, results: list[dict], wall: float, bound_s: float) -> dict:
+    """Throughput, latency and TTFT percentiles, goodput under ``bound_s`` and the large-step fraction."""
+    latency = [r["seconds"] for r in results]
+    ttft = [r["ttft"] for r in results if r["ttft"] is not None]
+    steps = [s for r in results for s in r["routing"]["steps"]]
+    return {
+        "concurrency": concurrency, "requests": len(results), "wall_s": round(wall, 2),
+        "throughput_rps": round(len(results) / wall, 4),
+        "p50_s": round(statistics.median(latency), 2), "p95_s": round(percentile(latency, 0.95), 2),
+        "ttft_p50_s": round(statistics.median(ttft), 3), "ttft_p95_s": round(percentile(ttft, 0.95), 3),
+        "goodput_rps": round(sum(x <= bound_s for x in latency) / wall, 4), "latency_bound_s": bound_s,
+        "large_fraction": round(sum(s["pool"] == "large" for s in steps) / len(steps), 3),
+        "cache_hit": {p: round(sum(r["usage"]["per_pool"][p]["cached_prompt_tokens"] for r in results) /
+                               max(1, sum(r["usage"]["per_pool"][p]["prompt_tokens"] for r in results)), 3)
+                      for p in ("small", "large")},
+    }
+
+
+def save(name: str, data: dict) -> None:
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    path = RESULTS / f"{name}.json"
+    path.write_text(json.dumps(data, indent=1))
+    print(f"wrote {path}", flush=True)
+
+
+def plot(args) -> None:
+    """Throughput and p95 latency against requests in flight, one line per layout."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+    for path in args.files:
+        data = json.loads(Path(path).read_text())
+        x = [lv["concurrency"] for lv in data["levels"]]
+        ax1.plot(x, [lv["throughput_rps"] for lv in data["levels"]], marker="o", label=data["layout"])
+        ax2.plot(x, [lv["p95_s"] for lv in data["levels"]], marker="o", label=data["layout"])
+    ax1.set(xlabel="requests in flight", ylabel="requests/s", title="throughput")
+    ax2.set(xlabel="requests in flight", ylabel="seconds", title="p95 request latency")
+    for ax in (ax1, ax2):
+        ax.legend()
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(args.out, dpi=120)
+    print(f"wrote {args.out}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name in ("single", "load"):
+        p = sub.add_parser(name)
+        p.add_argument("--layout", choices=["one-gpu", "routed-2gpu", "large-only-2gpu"], default="one-gpu")
+        p.add_argument("--steps", type=int, default=24, help="steps of 96 tokens per request")
+        p.add_argument("--models", type=Path, default=Path("models/bench"), help="where the model folders go")
+    sub.choices["single"].add_argument("--requests", type=int, default=3)
+    sub.choices["load"].add_argument("--concurrency", type=lambda s: [int(x) for x in s.split(",")], default=[1, 32, 64])
+    sub.choices["load"].add_argument("--latency-bound", type=float, default=30.0, help="goodput bound (s)")
+    p = sub.add_parser("plot")
+    p.add_argument("files", nargs="+")
+    p.add_argument("--out", default=str(RESULTS / "load.png"))
+    args = parser.parse_args()
+    if args.command == "plot":
+        plot(args)
+        return
+    build_tokenizer(args.models)
+    for name in ("qwen2.5-1.5b", "qwen2.5-14b"):
+        build_model(args.models, name)
+    print(FORCED, flush=True)
+    asyncio.run(single(args) if args.command == "single" else load(args))
+
+
+if __name__ == "__main__":
+    main()
