@@ -356,6 +356,13 @@ def _cmd_k8s(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_openapi(args: argparse.Namespace) -> int:
+    from router_service.server import app
+
+    print(json.dumps(app.openapi(), indent=1))
+    return 0
+
+
 def _add_commands(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="target", required=True)
     serve = sub.add_parser("serve", help="Print the Ray Serve config (YAML) of a config tree.")
@@ -364,6 +371,8 @@ def _add_commands(parser: argparse.ArgumentParser) -> None:
     k8s = sub.add_parser("k8s", help=f"Write each overlay's {OUTPUT_FILE} from its {SETTINGS_FILE}.")
     k8s.add_argument("overlays", nargs="*", type=Path, help=f"Overlay folders (default: every one in {OVERLAYS_DIR}).")
     k8s.set_defaults(func=_cmd_k8s)
+    sub.add_parser("openapi", help="Print the API's OpenAPI schema (not served: every route but /health needs a key).")\
+        .set_defaults(func=_cmd_openapi)
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:

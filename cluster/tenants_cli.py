@@ -27,6 +27,8 @@ _LIMIT_OPTIONS = {
     "tpm_large": "tokens_per_minute_large",
     "concurrent": "max_concurrent_requests",
     "max_token_budget": "max_token_budget",
+    "tau_floor": "tau_floor",
+    "tau_ceiling": "tau_ceiling",
 }
 
 
@@ -46,6 +48,8 @@ def register(subparsers) -> argparse.ArgumentParser:
     limits.add_argument("--policy", choices=get_args(PolicyName), help="default policy")
     limits.add_argument("--tau", type=float, help="default entropy threshold")
     limits.add_argument("--models", help="comma-separated allowed models ('' allows all)")
+    limits.add_argument("--tau-floor", type=float, help="load-aware tau never below this")
+    limits.add_argument("--tau-ceiling", type=float, help="load-aware tau never above this")
 
     group = subparsers.add_parser("tenants", help="manage tenants, API keys and usage")
     cmds = group.add_subparsers(dest="tenants_cmd", required=True)

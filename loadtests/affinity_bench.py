@@ -42,13 +42,15 @@ def arm_config(base: str, affinity: bool, model_for_both: str | None) -> Path:
 
 
 async def drive(base_url: str, key: str, model: str, requests: int, concurrency: int) -> dict:
-    """Send the bundled problems (greedy, half the steps to each pool by a seeded draw); sum step usage."""
+    """Send the bundled problems (greedy, glimprouter at tau 1.0: a glimpse on the small pool before each
+    step, then the step on the chosen pool); sum the steps' engine-reported usage."""
     totals = {pool: {"prompt_tokens": 0, "cached_prompt_tokens": 0, "steps": 0} for pool in ("small", "large")}
     gate = asyncio.Semaphore(concurrency)
     prompts = problems(requests)
 
     async def one(client: httpx.AsyncClient, i: int) -> None:
-        body = {"model": model, "temperature": 0, "policy": "random", "large_fraction": 0.5,
+        body = {"model": model, "temperature": 0, "policy": "glimprouter", "tau": 1.0, "token_budget": 320,
+                "step_max_tokens": 64,
                 "messages": [{"role": "user", "content": prompts[i]}]}
         async with gate:
             response = await client.post("/v1/chat/completions", json=body)

@@ -98,3 +98,22 @@ class CompletionRequest(SamplingFields):
     def final_max_tokens(self) -> int | None:
         """The final answer's limit."""
         return self.max_tokens
+
+
+def openapi_body(model: type[BaseModel]) -> dict:
+    """``openapi_extra`` of a route whose JSON body is ``model`` (read by hand, so FastAPI cannot see it),
+    with the model's definitions inlined."""
+    schema = model.model_json_schema()
+    definitions = schema.pop("$defs", {})
+
+    def inline(node):
+        if isinstance(node, dict):
+            if "$ref" in node:
+                return inline(definitions[node["$ref"].rsplit("/", 1)[-1]])
+            return {key: inline(value) for key, value in node.items()}
+        if isinstance(node, list):
+            return [inline(value) for value in node]
+        return node
+
+    return {"requestBody": {"required": True, "content": {"application/json": {"schema": inline(schema)}}}}
+

@@ -23,7 +23,7 @@ from cluster.config import ClusterConfig, PolicySettings, StepSettings
 from cluster.redis_server import redis_url
 from deployments.pool import resolve_tokenizer_dir
 from router_service import responses
-from router_service.api_models import ChatCompletionRequest, CompletionRequest
+from router_service.api_models import ChatCompletionRequest, CompletionRequest, openapi_body
 from router_service.errors import APIError, install_error_handlers, validation_error
 from router_service.loop import AnswerDelta, AnswerDone, LoopRequest, ReasoningDelta, StepDone, StepLoop
 from router_service.policy import needs_glimpse
@@ -34,8 +34,14 @@ from router_service.tau_control import TauController
 from router_service.tenancy import RateLimited, Tenant, TenantSettings, TenantStore, is_admin_key
 
 log = logging.getLogger("ray.serve")
-app = FastAPI(title="GlimpRouter", description="Step-level collaborative inference, OpenAI-compatible.")
+# No unauthenticated docs: every route but /health needs a key (the schema: `python -m cluster render openapi`)
+app = FastAPI(title="GlimpRouter", description="Step-level collaborative inference, OpenAI-compatible.",
+              docs_url=None, redoc_url=None, openapi_url=None)
 install_error_handlers(app)
+
+
+def _reject_constant(name: str):
+    raise ValueError(f"{name} is not JSON")
 
 
 async def read_json(request: Request, max_bytes: int) -> dict:
@@ -49,7 +55,7 @@ async def read_json(request: Request, max_bytes: int) -> dict:
         if len(body) > max_bytes:
             raise APIError(413, f"request body exceeds {max_bytes} bytes", code="body_too_large")
     try:
-        data = json.loads(bytes(body))
+        data = json.loads(bytes(body), parse_constant=_reject_constant)
     except (UnicodeDecodeError, ValueError, RecursionError):
         raise APIError(400, "request body is not valid JSON", code="invalid_json") from None
     if not isinstance(data, dict):
@@ -106,12 +112,12 @@ class Router:
         return {"object": "list", "data": [{"id": self.cfg.name, "object": "model", "owned_by": "glimprouter",
                                             "pools": {r: p.model.name for r, p in self.cfg.pools.items()}}]}
 
-    @app.post("/v1/chat/completions")
+    @app.post("/v1/chat/completions", openapi_extra=openapi_body(ChatCompletionRequest))
     async def chat_completions(self, request: Request):
         """Chat completion through the step loop."""
         return await self._complete(request, ChatCompletionRequest, chat=True)
 
-    @app.post("/v1/completions")
+    @app.post("/v1/completions", openapi_extra=openapi_body(CompletionRequest))
     async def completions(self, request: Request):
         """Text completion: the prompt is one user message."""
         return await self._complete(request, CompletionRequest, chat=False)

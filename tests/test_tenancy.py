@@ -423,3 +423,15 @@ def test_cli_standalone_module(redis_url):
     assert "gr-" in done.stdout
     listed = subprocess.run(cmd + ["list"], cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
     assert listed.returncode == 0 and "acme" in listed.stdout
+
+
+def test_admin_key_is_compared_in_constant_time(monkeypatch):
+    import hmac
+
+    from router_service import tenancy
+
+    compared = []
+    monkeypatch.setenv(tenancy.ADMIN_KEY_ENV, "gr-admin-secret")
+    monkeypatch.setattr(hmac, "compare_digest", lambda a, b: compared.append((a, b)) or a == b)
+    assert tenancy.is_admin_key("gr-admin-secret") and not tenancy.is_admin_key("gr-admin-guess")
+    assert len(compared) == 2
