@@ -88,6 +88,8 @@ def panels() -> list[dict]:
               [(f'avg({series("glimprouter_tau_offset_nats")})', "mean of routers"),
                (f'max({series("glimprouter_tau_offset_nats")})', "max of routers")],
               "What the load-aware controller adds to each request's tau."),
+        panel("Pool calls retried after a replica died", "short",
+              [(f'sum by (pool) (increase({series("glimprouter_pool_retries")}{WINDOW}))', "{{pool}}")]),
         panel("Tau changes by direction", "short",
               [(f'sum by (direction) (increase({series("glimprouter_tau_changes")}{WINDOW}))', "{{direction}}")]),
         panel("Serve replicas by deployment", "short",

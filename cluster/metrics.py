@@ -58,6 +58,8 @@ SPECS = {
                    ("pool",), tuple(LATENCY_BUCKETS_S)),
         MetricSpec("glimprouter_redis_latency_seconds", "histogram", "Latency of the router's Redis round trips.",
                    ("op",), tuple(REDIS_BUCKETS_S)),
+        MetricSpec("glimprouter_pool_retries", "counter", "Pool calls sent again because their replica died.",
+                   ("pool",)),
         MetricSpec("glimprouter_pool_ongoing_requests", "gauge", "Calls in a pool replica (glimpses and steps).",
                    ("pool",)),
         MetricSpec("glimprouter_pool_queue_depth", "gauge", "Requests waiting in a pool replica's engine scheduler.",

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import AsyncIterator
 
 from ray.exceptions import RayActorError
 from ray.serve.exceptions import RayServeException
 from ray.serve.handle import DeploymentHandle
 
+from cluster import metrics
 from deployments.protocol import Glimpse, Prompt, StepChunk, StepSampling
+
+log = logging.getLogger("ray.serve")
 
 RETRYABLE = (RayActorError, RayServeException)
 
@@ -17,10 +21,11 @@ class ServePoolClient:
     """Calls one pool. A call that fails because its replica died is sent again (once) to another one,
     unless part of its stream already reached the caller."""
 
-    def __init__(self, handle: DeploymentHandle, retries: int = 1):
+    def __init__(self, handle: DeploymentHandle, role: str, retries: int = 1):
         self._glimpse = handle.options(method_name="glimpse")
         self._step = handle.options(method_name="step", stream=True)
         self._retries = retries
+        self._role = role
         self.in_flight = 0  # this router replica's calls to the pool not yet answered (the tau controller's queue)
 
     async def glimpse(self, prompt: Prompt, top_k: int, affinity_key: str) -> Glimpse:
@@ -30,8 +35,8 @@ class ServePoolClient:
             for _ in range(self._retries):
                 try:
                     return await self._glimpse.remote(prompt, top_k, affinity_key=affinity_key)
-                except RETRYABLE:
-                    pass
+                except RETRYABLE as exc:
+                    self._retrying(exc)
             return await self._glimpse.remote(prompt, top_k, affinity_key=affinity_key)
         finally:
             self.in_flight -= 1
@@ -53,6 +58,11 @@ class ServePoolClient:
                     sent = sent or not chunk.done
                     yield chunk
                 return
-            except RETRYABLE:
+            except RETRYABLE as exc:
                 if sent or attempt == self._retries:
                     raise
+                self._retrying(exc)
+
+    def _retrying(self, exc: Exception) -> None:
+        log.warning("%s pool call failed (%s); sending it to another replica", self._role, type(exc).__name__)
+        metrics.inc("glimprouter_pool_retries", pool=self._role)

@@ -91,7 +91,7 @@ class Router:
         renderers = {role: PromptRenderer(resolve_tokenizer_dir(pool), pool.model.chat_template)
                      for role, pool in self.cfg.pools.items()}
         self.renderers = renderers
-        self.pools = {"small": ServePoolClient(small), "large": ServePoolClient(large)}
+        self.pools = {"small": ServePoolClient(small, "small"), "large": ServePoolClient(large, "large")}
         control = self.cfg.router.tau_controller
         self.tau_controller = TauController(control) if control.enabled else None
         self._tau_task: asyncio.Task | None = None
