@@ -31,6 +31,7 @@ def arm_config(base: str, affinity: bool, model_for_both: str | None) -> Path:
     """A config file for one arm: two replicas per pool, affinity on or off."""
     data = load_config(base).model_dump(mode="json", exclude_none=True)
     data["router"]["prefix_affinity"] = affinity
+    data["redis"]["socket_timeout_s"] = 10  # four engines spinning on two cores starve Redis replies past 2 s
     for pool in data["pools"].values():
         pool["autoscaling"].update(min_replicas=2, max_replicas=2, initial_replicas=2)
         if model_for_both:
@@ -54,7 +55,8 @@ async def drive(base_url: str, key: str, model: str, requests: int, concurrency:
                 "messages": [{"role": "user", "content": prompts[i]}]}
         async with gate:
             response = await client.post("/v1/chat/completions", json=body)
-        response.raise_for_status()
+        if response.status_code != 200:
+            raise RuntimeError(f"request {i}: {response.status_code} {response.text}")
         for pool, used in response.json()["usage"]["per_pool"].items():
             for field in totals[pool]:
                 totals[pool][field] += used[field]
