@@ -196,10 +196,9 @@ class Router:
                                body.seed, body.stream, self._tau_bounds(tenant))
         return await self._respond(tenant, loop_req, stored, [], admission)
 
-    def _tau_bounds(self, tenant: Tenant) -> tuple[float | None, float | None]:
-        """The tenant's floor and ceiling of tau, and (once) the tau controller's sampling task."""
-        if self.tau_controller is not None and self._tau_task is None:
-            self._tau_task = asyncio.create_task(self._control_tau())
+    @staticmethod
+    def _tau_bounds(tenant: Tenant) -> tuple[float | None, float | None]:
+        """The tenant's floor and ceiling of tau (for the load-aware controller)."""
         return tenant.settings.tau_floor, tenant.settings.tau_ceiling
 
     async def _control_tau(self) -> None:
@@ -355,6 +354,8 @@ class Router:
         return usage
 
     async def _respond(self, tenant: Tenant, req: LoopRequest, stored: dict, done: list[StepRecord], admission):
+        if self.tau_controller is not None and self._tau_task is None:  # started in the replica's event loop
+            self._tau_task = asyncio.create_task(self._control_tau())
         events = self._drive(tenant, req, done)
         headers = admission.headers()
         chat = stored["endpoint"] == "chat"
