@@ -254,5 +254,9 @@ def test_small_pool_replica_killed_mid_step_is_retried_and_the_request_completes
         while operators.total(operators.scrape(endpoints), retries, pool="small") <= before:
             assert time.time() < deadline, "no pool call was retried: the kill missed the request's call"
             time.sleep(2)
-    finally:
+    finally:  # back to one small replica, and wait for it: a replica starting slows every later test
         main(["scale", "small", "--min", "1", "--max", "2"])
+        deadline = time.time() + 300
+        while [r["state"] for r in operators.serve_details()["applications"]["glimprouter"]["deployments"][
+                "SmallPool"]["replicas"]] != ["RUNNING"] and time.time() < deadline:
+            time.sleep(2)
