@@ -33,7 +33,7 @@ def print_sample(result: dict) -> None:
     print(f"prompt:    {SAMPLE_PROMPT}")
     print(f"reasoning: {msg['reasoning_content'][:400]!r}")
     print(f"answer:    {msg['content'][:400]!r}")
-    print(f"steps:     " + ", ".join(f"{s['pool']}(H={s['entropy'] if s['entropy'] is None else round(s['entropy'], 2)})"
+    print("steps:     " + ", ".join(f"{s['pool']}(H={s['entropy'] if s['entropy'] is None else round(s['entropy'], 2)})"
                                      for s in routing["steps"]))
     print(f"large-step fraction {routing['large_step_fraction']}; usage {json.dumps(result['usage']['per_pool'])}")
 

@@ -67,7 +67,7 @@ def start_ray(cfg: ClusterConfig, num_cpus: int) -> None:
                   f"--metrics-export-port={HEAD_METRICS_PORT + i}", f"--object-store-memory={OBJECT_STORE_BYTES}",
                   f"--dashboard-agent-listen-port={52365 + i}", "--disable-usage-stats"]
         role = ["--head", f"--dashboard-port={DASHBOARD_PORT}", "--dashboard-host=127.0.0.1"] if i == 0 else \
-            [f"--address=127.0.0.1:6379"]
+            ["--address=127.0.0.1:6379"]
         say(f"starting Ray {'head' if i == 0 else 'worker'} node {i} ({num_cpus} logical CPUs, resources {resources})")
         subprocess.run([*RAY, "start", *role, *common], check=True, env=os.environ, stdout=subprocess.DEVNULL)
 

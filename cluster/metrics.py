@@ -115,9 +115,13 @@ class LargeFraction:
 
     def __init__(self, window: int = 200) -> None:
         self._pools: deque[bool] = deque(maxlen=window)
+        self._large = 0  # large steps in the window, kept as steps come and go (no sum per step)
 
     def record(self, pool: str) -> float:
+        if len(self._pools) == self._pools.maxlen:
+            self._large -= self._pools[0]
         self._pools.append(pool == "large")
-        fraction = sum(self._pools) / len(self._pools)
+        self._large += pool == "large"
+        fraction = self._large / len(self._pools)
         set_gauge("glimprouter_large_step_fraction", fraction)
         return fraction

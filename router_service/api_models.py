@@ -116,4 +116,3 @@ def openapi_body(model: type[BaseModel]) -> dict:
         return node
 
     return {"requestBody": {"required": True, "content": {"application/json": {"schema": inline(schema)}}}}
-

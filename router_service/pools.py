@@ -45,23 +45,19 @@ class ServePoolClient:
         """The step's chunks (see ``ModelPool.step``)."""
         self.in_flight += 1
         try:
-            async for chunk in self._step_with_retry(prompt, sampling, stream, affinity_key):
-                yield chunk
+            for attempt in range(self._retries + 1):
+                sent = False
+                try:
+                    async for chunk in self._step.remote(prompt, sampling, stream, affinity_key=affinity_key):
+                        sent = sent or not chunk.done
+                        yield chunk
+                    return
+                except RETRYABLE as exc:
+                    if sent or attempt == self._retries:
+                        raise
+                    self._retrying(exc)
         finally:
             self.in_flight -= 1
-
-    async def _step_with_retry(self, prompt, sampling, stream, affinity_key) -> AsyncIterator[StepChunk]:
-        for attempt in range(self._retries + 1):
-            sent = False
-            try:
-                async for chunk in self._step.remote(prompt, sampling, stream, affinity_key=affinity_key):
-                    sent = sent or not chunk.done
-                    yield chunk
-                return
-            except RETRYABLE as exc:
-                if sent or attempt == self._retries:
-                    raise
-                self._retrying(exc)
 
     def _retrying(self, exc: Exception) -> None:
         log.warning("%s pool call failed (%s); sending it to another replica", self._role, type(exc).__name__)
