@@ -31,7 +31,6 @@ def arm_config(base: str, affinity: bool, model_for_both: str | None) -> Path:
     """A config file for one arm: two replicas per pool, affinity on or off."""
     data = load_config(base).model_dump(mode="json", exclude_none=True)
     data["router"]["prefix_affinity"] = affinity
-    data["redis"]["socket_timeout_s"] = 10  # four engines spinning on two cores starve Redis replies past 2 s
     for pool in data["pools"].values():
         pool["autoscaling"].update(min_replicas=2, max_replicas=2, initial_replicas=2)
         if model_for_both:

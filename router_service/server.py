@@ -16,6 +16,9 @@ from pydantic import ValidationError
 from ray import serve
 from ray.exceptions import RayError
 from ray.serve.handle import DeploymentHandle
+from redis.asyncio.retry import Retry
+from redis.backoff import ExponentialBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 
 from cluster import metrics
@@ -80,9 +83,10 @@ class Router:
     def __init__(self, config: dict, small: DeploymentHandle, large: DeploymentHandle):
         self.cfg = ClusterConfig.model_validate(config)
         self.replica = serve.get_replica_context().replica_id.unique_id
-        self.redis = aioredis.Redis.from_url(
+        self.redis = aioredis.Redis.from_url(  # a connection dropped (Redis restarted) is redialled, not a 503
             redis_url(self.cfg.redis.url), socket_timeout=self.cfg.redis.socket_timeout_s,
-            socket_connect_timeout=self.cfg.redis.socket_timeout_s)
+            socket_connect_timeout=self.cfg.redis.socket_timeout_s,
+            retry=Retry(ExponentialBackoff(cap=0.5, base=0.05), retries=2), retry_on_error=[RedisConnectionError])
         self.store = RequestStateStore(self.redis, ttl_s=self.cfg.redis.request_ttl_s, lease_s=self.cfg.router.lease_s)
         self.tenants = TenantStore(self.redis)
         self.admin = Tenant(name="admin", settings=TenantSettings(

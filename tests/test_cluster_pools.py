@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import time
 
 import pytest
 from ray import serve
@@ -64,7 +65,14 @@ async def test_token_id_prompts_are_accepted(pools):
 
 
 def test_pools_are_distinct_deployments_with_their_own_autoscaling(local_cluster):
-    details = _get_global_client().get_serve_details()["applications"][local_cluster.config.name]["deployments"]
+    def deployments():
+        return _get_global_client().get_serve_details()["applications"][local_cluster.config.name]["deployments"]
+
+    deadline = time.time() + 240  # a replica the autoscaler added under an earlier test's load may be starting
+    while any(r["state"] != "RUNNING" for name in ("SmallPool", "LargePool") for r in deployments()[name]["replicas"]) \
+            and time.time() < deadline:
+        time.sleep(2)
+    details = deployments()
     for role, name in (("small", "SmallPool"), ("large", "LargePool")):
         served = details[name]["deployment_config"]["autoscaling_config"]
         wanted = getattr(local_cluster.config.pools, role).autoscaling

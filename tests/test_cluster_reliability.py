@@ -185,7 +185,8 @@ def test_router_killed_mid_requests_loses_no_step(local_cluster):
             with httpx.stream("POST", f"{base}/v1/chat/completions", json=body,
                               headers={"Authorization": f"Bearer {key}"}, timeout=300) as response:
                 for line in response.iter_lines():
-                    if line.startswith("data: {") and (rid := json.loads(line[6:])["id"]) not in ids:
+                    rid = json.loads(line[6:]).get("id") if line.startswith("data: {") else None
+                    if rid and rid not in ids:  # (an error event has no id)
                         ids.append(rid)
         except httpx.HTTPError:
             pass
