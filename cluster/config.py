@@ -67,6 +67,10 @@ class EngineSettings(StrictModel):
         None, gt=0, le=1, description="GPU only: fraction of GPU memory the engine may take."
     )
     enforce_eager: bool = Field(False, description="Skip compilation / CUDA graphs (faster start, slower steps).")
+    stream_interval: int = Field(
+        1, ge=1, le=1024, description="Tokens the engine buffers before a streamed step yields them (vLLM's "
+        "stream_interval; the first token always goes at once). Above 1 it saves per-token work under load."
+    )
     cpu_threads_bind: str | None = Field(
         None, description="CPU only: cores the engine's OpenMP threads are bound to (VLLM_CPU_OMP_THREADS_BIND)."
     )
@@ -112,6 +116,10 @@ class Placement(StrictModel):
         None, pattern=r"^[A-Za-z][A-Za-z0-9_\-]*$",
         description="Ray custom resource that only this pool's nodes advertise (e.g. 'small_pool').",
     )
+    node_resource_units: float = Field(
+        0.001, gt=0, le=1000, description="Units of node_resource each replica takes: nodes that advertise 1 unit "
+        "and replicas that take 1 give one replica per node (e.g. one small and one large replica on each GPU)."
+    )
     accelerator_type: str | None = Field(None, description="Ray accelerator type, e.g. 'H100'.")
     num_cpus: float = Field(1.0, ge=0, le=512, description="CPUs per replica.")
     num_gpus: float = Field(0.0, ge=0, le=64, description="GPUs per replica (fractions allowed); must cover tensor parallelism.")
@@ -120,7 +128,7 @@ class Placement(StrictModel):
         """The ``ray_actor_options`` of the pool's deployment."""
         opts: dict = {"num_cpus": self.num_cpus, "num_gpus": self.num_gpus}
         if self.node_resource:
-            opts["resources"] = {self.node_resource: 0.001}
+            opts["resources"] = {self.node_resource: self.node_resource_units}
         if self.accelerator_type:
             opts["accelerator_type"] = self.accelerator_type
         return opts
@@ -168,6 +176,10 @@ class PolicySettings(StrictModel):
     tau: float = Field(1.0, ge=0, le=10, description="Entropy threshold (nats): H >= tau sends the step to the large pool.")
     large_fraction: float = Field(0.25, ge=0, le=1, description="'random' policy: fraction of steps sent to the large pool.")
     seed: int = Field(0, ge=0, description="'random' policy: seed (with the request id) of the draws.")
+    fused_glimpse: bool = Field(
+        False, description="After a small step, take the next step's glimpse in the same small-pool call, on the "
+        "engine's own token ids, instead of a separate call (the separate glimpse is the reference behaviour)."
+    )
 
 
 class StepSettings(StrictModel):

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
+import time
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import aclosing
@@ -12,7 +14,7 @@ from ray import serve
 
 from cluster import metrics
 from cluster.config import PoolSettings
-from deployments.protocol import Glimpse, Prompt, StepChunk, StepSampling
+from deployments.protocol import Glimpse, NextGlimpse, Prompt, StepChunk, StepSampling
 
 log = logging.getLogger("ray.serve")
 
@@ -104,12 +106,15 @@ class ModelPool:
             max_num_seqs=eng.max_num_seqs,
             tensor_parallel_size=eng.tensor_parallel_size,
             enforce_eager=eng.enforce_eager,
+            stream_interval=eng.stream_interval,
             disable_log_stats=False,
             **({"gpu_memory_utilization": eng.gpu_memory_utilization} if eng.gpu_memory_utilization else {}),
             **({"kv_cache_memory_bytes": eng.kv_cache_gib * 2**30} if eng.kv_cache_gib and settings.placement.num_gpus else {}),
         )
         log.info("%s pool replica %s: starting vLLM engine for %s", role, self.replica, args.model)
         self.engine = AsyncLLM.from_engine_args(args, stat_loggers=[RayPrometheusStatLogger, queue_depth_logger(role)])
+        self._tokenizer_dir = args.tokenizer
+        self._tokenizer = None  # loaded on the first fused glimpse
         self.ongoing = 0
         log.info("%s pool replica %s: engine ready", role, self.replica)
 
@@ -144,12 +149,14 @@ class ModelPool:
         )
 
     async def step(
-        self, prompt: Prompt, sampling: StepSampling, stream: bool = False, affinity_key: str | None = None
+        self, prompt: Prompt, sampling: StepSampling, stream: bool = False, affinity_key: str | None = None,
+        next_glimpse: NextGlimpse | None = None,
     ) -> AsyncIterator[StepChunk]:
         """Generate until a stop string, EOS or ``max_tokens``.
 
         Yields text deltas as they come when ``stream`` is set (else nothing but the last item), then
-        one ``done`` chunk holding the whole text, the engine's token counts and the finish reason.
+        one ``done`` chunk holding the whole text, the engine's token counts and the finish reason, and,
+        when ``next_glimpse`` asks for it, the next step's glimpse (see ``_glimpse_after``).
         """
         from vllm import SamplingParams
         from vllm.sampling_params import RequestOutputKind
@@ -181,7 +188,26 @@ class ModelPool:
             output_token_ids=tuple(token_ids),
             finish_reason=out.finish_reason,
             stopped_by=out.stop_reason if isinstance(out.stop_reason, str) else None,
+            next_glimpse=await self._glimpse_after(last, token_ids, next_glimpse) if next_glimpse else None,
         )
+
+    async def _glimpse_after(self, output, token_ids: list[int], request: NextGlimpse) -> Glimpse | None:
+        """The fused glimpse: the next token after this step on the engine's own token ids (prompt, output,
+        and the delimiter's ids when the step ran to its token limit). None when the step ended by EOS, or
+        when its last token runs past the delimiter (the next step's prompt is not a continuation of it)."""
+        out = output.outputs[0]
+        if self._tokenizer is None:
+            from transformers import AutoTokenizer
+
+            self._tokenizer = AutoTokenizer.from_pretrained(self._tokenizer_dir)
+        ids = list(output.prompt_token_ids or ()) + token_ids
+        if out.finish_reason == "length":
+            ids += self._tokenizer.encode(request.delimiter, add_special_tokens=False)
+        elif out.stop_reason != request.delimiter or not self._tokenizer.decode(token_ids[-8:]).endswith(request.delimiter):
+            return None
+        t0 = time.perf_counter()
+        glimpse = await self.glimpse(ids, request.top_k)
+        return dataclasses.replace(glimpse, ms=round((time.perf_counter() - t0) * 1e3, 3))
 
     async def _generate(self, prompt: Prompt, params):
         """The engine's outputs for one call; cancelling the caller aborts the engine request."""

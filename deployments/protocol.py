@@ -18,6 +18,16 @@ class Glimpse:
     top_tokens: list[str]
     prompt_tokens: int
     cached_tokens: int
+    ms: float = 0.0  # the pool's own time for it (set for fused glimpses)
+
+
+@dataclass(frozen=True)
+class NextGlimpse:
+    """Asks a step call for the next step's glimpse (fused glimpse): its top-k, and the step delimiter the
+    next step's prompt adds after this step."""
+
+    top_k: int
+    delimiter: str
 
 
 @dataclass(frozen=True)
@@ -44,6 +54,7 @@ class StepChunk:
     output_token_ids: tuple[int, ...] = ()
     finish_reason: str | None = None
     stopped_by: str | None = None
+    next_glimpse: Glimpse | None = None  # the fused glimpse, when asked for and the step allows it
 
     @property
     def ended_by_eos(self) -> bool:

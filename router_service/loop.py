@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from cluster.config import PolicySettings, PoolRole, StepSettings
-from deployments.protocol import Glimpse, Prompt, StepChunk, StepSampling
+from deployments.protocol import Glimpse, NextGlimpse, Prompt, StepChunk, StepSampling
 from router_service.policy import decide, needs_glimpse, seeded_draw
 from router_service.prompts import THINK_CLOSE, PromptRenderer
 from router_service.state import StepRecord
@@ -24,7 +24,8 @@ class PoolClient(Protocol):
 
     async def glimpse(self, prompt: Prompt, top_k: int, affinity_key: str) -> Glimpse: ...
 
-    def step(self, prompt: Prompt, sampling: StepSampling, stream: bool, affinity_key: str) -> AsyncIterator[StepChunk]: ...
+    def step(self, prompt: Prompt, sampling: StepSampling, stream: bool, affinity_key: str,
+             next_glimpse: NextGlimpse | None = None) -> AsyncIterator[StepChunk]: ...
 
 
 @dataclass(frozen=True)
@@ -55,6 +56,7 @@ class StepDone:
 
     record: StepRecord
     glimpsed: bool
+    next_glimpse: Glimpse | None = None  # the fused glimpse for the next step, if the step call gave one
 
 
 @dataclass(frozen=True)
@@ -107,25 +109,28 @@ class StepLoop:
         then ``AnswerDelta`` (streaming only) and one ``AnswerDone``.
         """
         cfg = req.steps
-        steps = list(done)
+        steps, fused = list(done), None
         while not thinking_finished(steps, cfg.token_budget):
             record = None
-            async for event in self._one_step(req, steps):
+            async for event in self._one_step(req, steps, fused):
                 if isinstance(event, StepDone):
-                    record = event.record
+                    record, fused = event.record, event.next_glimpse
                 yield event
             steps.append(record)
         async for event in self._final_answer(req, [s.text for s in steps]):
             yield event
 
-    async def _one_step(self, req: LoopRequest, steps: list[StepRecord]) -> AsyncIterator[LoopEvent]:
+    async def _one_step(self, req: LoopRequest, steps: list[StepRecord], fused: Glimpse | None) -> AsyncIterator[LoopEvent]:
+        """One step; ``fused`` is its glimpse when the previous step's call already took it."""
         cfg, index = req.steps, len(steps)
         texts = [s.text for s in steps]
         small_prompt = self.renderers["small"].step_prompt(req.messages, texts, cfg.delimiter)
         glimpse_ms, logprobs = 0.0, None
         policy = self.tau_controller.apply(req.policy, *req.tau_bounds) if self.tau_controller else req.policy
         glimpsed = needs_glimpse(policy)
-        if glimpsed:
+        if glimpsed and fused is not None:
+            glimpse_ms, logprobs = fused.ms, fused.top_logprobs
+        elif glimpsed:
             t0 = time.perf_counter()
             glimpse = await self.pools["small"].glimpse(small_prompt, cfg.top_k, req.request_id)
             glimpse_ms, logprobs = (time.perf_counter() - t0) * 1e3, glimpse.top_logprobs
@@ -138,9 +143,13 @@ class StepLoop:
             top_p=req.top_p, stop=[cfg.delimiter], seed=None if req.seed is None else req.seed + index,
             ignore_eos=cfg.ignore_eos,
         )
+        # fuse the next glimpse into a small step that leaves budget for another step
+        ask_next = glimpsed and policy.fused_glimpse and decision.pool == "small" and \
+            used + sampling.max_tokens < cfg.token_budget
         t0 = time.perf_counter()
         last = None
-        async for chunk in self.pools[decision.pool].step(prompt, sampling, req.stream, req.request_id):
+        async for chunk in self.pools[decision.pool].step(prompt, sampling, req.stream, req.request_id,
+                                                           NextGlimpse(cfg.top_k, cfg.delimiter) if ask_next else None):
             if chunk.done:
                 last = chunk
             else:
@@ -150,7 +159,8 @@ class StepLoop:
             output_tokens=last.output_tokens, prompt_tokens=last.prompt_tokens, cached_tokens=last.cached_tokens,
             glimpse_ms=round(glimpse_ms, 3), step_ms=round((time.perf_counter() - t0) * 1e3, 3),
             finish_reason=last.finish_reason, ended_by_eos=last.ended_by_eos,
-        ), glimpsed)
+            glimpse_fused=glimpsed and fused is not None,
+        ), glimpsed, last.next_glimpse)
 
     async def _final_answer(self, req: LoopRequest, texts: list[str]) -> AsyncIterator[LoopEvent]:
         pool: PoolRole = "small" if req.policy.policy == "small_only" else "large"

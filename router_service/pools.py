@@ -10,7 +10,7 @@ from ray.serve.exceptions import RayServeException
 from ray.serve.handle import DeploymentHandle
 
 from cluster import metrics
-from deployments.protocol import Glimpse, Prompt, StepChunk, StepSampling
+from deployments.protocol import Glimpse, NextGlimpse, Prompt, StepChunk, StepSampling
 
 log = logging.getLogger("ray.serve")
 
@@ -41,14 +41,16 @@ class ServePoolClient:
         finally:
             self.in_flight -= 1
 
-    async def step(self, prompt: Prompt, sampling: StepSampling, stream: bool, affinity_key: str) -> AsyncIterator[StepChunk]:
+    async def step(self, prompt: Prompt, sampling: StepSampling, stream: bool, affinity_key: str,
+                   next_glimpse: NextGlimpse | None = None) -> AsyncIterator[StepChunk]:
         """The step's chunks (see ``ModelPool.step``)."""
         self.in_flight += 1
         try:
             for attempt in range(self._retries + 1):
                 sent = False
                 try:
-                    async for chunk in self._step.remote(prompt, sampling, stream, affinity_key=affinity_key):
+                    call = self._step.remote(prompt, sampling, stream, affinity_key=affinity_key, next_glimpse=next_glimpse)
+                    async for chunk in call:
                         sent = sent or not chunk.done
                         yield chunk
                     return

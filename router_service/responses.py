@@ -16,7 +16,7 @@ def routing_summary(policy: dict, steps: list[StepRecord]) -> dict:
         **policy,
         "large_step_fraction": round(large / len(steps), 4) if steps else 0.0,
         "steps": [{"index": s.index, "pool": s.pool, "entropy": s.entropy, "tokens": s.output_tokens,
-                   "glimpse_ms": s.glimpse_ms, "step_ms": s.step_ms} for s in steps],
+                   "glimpse_ms": s.glimpse_ms, "glimpse_fused": s.glimpse_fused, "step_ms": s.step_ms} for s in steps],
     }
 
 

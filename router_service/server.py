@@ -220,8 +220,7 @@ class Router:
     def _settings(self, tenant: Tenant, body) -> tuple[PolicySettings, StepSettings]:
         """The request's policy and step limits: router defaults < tenant defaults < request fields."""
         policy = tenant.settings.policy.model_copy(update={
-            k: v for k, v in (("policy", body.policy), ("tau", body.tau), ("large_fraction", body.large_fraction))
-            if v is not None})
+            k: v for k in ("policy", "tau", "large_fraction", "fused_glimpse") if (v := getattr(body, k)) is not None})
         base = self.cfg.router.steps
         budget = body.token_budget or min(base.token_budget, tenant.settings.max_token_budget)
         if budget > tenant.settings.max_token_budget:

@@ -84,6 +84,7 @@ class StepRecord:
     step_ms: float
     finish_reason: str | None
     ended_by_eos: bool = False
+    glimpse_fused: bool = False  # its glimpse came from the previous small step's call
 
     @classmethod
     def from_json(cls, raw: bytes | str) -> StepRecord:

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import pytest
 
 from cluster.config import PolicySettings, StepSettings
-from deployments.protocol import Glimpse, StepChunk, StepSampling
+from deployments.protocol import Glimpse, NextGlimpse, StepChunk, StepSampling
 from router_service.loop import AnswerDelta, AnswerDone, LoopRequest, ReasoningDelta, StepDone, StepLoop, thinking_finished
 from router_service.state import StepRecord
 
@@ -34,21 +34,22 @@ class Call:
     arg: object  # top_k of a glimpse, StepSampling of a step
     stream: bool | None
     key: str
+    next_glimpse: NextGlimpse | None = None
 
 
 class FakePool:
     """Records every call; answers glimpses and steps from scripts, in order. Like ModelPool, it yields
     text deltas only when asked to stream."""
 
-    def __init__(self, outputs=(), glimpses=()):
-        self.outputs, self.glimpses, self.calls = list(outputs), list(glimpses), []
+    def __init__(self, outputs=(), glimpses=(), fused=()):
+        self.outputs, self.glimpses, self.fused, self.calls = list(outputs), list(glimpses), list(fused), []
 
     async def glimpse(self, prompt, top_k, affinity_key):
         self.calls.append(Call("glimpse", prompt, top_k, None, affinity_key))
         return Glimpse(7, "x", self.glimpses.pop(0), ["x"] * top_k, 10, 0)
 
-    async def step(self, prompt, sampling: StepSampling, stream, affinity_key):
-        self.calls.append(Call("step", prompt, sampling, stream, affinity_key))
+    async def step(self, prompt, sampling: StepSampling, stream, affinity_key, next_glimpse=None):
+        self.calls.append(Call("step", prompt, sampling, stream, affinity_key, next_glimpse))
         out = self.outputs.pop(0)
         if stream:
             half = len(out.text) // 2
@@ -57,7 +58,9 @@ class FakePool:
         tokens = sampling.max_tokens if out.tokens is None else out.tokens
         yield StepChunk(out.text, done=True, prompt_tokens=10, cached_tokens=3, output_tokens=tokens,
                         finish_reason="length" if out.tokens is None else "stop",
-                        stopped_by=None if out.eos or out.tokens is None else "\n\n")
+                        stopped_by=None if out.eos or out.tokens is None else "\n\n",
+                        next_glimpse=Glimpse(9, "y", self.fused.pop(0), ["y"] * 20, 10, 9, ms=1.5)
+                        if next_glimpse and self.fused else None)
 
     def of(self, kind: str) -> list[Call]:
         return [c for c in self.calls if c.kind == kind]
@@ -74,8 +77,9 @@ class FakeRenderer:
         return (self.role, "final", messages[-1]["content"], tuple(steps), delimiter)
 
 
-def request(policy="glimprouter", *, stream=False, temperature=0.6, seed=None, **steps) -> LoopRequest:
-    settings = PolicySettings(policy=policy, tau=1.0, large_fraction=1.0 if policy == "random" else 0.25)
+def request(policy="glimprouter", *, stream=False, temperature=0.6, seed=None, fused=False, **steps) -> LoopRequest:
+    settings = PolicySettings(policy=policy, tau=1.0, large_fraction=1.0 if policy == "random" else 0.25,
+                              fused_glimpse=fused)
     return LoopRequest("req-1", MESSAGES, settings, StepSettings(**steps), temperature, 0.95, seed, stream)
 
 
@@ -150,6 +154,30 @@ async def test_glimprouter_routes_by_entropy_and_large_answers():
     assert final.arg == StepSampling(max_tokens=2048, temperature=0.6, top_p=0.95, stop=[], seed=100)
     assert events[-1] == AnswerDone("large", ANSWER, 10, 6, "stop", events[-1].ms)
     assert {c.key for c in small.calls + large.calls} == {"req-1"}
+
+
+async def test_fused_glimpse_replaces_the_call_after_small_steps():
+    small = FakePool([Out("s0"), Out("s2 </think>")], glimpses=[LOW, LOW], fused=[HIGH, LOW])
+    large = FakePool([Out("l1"), Out(ANSWER)])
+    events = await run(request(fused=True), small, large)
+
+    steps = steps_of(events)
+    assert [(s.pool, s.glimpse_fused) for s in steps] == [("small", False), ("large", True), ("small", False)]
+    assert steps[1].entropy == pytest.approx(math.log(20)) and steps[1].glimpse_ms == 1.5
+    # no separate glimpse after the small step; after the large step the small pool has not seen it
+    assert [c.kind for c in small.calls] == ["glimpse", "step", "glimpse", "step"]
+    assert [c.next_glimpse for c in small.of("step")] == [NextGlimpse(20, "\n\n")] * 2
+    assert [c.next_glimpse for c in large.calls] == [None, None]
+
+
+async def test_fused_glimpse_falls_back_to_a_call():
+    """A step call without a fused glimpse (EOS, or a token past the delimiter) leaves the next glimpse to a
+    separate call; a step that spends the budget does not ask for one."""
+    small = FakePool([Out("s0"), Out("s1", tokens=None)], glimpses=[LOW, LOW])
+    events = await run(request(fused=True, token_budget=8, step_max_tokens=4), small, FakePool([Out(ANSWER)]))
+    assert [s.glimpse_fused for s in steps_of(events)] == [False, False]
+    assert [c.kind for c in small.calls] == ["glimpse", "step", "glimpse", "step"]
+    assert [c.next_glimpse for c in small.of("step")] == [NextGlimpse(20, "\n\n"), None]
 
 
 async def test_glimpse_ignores_temperature():

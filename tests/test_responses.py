@@ -35,7 +35,7 @@ def test_routing_summary():
     summary = routing_summary({"policy": "glimprouter", "tau": 1.0}, STEPS)
     assert summary["policy"] == "glimprouter" and summary["tau"] == 1.0
     assert summary["large_step_fraction"] == 0.3333
-    assert summary["steps"][1] == {"index": 1, "pool": "large", "entropy": 2.5, "tokens": 20, "glimpse_ms": 1.1, "step_ms": 30.0}
+    assert summary["steps"][1] == {"index": 1, "pool": "large", "entropy": 2.5, "tokens": 20, "glimpse_ms": 1.1, "glimpse_fused": False, "step_ms": 30.0}
     assert routing_summary({}, [])["large_step_fraction"] == 0.0
 
 
