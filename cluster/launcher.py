@@ -14,6 +14,7 @@ import shutil
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from cluster.config import ClusterConfig
@@ -36,40 +37,52 @@ HEAD_METRICS_PORT = 8080  # node i exports Prometheus metrics on HEAD_METRICS_PO
 OBJECT_STORE_BYTES = 512 * 1024**2
 
 
-def local_nodes(cfg: ClusterConfig) -> list[dict[str, float]]:
-    """The custom resources of each simulated node: one node per pool's node-pool resource, the head first
-    (it also runs the router). Pools without one are placed wherever Ray likes."""
+@dataclass(frozen=True)
+class LocalNode:
+    """One simulated node of the local cluster: its custom resources and the GPUs it owns (device ids)."""
+
+    resources: dict[str, float]
+    gpus: tuple[str, ...] = ()
+
+
+def local_nodes(cfg: ClusterConfig) -> list[LocalNode]:
+    """One node per pool's node-pool resource, the head first (it also runs the router and holds every GPU).
+    Pools without one are placed wherever Ray likes."""
     names = dict.fromkeys(p.placement.node_resource for _, p in cfg.pools.items() if p.placement.node_resource)
-    return [{name: 1000.0} for name in names] or [{}]
+    nodes = [LocalNode({name: 1000.0}) for name in names] or [LocalNode({})]
+    nodes[0] = LocalNode(nodes[0].resources, local_gpus())
+    return nodes
 
 
-def local_gpus() -> int:
-    """NVIDIA GPUs for the head node: those in CUDA_VISIBLE_DEVICES when set, else all that ``nvidia-smi``
-    lists; 0 without it."""
+def local_gpus() -> tuple[str, ...]:
+    """NVIDIA GPU ids for the head node: those in CUDA_VISIBLE_DEVICES when set, else all that ``nvidia-smi``
+    lists; none without it."""
     if os.environ.get("CUDA_VISIBLE_DEVICES"):
-        return len(os.environ["CUDA_VISIBLE_DEVICES"].split(","))
+        return tuple(os.environ["CUDA_VISIBLE_DEVICES"].split(","))
     if shutil.which("nvidia-smi") is None:
-        return 0
+        return ()
     listing = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True).stdout
-    return sum(1 for line in listing.splitlines() if line.startswith("GPU "))
+    return tuple(str(i) for i, line in enumerate(l for l in listing.splitlines() if l.startswith("GPU ")))
 
 
-def start_ray(cfg: ClusterConfig, num_cpus: int) -> None:
-    """A local Ray cluster of one node per node pool (e.g. ``small_pool`` on the head and ``large_pool`` on a
-    second node), with the dashboard (Serve's REST API) and a Prometheus endpoint per node."""
+def start_ray(nodes: list[LocalNode], num_cpus: int) -> None:
+    """A local Ray cluster of ``nodes`` (e.g. ``small_pool`` on the head and ``large_pool`` on a second node),
+    with the dashboard (Serve's REST API) and a Prometheus endpoint per node. A node sees only its own GPUs."""
     os.environ.update(RAY_ENV)
     status = subprocess.run([*RAY, "status"], capture_output=True, text=True, env=os.environ)
     if status.returncode == 0:
         say("Ray is already running; reusing it")
         return
-    for i, resources in enumerate(local_nodes(cfg)):
-        common = [f"--num-cpus={num_cpus}", f"--num-gpus={local_gpus() if i == 0 else 0}", f"--resources={json.dumps(resources)}",
+    for i, node in enumerate(nodes):
+        common = [f"--num-cpus={num_cpus}", f"--num-gpus={len(node.gpus)}", f"--resources={json.dumps(node.resources)}",
                   f"--metrics-export-port={HEAD_METRICS_PORT + i}", f"--object-store-memory={OBJECT_STORE_BYTES}",
                   f"--dashboard-agent-listen-port={52365 + i}", "--disable-usage-stats"]
         role = ["--head", f"--dashboard-port={DASHBOARD_PORT}", "--dashboard-host=127.0.0.1"] if i == 0 else \
             ["--address=127.0.0.1:6379"]
-        say(f"starting Ray {'head' if i == 0 else 'worker'} node {i} ({num_cpus} logical CPUs, resources {resources})")
-        subprocess.run([*RAY, "start", *role, *common], check=True, env=os.environ, stdout=subprocess.DEVNULL)
+        env = {**os.environ, **({"CUDA_VISIBLE_DEVICES": ",".join(node.gpus)} if node.gpus else {})}
+        say(f"starting Ray {'head' if i == 0 else 'worker'} node {i} ({num_cpus} logical CPUs, "
+            f"GPUs {list(node.gpus)}, resources {node.resources})")
+        subprocess.run([*RAY, "start", *role, *common], check=True, env=env, stdout=subprocess.DEVNULL)
 
 
 def deploy(cfg: ClusterConfig, timeout_s: float = 900) -> None:
@@ -115,8 +128,9 @@ def ensure_admin_key() -> str:
     return key
 
 
-def up(cfg: ClusterConfig, num_cpus: int = 8) -> str:
-    """Start everything; returns the API's base URL."""
+def up(cfg: ClusterConfig, num_cpus: int = 8, nodes: list[LocalNode] | None = None) -> str:
+    """Start everything on ``nodes`` (default ``local_nodes(cfg)``), ``num_cpus`` logical CPUs each; returns the
+    API's base URL."""
     RUN_DIR.mkdir(parents=True, exist_ok=True)
     for _, pool in cfg.pools.items():
         if pool.model.embedded:
@@ -130,7 +144,7 @@ def up(cfg: ClusterConfig, num_cpus: int = 8) -> str:
         say(f"using Redis at {url}")
     cfg.redis.url = url
     ensure_admin_key()
-    start_ray(cfg, num_cpus)
+    start_ray(nodes or local_nodes(cfg), num_cpus)
     deploy(cfg)
     base = f"http://{cfg.router.host}:{cfg.router.port}"
     say(f"API at {base}/v1 (OpenAI-compatible; model '{cfg.name}')")

@@ -2,15 +2,15 @@
 driven through the HTTP API.
 
     python -m loadtests.gpu_bench single [--layout one-gpu] [--requests 3]
-    python -m loadtests.gpu_bench load --layout routed-2gpu --concurrency 1,32,64 [--steps 16]
+    python -m loadtests.gpu_bench load --layout shared-2gpu --levels stream:1,stream:64,fused:64 [--steps 16]
     python -m loadtests.gpu_bench plot results/gpu/load-*.json
 
-Settings come from ``cluster/configs/gpu-bench.yaml``; ``--layout`` patches its placement and replicas:
-``one-gpu`` (both pools on one GPU), ``routed-2gpu`` (small pool on one GPU, large on the other) and
-``large-only-2gpu`` (one large replica per GPU, policy large_only). The model folders have real Qwen2.5
-shapes and random weights (``loadtests.gpu_models``), so the routing is forced (see the config) and
-every run says so. ``single`` breaks each request's time down from the system's own metrics; ``load``
-runs closed loops at fixed numbers of requests in flight. Results go to ``results/gpu/`` as JSON.
+Settings come from ``cluster/configs/gpu-bench.yaml``; ``--layout`` patches its placement and replicas and
+starts one local Ray node per GPU, advertising the pools it hosts (see ``LAYOUTS``). The model folders have
+real Qwen2.5 shapes and random weights (``loadtests.gpu_models``), so the routing is forced (see the config)
+and every run says so. ``single`` breaks each request's time down from the system's own metrics; ``load``
+runs closed loops at fixed numbers of requests in flight, for client arms (``ARMS``: streamed, not
+streamed, streamed with fused glimpses) on one running system. Results go to ``results/gpu/`` as JSON.
 """
 
 from __future__ import annotations
@@ -29,29 +29,48 @@ from pathlib import Path
 import httpx
 
 from cluster.config import ClusterConfig, load_config
+from cluster.launcher import LocalNode, local_gpus
 from loadtests.gpu_models import build_model, build_tokenizer
 
 RESULTS = Path("results/gpu")
 FORCED = "routing forced: random weights make every first-token entropy equal; a glimpse still runs before every step"
 
 
-def layout_config(layout: str, steps: int, models_dir: Path) -> ClusterConfig:
-    """The benchmark config for ``layout``, with ``steps`` steps per request and absolute model folders."""
+LAYOUTS = {
+    "one-gpu": "both pools on one GPU (the single-stream layout)",
+    "routed-2gpu": "small pool on GPU 0, large pool on GPU 1",
+    "shared-2gpu": "one small and one large replica on each GPU",
+    "large-only-2gpu": "one large replica on each GPU, policy large_only",
+}
+
+
+def layout(name: str, steps: int, models_dir: Path) -> tuple[ClusterConfig, list[LocalNode] | None]:
+    """The benchmark config and local Ray nodes (one per GPU, advertising the pools it hosts) for ``name``,
+    with ``steps`` steps per request and absolute model folders."""
     data = load_config("gpu-bench").model_dump(mode="json", exclude_none=True)
     for pool in data["pools"].values():
         for key in ("path", "tokenizer"):
             pool["model"][key] = str(models_dir.resolve() / Path(pool["model"][key]).name)
     data["router"]["steps"]["token_budget"] = steps * data["router"]["steps"]["step_max_tokens"]
     small, large = data["pools"]["small"], data["pools"]["large"]
-    if layout != "one-gpu":
+    for role, pool in (("small", small), ("large", large)):
+        pool["placement"].update(node_resource=f"{role}_pool", node_resource_units=1)
+    hosts = {"one-gpu": [("small", "large")], "routed-2gpu": [("small",), ("large",)], "shared-2gpu": [("small", "large")] * 2,
+             "large-only-2gpu": [("large",)] * 2}[name]
+    if name in ("routed-2gpu", "large-only-2gpu"):
         for pool, kv in ((small, 16), (large, 40)):
             pool["placement"]["num_gpus"] = 1
             pool["engine"].update(gpu_memory_utilization=0.85, kv_cache_gib=kv)
-    if layout == "large-only-2gpu":
+    if name == "shared-2gpu":
+        for pool in (small, large):
+            pool["autoscaling"] = {"min_replicas": 2, "max_replicas": 2}
+    if name == "large-only-2gpu":
         small["autoscaling"] = {"min_replicas": 0, "max_replicas": 1, "initial_replicas": 0}
         large["autoscaling"] = {"min_replicas": 2, "max_replicas": 2}
         data["router"]["policy"] = {"policy": "large_only"}
-    return ClusterConfig.model_validate(data)
+    gpus = local_gpus()
+    nodes = [LocalNode({f"{role}_pool": 1.0 for role in roles}, (gpus[i],)) for i, roles in enumerate(hosts)]
+    return ClusterConfig.model_validate(data), nodes
 
 
 def prompt_text(seed: int, tokens: int = 200) -> str:
@@ -78,20 +97,33 @@ async def bench_key(cfg: ClusterConfig) -> str:
     return key
 
 
-async def start(cfg: ClusterConfig) -> tuple[str, str]:
-    """Bring the system up for ``cfg`` (blocking while the engines start); returns (base URL, key)."""
+async def start(cfg: ClusterConfig, nodes: list[LocalNode]) -> tuple[str, str]:
+    """Bring the system up for ``cfg`` on ``nodes`` (blocking while the engines start); returns (base URL, key)."""
     from cluster import launcher
 
     subprocess.run([sys.executable, "-m", "cluster", "down"], check=False)
-    base = launcher.up(cfg, num_cpus=12)
+    base = launcher.up(cfg, num_cpus=8, nodes=nodes)
     return base, await bench_key(cfg)
 
 
-async def one_request(client: httpx.AsyncClient, model: str, seed: int, policy: dict | None = None) -> dict:
-    """One streamed chat completion: wall time, time to first token, usage and routing."""
-    body = {"model": model, "messages": [{"role": "user", "content": prompt_text(seed)}], "stream": True,
-            "stream_options": {"include_usage": True}, **(policy or {})}
+ARMS = {  # request fields of each client arm
+    "stream": {"stream": True, "stream_options": {"include_usage": True}},
+    "final": {"stream": False},
+    "fused": {"stream": True, "stream_options": {"include_usage": True}, "fused_glimpse": True},
+}
+
+
+async def one_request(client: httpx.AsyncClient, model: str, seed: int, fields: dict) -> dict:
+    """One chat completion with ``fields`` (an arm's, plus any policy): wall time, time to first token (streamed
+    only), usage and routing."""
+    body = {"model": model, "messages": [{"role": "user", "content": prompt_text(seed)}], **fields}
     t0 = time.perf_counter()
+    if not body.get("stream"):
+        response = await client.post("/v1/chat/completions", json=body)
+        response.raise_for_status()
+        data = response.json()
+        return {"id": data["id"], "seconds": time.perf_counter() - t0, "ttft": None, "usage": data["usage"],
+                "routing": data["routing"]}
     ttft, usage, routing, rid = None, None, None, None
     async with client.stream("POST", "/v1/chat/completions", json=body) as response:
         response.raise_for_status()
@@ -132,48 +164,49 @@ async def single(args) -> None:
     from cluster.launcher import HEAD_METRICS_PORT
     from cluster.operators import scrape
 
-    cfg = layout_config(args.layout, args.steps, args.models)
-    base, key = await start(cfg)
-    endpoints = [f"http://127.0.0.1:{HEAD_METRICS_PORT}/metrics"]
+    cfg, nodes = layout(args.layout, args.steps, args.models)
+    base, key = await start(cfg, nodes)
+    endpoints = [f"http://127.0.0.1:{HEAD_METRICS_PORT + i}/metrics" for i in range(len(nodes))]
     engine_metric = ("ray_vllm_e2e_request_latency_seconds",)
     rows = []
     async with httpx.AsyncClient(base_url=base, headers={"Authorization": f"Bearer {key}"}, timeout=3600) as client:
-        await one_request(client, cfg.name, 999)  # warm-up
-        for label, policy, n in (("routed", None, args.requests), ("large_only", {"policy": "large_only"}, 1)):
+        await one_request(client, cfg.name, 999, ARMS["stream"])  # warm-up
+        for label, fields, n in (("routed", ARMS["stream"], args.requests),
+                                 ("large_only", {**ARMS["stream"], "policy": "large_only"}, 1)):
             for i in range(n):
                 before = scrape(endpoints, engine_metric)
-                result = await one_request(client, cfg.name, i, policy)
+                result = await one_request(client, cfg.name, i, fields)
                 trace = (await client.get(f"/v1/requests/{result['id']}")).json()
                 await asyncio.sleep(12)  # Ray exports metrics every few seconds
                 row = {"policy": label, **breakdown(result, trace, before, scrape(endpoints, engine_metric))}
                 rows.append(row)
                 print(json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in row.items()}), flush=True)
-    save(f"single-{args.layout}", {"layout": args.layout, "steps": args.steps, "note": FORCED, "rows": rows})
+    save(args.out, f"single-{args.layout}", {"layout": args.layout, "steps": args.steps, "note": FORCED, "rows": rows})
 
 
 async def load(args) -> None:
-    cfg = layout_config(args.layout, args.steps, args.models)
-    base, key = await start(cfg)
-    levels = []
+    cfg, nodes = layout(args.layout, args.steps, args.models)
+    base, key = await start(cfg, nodes)
+    result = {"layout": args.layout, "placement": LAYOUTS[args.layout], "steps": args.steps, "note": FORCED,
+              "levels": []}
     limits = httpx.Limits(max_connections=4096, max_keepalive_connections=4096)
     async with httpx.AsyncClient(base_url=base, headers={"Authorization": f"Bearer {key}"}, timeout=3600,
                                  limits=limits) as client:
-        await one_request(client, cfg.name, 999)  # warm-up
-        for concurrency in args.concurrency:
+        await one_request(client, cfg.name, 999, ARMS["stream"])  # warm-up
+        for arm, concurrency in args.levels:
             n = max(2, 2 * concurrency)
             gate = asyncio.Semaphore(concurrency)
 
             async def gated(i: int) -> dict:
                 async with gate:
-                    return await one_request(client, cfg.name, 10_000 * concurrency + i)
+                    return await one_request(client, cfg.name, 10_000 * concurrency + i, ARMS[arm])
 
             t0 = time.perf_counter()
             results = await asyncio.gather(*(gated(i) for i in range(n)))
-            wall = time.perf_counter() - t0
-            level = summarize(concurrency, results, wall, args.latency_bound)
-            levels.append(level)
+            level = {"arm": arm, **summarize(concurrency, results, time.perf_counter() - t0, args.latency_bound)}
+            result["levels"].append(level)
             print(json.dumps(level), flush=True)
-    save(f"load-{args.layout}", {"layout": args.layout, "steps": args.steps, "note": FORCED, "levels": levels})
+            save(args.out, f"load-{args.layout}", result)  # after every level: a cut-off run keeps what it measured
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -185,7 +218,7 @@ def percentile(values: list[float], q: float) -> float:
 def summarize(concurrency: int, results: list[dict], wall: float, bound_s: float) -> dict:
     """Throughput, latency and TTFT percentiles, goodput under ``bound_s`` and the large-step fraction."""
     latency = [r["seconds"] for r in results]
-    ttft = [r["ttft"] for r in results if r["ttft"] is not None]
+    ttft = [r["ttft"] for r in results if r["ttft"] is not None] or [math.nan]  # nan: not streamed
     steps = [s for r in results for s in r["routing"]["steps"]]
     return {
         "concurrency": concurrency, "requests": len(results), "wall_s": round(wall, 2),
@@ -200,15 +233,15 @@ def summarize(concurrency: int, results: list[dict], wall: float, bound_s: float
     }
 
 
-def save(name: str, data: dict) -> None:
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    path = RESULTS / f"{name}.json"
+def save(folder: Path, name: str, data: dict) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{name}.json"
     path.write_text(json.dumps(data, indent=1))
     print(f"wrote {path}", flush=True)
 
 
 def plot(args) -> None:
-    """Throughput and p95 latency against requests in flight, one line per layout."""
+    """Throughput and p95 latency against requests in flight, one line per layout and arm."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -217,9 +250,12 @@ def plot(args) -> None:
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
     for path in args.files:
         data = json.loads(Path(path).read_text())
-        x = [lv["concurrency"] for lv in data["levels"]]
-        ax1.plot(x, [lv["throughput_rps"] for lv in data["levels"]], marker="o", label=data["layout"])
-        ax2.plot(x, [lv["p95_s"] for lv in data["levels"]], marker="o", label=data["layout"])
+        arms = dict.fromkeys(lv.get("arm", "stream") for lv in data["levels"])
+        for arm in arms:
+            levels = [lv for lv in data["levels"] if lv.get("arm", "stream") == arm]
+            x, label = [lv["concurrency"] for lv in levels], f"{data['layout']} ({arm})"
+            ax1.plot(x, [lv["throughput_rps"] for lv in levels], marker="o", label=label)
+            ax2.plot(x, [lv["p95_s"] for lv in levels], marker="o", label=label)
     ax1.set(xlabel="requests in flight", ylabel="requests/s", title="throughput")
     ax2.set(xlabel="requests in flight", ylabel="seconds", title="p95 request latency")
     for ax in (ax1, ax2):
@@ -230,16 +266,27 @@ def plot(args) -> None:
     print(f"wrote {args.out}")
 
 
+def parse_levels(text: str) -> list[tuple[str, int]]:
+    """``stream:1,final:64`` -> [("stream", 1), ("final", 64)]."""
+    levels = [(arm, int(n)) for arm, n in (item.split(":") for item in text.split(","))]
+    if unknown := {arm for arm, _ in levels} - set(ARMS):
+        raise argparse.ArgumentTypeError(f"unknown arms {sorted(unknown)}; known: {', '.join(ARMS)}")
+    return levels
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     for name in ("single", "load"):
         p = sub.add_parser(name)
-        p.add_argument("--layout", choices=["one-gpu", "routed-2gpu", "large-only-2gpu"], default="one-gpu")
+        p.add_argument("--layout", choices=list(LAYOUTS), default="one-gpu")
         p.add_argument("--steps", type=int, default=24, help="steps of 96 tokens per request")
         p.add_argument("--models", type=Path, default=Path("models/bench"), help="where the model folders go")
+        p.add_argument("--out", type=Path, default=RESULTS, help="where result files go")
     sub.choices["single"].add_argument("--requests", type=int, default=3)
-    sub.choices["load"].add_argument("--concurrency", type=lambda s: [int(x) for x in s.split(",")], default=[1, 32, 64])
+    sub.choices["load"].add_argument(
+        "--levels", type=parse_levels, default=parse_levels("stream:1,stream:32,stream:64"),
+        help="comma-separated ARM:IN_FLIGHT, arms: " + ", ".join(ARMS))
     sub.choices["load"].add_argument("--latency-bound", type=float, default=30.0, help="goodput bound (s)")
     p = sub.add_parser("plot")
     p.add_argument("files", nargs="+")
