@@ -192,19 +192,30 @@ class ModelPool:
         )
 
     async def _glimpse_after(self, output, token_ids: list[int], request: NextGlimpse) -> Glimpse | None:
-        """The fused glimpse: the next token after this step on the engine's own token ids (prompt, output,
-        and the delimiter's ids when the step ran to its token limit). None when the step ended by EOS, or
-        when its last token runs past the delimiter (the next step's prompt is not a continuation of it)."""
+        """The fused glimpse: the next token after this step, on the engine's own token ids (the step's prompt
+        and output, then the delimiter when the step ran to its token limit). The tokens that spell the
+        delimiter are re-encoded as the tokenizer writes them (a model may write "\n\n" as two "\n"), as the
+        next step's rendered prompt has them. None when the step ended by EOS, or when its last token runs
+        past the delimiter (the next step's prompt does not continue it)."""
         out = output.outputs[0]
         if self._tokenizer is None:
             from transformers import AutoTokenizer
 
             self._tokenizer = AutoTokenizer.from_pretrained(self._tokenizer_dir)
-        ids = list(output.prompt_token_ids or ()) + token_ids
+        decode, delimiter = self._tokenizer.decode, request.delimiter
         if out.finish_reason == "length":
-            ids += self._tokenizer.encode(request.delimiter, add_special_tokens=False)
-        elif out.stop_reason != request.delimiter or not self._tokenizer.decode(token_ids[-8:]).endswith(request.delimiter):
+            cut = len(token_ids) - 1
+            tail = decode(token_ids[cut:]) + delimiter
+        elif out.stop_reason == delimiter:
+            cut = len(token_ids)
+            while cut > 0 and len(decode(token_ids[cut:])) < len(delimiter):
+                cut -= 1
+            tail = decode(token_ids[cut:])
+            if not tail.endswith(delimiter):
+                return None
+        else:
             return None
+        ids = list(output.prompt_token_ids or ()) + token_ids[:cut] + self._tokenizer.encode(tail, add_special_tokens=False)
         t0 = time.perf_counter()
         glimpse = await self.glimpse(ids, request.top_k)
         return dataclasses.replace(glimpse, ms=round((time.perf_counter() - t0) * 1e3, 3))

@@ -143,8 +143,9 @@ class StepLoop:
             top_p=req.top_p, stop=[cfg.delimiter], seed=None if req.seed is None else req.seed + index,
             ignore_eos=cfg.ignore_eos,
         )
-        # fuse the next glimpse into a small step that leaves budget for another step
-        ask_next = glimpsed and policy.fused_glimpse and decision.pool == "small" and \
+        # fuse the next glimpse into a small step that leaves budget for another step; not into step 0, whose
+        # prompt (the generation prompt) is not a prefix of step 1's ("<think>" opens the assistant turn)
+        ask_next = glimpsed and policy.fused_glimpse and decision.pool == "small" and index > 0 and \
             used + sampling.max_tokens < cfg.token_budget
         t0 = time.perf_counter()
         last = None

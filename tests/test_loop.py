@@ -157,27 +157,29 @@ async def test_glimprouter_routes_by_entropy_and_large_answers():
 
 
 async def test_fused_glimpse_replaces_the_call_after_small_steps():
-    small = FakePool([Out("s0"), Out("s2 </think>")], glimpses=[LOW, LOW], fused=[HIGH, LOW])
-    large = FakePool([Out("l1"), Out(ANSWER)])
+    small = FakePool([Out("s0"), Out("s1"), Out("s3 </think>")], glimpses=[LOW, LOW, LOW], fused=[HIGH, LOW])
+    large = FakePool([Out("l2"), Out(ANSWER)])
     events = await run(request(fused=True), small, large)
 
     steps = steps_of(events)
-    assert [(s.pool, s.glimpse_fused) for s in steps] == [("small", False), ("large", True), ("small", False)]
-    assert steps[1].entropy == pytest.approx(math.log(20)) and steps[1].glimpse_ms == 1.5
-    # no separate glimpse after the small step; after the large step the small pool has not seen it
-    assert [c.kind for c in small.calls] == ["glimpse", "step", "glimpse", "step"]
-    assert [c.next_glimpse for c in small.of("step")] == [NextGlimpse(20, "\n\n")] * 2
+    assert [(s.pool, s.glimpse_fused) for s in steps] == [
+        ("small", False), ("small", False), ("large", True), ("small", False)]
+    assert steps[2].entropy == pytest.approx(math.log(20)) and steps[2].glimpse_ms == 1.5
+    # step 0's prompt is not a prefix of step 1's: no fused glimpse asked there; none after the large step,
+    # which the small pool has not seen
+    assert [c.kind for c in small.calls] == ["glimpse", "step", "glimpse", "step", "glimpse", "step"]
+    assert [c.next_glimpse for c in small.of("step")] == [None] + [NextGlimpse(20, "\n\n")] * 2
     assert [c.next_glimpse for c in large.calls] == [None, None]
 
 
 async def test_fused_glimpse_falls_back_to_a_call():
     """A step call without a fused glimpse (EOS, or a token past the delimiter) leaves the next glimpse to a
     separate call; a step that spends the budget does not ask for one."""
-    small = FakePool([Out("s0"), Out("s1", tokens=None)], glimpses=[LOW, LOW])
-    events = await run(request(fused=True, token_budget=8, step_max_tokens=4), small, FakePool([Out(ANSWER)]))
-    assert [s.glimpse_fused for s in steps_of(events)] == [False, False]
-    assert [c.kind for c in small.calls] == ["glimpse", "step", "glimpse", "step"]
-    assert [c.next_glimpse for c in small.of("step")] == [NextGlimpse(20, "\n\n"), None]
+    small = FakePool([Out("s0"), Out("s1"), Out("s2", tokens=None)], glimpses=[LOW, LOW, LOW])
+    events = await run(request(fused=True, token_budget=12, step_max_tokens=4), small, FakePool([Out(ANSWER)]))
+    assert [s.glimpse_fused for s in steps_of(events)] == [False, False, False]
+    assert [c.kind for c in small.calls] == ["glimpse", "step"] * 3
+    assert [c.next_glimpse for c in small.of("step")] == [None, NextGlimpse(20, "\n\n"), None]
 
 
 async def test_glimpse_ignores_temperature():
