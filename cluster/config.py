@@ -177,8 +177,8 @@ class PolicySettings(StrictModel):
     large_fraction: float = Field(0.25, ge=0, le=1, description="'random' policy: fraction of steps sent to the large pool.")
     seed: int = Field(0, ge=0, description="'random' policy: seed (with the request id) of the draws.")
     fused_glimpse: bool = Field(
-        False, description="After a small step, take the next step's glimpse in the same small-pool call, on the "
-        "engine's own token ids, instead of a separate call (the separate glimpse is the reference behaviour)."
+        False, description="After a small step, take the next step's glimpse in the same small-pool call instead of a "
+        "separate one, on the same prompt (the step's prompt, text and delimiter, tokenized again in the pool)."
     )
 
 

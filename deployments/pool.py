@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import logging
 import os
@@ -178,9 +179,9 @@ class ModelPool:
             last = output
             if stream and delta.text:
                 yield StepChunk(text=delta.text)
-        out = last.outputs[0]
+        out, whole = last.outputs[0], "".join(text)
         yield StepChunk(
-            text="".join(text),
+            text=whole,
             done=True,
             prompt_tokens=len(last.prompt_token_ids or ()),
             cached_tokens=last.num_cached_tokens or 0,
@@ -188,37 +189,29 @@ class ModelPool:
             output_token_ids=tuple(token_ids),
             finish_reason=out.finish_reason,
             stopped_by=out.stop_reason if isinstance(out.stop_reason, str) else None,
-            next_glimpse=await self._glimpse_after(last, token_ids, next_glimpse) if next_glimpse else None,
+            next_glimpse=await self._glimpse_after(last, whole, next_glimpse) if next_glimpse else None,
         )
 
-    async def _glimpse_after(self, output, token_ids: list[int], request: NextGlimpse) -> Glimpse | None:
-        """The fused glimpse: the next token after this step, on the engine's own token ids (the step's prompt
-        and output, then the delimiter when the step ran to its token limit). The tokens that spell the
-        delimiter are re-encoded as the tokenizer writes them (a model may write "\n\n" as two "\n"), as the
-        next step's rendered prompt has them. None when the step ended by EOS, or when its last token runs
-        past the delimiter (the next step's prompt does not continue it)."""
+    async def _glimpse_after(self, output, text: str, request: NextGlimpse) -> Glimpse | None:
+        """The fused glimpse: the next step's first token on the next step's prompt as the router renders it,
+        which is this step's prompt, its text and the delimiter, tokenized again (the router re-tokenizes the
+        whole thinking text at every step, and a tokenizer may write an inner delimiter as other tokens than
+        the model wrote). None after EOS, which ends the thinking."""
         out = output.outputs[0]
+        if out.finish_reason != "length" and out.stop_reason != request.delimiter:
+            return None
         if self._tokenizer is None:
             from transformers import AutoTokenizer
 
             self._tokenizer = AutoTokenizer.from_pretrained(self._tokenizer_dir)
-        decode, delimiter = self._tokenizer.decode, request.delimiter
-        if out.finish_reason == "length":
-            cut = len(token_ids) - 1
-            tail = decode(token_ids[cut:]) + delimiter
-        elif out.stop_reason == delimiter:
-            cut = len(token_ids)
-            while cut > 0 and len(decode(token_ids[cut:])) < len(delimiter):
-                cut -= 1
-            tail = decode(token_ids[cut:])
-            if not tail.endswith(delimiter):
-                return None
-        else:
-            return None
-        ids = list(output.prompt_token_ids or ()) + token_ids[:cut] + self._tokenizer.encode(tail, add_special_tokens=False)
+        ids = await asyncio.to_thread(self._next_prompt, list(output.prompt_token_ids or ()), text, request.delimiter)
         t0 = time.perf_counter()
         glimpse = await self.glimpse(ids, request.top_k)
         return dataclasses.replace(glimpse, ms=round((time.perf_counter() - t0) * 1e3, 3))
+
+    def _next_prompt(self, prompt_ids: list[int], text: str, delimiter: str) -> list[int]:
+        prompt = self._tokenizer.decode(prompt_ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
+        return self._tokenizer.encode(prompt + text + delimiter, add_special_tokens=False)
 
     async def _generate(self, prompt: Prompt, params):
         """The engine's outputs for one call; cancelling the caller aborts the engine request."""

@@ -24,7 +24,7 @@ class Glimpse:
 @dataclass(frozen=True)
 class NextGlimpse:
     """Asks a step call for the next step's glimpse (fused glimpse): its top-k, and the step delimiter the
-    next step's prompt adds after this step."""
+    next step's prompt adds after this step's text."""
 
     top_k: int
     delimiter: str
