@@ -173,8 +173,8 @@ async def test_fused_glimpse_replaces_the_call_after_small_steps():
 
 
 async def test_fused_glimpse_falls_back_to_a_call():
-    """A step call without a fused glimpse (EOS, or a token past the delimiter) leaves the next glimpse to a
-    separate call; a step that spends the budget does not ask for one."""
+    """A step call that returns no fused glimpse leaves the next glimpse to a separate call; a step that spends
+    the budget does not ask for one."""
     small = FakePool([Out("s0"), Out("s1"), Out("s2", tokens=None)], glimpses=[LOW, LOW, LOW])
     events = await run(request(fused=True, token_budget=12, step_max_tokens=4), small, FakePool([Out(ANSWER)]))
     assert [s.glimpse_fused for s in steps_of(events)] == [False, False, False]
