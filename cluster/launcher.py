@@ -62,7 +62,7 @@ def local_gpus() -> tuple[str, ...]:
     if shutil.which("nvidia-smi") is None:
         return ()
     listing = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True).stdout
-    return tuple(str(i) for i, line in enumerate(l for l in listing.splitlines() if l.startswith("GPU ")))
+    return tuple(str(i) for i in range(sum(line.startswith("GPU ") for line in listing.splitlines())))
 
 
 def start_ray(nodes: list[LocalNode], num_cpus: int) -> None:

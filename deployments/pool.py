@@ -204,10 +204,10 @@ class ModelPool:
             from transformers import AutoTokenizer
 
             self._tokenizer = AutoTokenizer.from_pretrained(self._tokenizer_dir)
-        ids = await asyncio.to_thread(self._next_prompt, list(output.prompt_token_ids or ()), text, request.delimiter)
         t0 = time.perf_counter()
+        ids = await asyncio.to_thread(self._next_prompt, list(output.prompt_token_ids or ()), text, request.delimiter)
         glimpse = await self.glimpse(ids, request.top_k)
-        return dataclasses.replace(glimpse, ms=round((time.perf_counter() - t0) * 1e3, 3))
+        return dataclasses.replace(glimpse, ms=round((time.perf_counter() - t0) * 1e3, 3), prompt_ids=tuple(ids))
 
     def _next_prompt(self, prompt_ids: list[int], text: str, delimiter: str) -> list[int]:
         prompt = self._tokenizer.decode(prompt_ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)

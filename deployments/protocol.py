@@ -18,7 +18,8 @@ class Glimpse:
     top_tokens: list[str]
     prompt_tokens: int
     cached_tokens: int
-    ms: float = 0.0  # the pool's own time for it (set for fused glimpses)
+    ms: float = 0.0  # fused glimpses: the pool's time for it (the prompt's tokenization included)
+    prompt_ids: tuple[int, ...] = ()  # fused glimpses: the prompt it was taken on, the next small step's
 
 
 @dataclass(frozen=True)

@@ -44,7 +44,7 @@ LAYOUTS = {
 }
 
 
-def layout(name: str, steps: int, models_dir: Path) -> tuple[ClusterConfig, list[LocalNode] | None]:
+def layout(name: str, steps: int, models_dir: Path) -> tuple[ClusterConfig, list[LocalNode]]:
     """The benchmark config and local Ray nodes (one per GPU, advertising the pools it hosts) for ``name``,
     with ``steps`` steps per request and absolute model folders."""
     data = load_config("gpu-bench").model_dump(mode="json", exclude_none=True)

@@ -124,7 +124,14 @@ class StepLoop:
         """One step; ``fused`` is its glimpse when the previous step's call already took it."""
         cfg, index = req.steps, len(steps)
         texts = [s.text for s in steps]
-        small_prompt = self.renderers["small"].step_prompt(req.messages, texts, cfg.delimiter)
+        # each pool's prompt, rendered once and only when needed (a fused glimpse brings the small pool's)
+        prompts: dict[PoolRole, Prompt] = {"small": list(fused.prompt_ids)} if fused is not None else {}
+
+        def prompt_for(pool: PoolRole) -> Prompt:
+            if pool not in prompts:
+                prompts[pool] = self.renderers[pool].step_prompt(req.messages, texts, cfg.delimiter)
+            return prompts[pool]
+
         glimpse_ms, logprobs = 0.0, None
         policy = self.tau_controller.apply(req.policy, *req.tau_bounds) if self.tau_controller else req.policy
         glimpsed = needs_glimpse(policy)
@@ -132,11 +139,10 @@ class StepLoop:
             glimpse_ms, logprobs = fused.ms, fused.top_logprobs
         elif glimpsed:
             t0 = time.perf_counter()
-            glimpse = await self.pools["small"].glimpse(small_prompt, cfg.top_k, req.request_id)
+            glimpse = await self.pools["small"].glimpse(prompt_for("small"), cfg.top_k, req.request_id)
             glimpse_ms, logprobs = (time.perf_counter() - t0) * 1e3, glimpse.top_logprobs
         decision = decide(policy, logprobs, seeded_draw(policy.seed, req.request_id, index), index)
-        prompt = small_prompt if decision.pool == "small" else self.renderers["large"].step_prompt(
-            req.messages, texts, cfg.delimiter)
+        prompt = prompt_for(decision.pool)
         used = sum(s.output_tokens for s in steps)
         sampling = StepSampling(
             max_tokens=min(cfg.step_max_tokens, cfg.token_budget - used), temperature=req.temperature,
@@ -155,10 +161,11 @@ class StepLoop:
                 last = chunk
             else:
                 yield ReasoningDelta(chunk.text)
+        step_ms = (time.perf_counter() - t0) * 1e3 - (last.next_glimpse.ms if last.next_glimpse else 0.0)
         yield StepDone(StepRecord(
             index=index, pool=decision.pool, entropy=decision.entropy, text=last.text,
             output_tokens=last.output_tokens, prompt_tokens=last.prompt_tokens, cached_tokens=last.cached_tokens,
-            glimpse_ms=round(glimpse_ms, 3), step_ms=round((time.perf_counter() - t0) * 1e3, 3),
+            glimpse_ms=round(glimpse_ms, 3), step_ms=round(step_ms, 3),
             finish_reason=last.finish_reason, ended_by_eos=last.ended_by_eos,
             glimpse_fused=glimpsed and fused is not None,
         ), glimpsed, last.next_glimpse)

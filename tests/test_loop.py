@@ -59,7 +59,8 @@ class FakePool:
         yield StepChunk(out.text, done=True, prompt_tokens=10, cached_tokens=3, output_tokens=tokens,
                         finish_reason="length" if out.tokens is None else "stop",
                         stopped_by=None if out.eos or out.tokens is None else "\n\n",
-                        next_glimpse=Glimpse(9, "y", self.fused.pop(0), ["y"] * 20, 10, 9, ms=1.5)
+                        next_glimpse=Glimpse(9, "y", self.fused.pop(0), ["y"] * 20, 10, 9, ms=1.5,
+                                             prompt_ids=(900 + len(self.calls),))
                         if next_glimpse and self.fused else None)
 
     def of(self, kind: str) -> list[Call]:
@@ -68,9 +69,10 @@ class FakePool:
 
 class FakeRenderer:
     def __init__(self, role: str):
-        self.role = role
+        self.role, self.rendered = role, 0
 
     def step_prompt(self, messages, steps, delimiter):
+        self.rendered += 1
         return (self.role, "step", messages[-1]["content"], tuple(steps), delimiter)
 
     def final_prompt(self, messages, steps, delimiter):
@@ -83,8 +85,9 @@ def request(policy="glimprouter", *, stream=False, temperature=0.6, seed=None, f
     return LoopRequest("req-1", MESSAGES, settings, StepSettings(**steps), temperature, 0.95, seed, stream)
 
 
-async def run(req, small, large, done=()):
-    loop = StepLoop({"small": small, "large": large}, {"small": FakeRenderer("small"), "large": FakeRenderer("large")})
+async def run(req, small, large, done=(), renderers=None):
+    renderers = renderers or {"small": FakeRenderer("small"), "large": FakeRenderer("large")}
+    loop = StepLoop({"small": small, "large": large}, renderers)
     return [e async for e in loop.run(req, list(done))]
 
 
@@ -182,6 +185,17 @@ async def test_fused_glimpse_falls_back_to_a_call():
     assert [c.next_glimpse for c in small.of("step")] == [None, NextGlimpse(20, "\n\n"), None]
 
 
+async def test_fused_glimpse_prompt_is_the_next_small_steps_prompt():
+    """The small step after a fused glimpse runs on the prompt the glimpse was taken on, rendered by nobody
+    else."""
+    small = FakePool([Out("s0"), Out("s1"), Out("s2", eos=True)], glimpses=[LOW, LOW], fused=[LOW, LOW])
+    renderers = {"small": FakeRenderer("small"), "large": FakeRenderer("large")}
+    events = await run(request(fused=True), small, FakePool([Out(ANSWER)]), renderers=renderers)
+    assert [s.glimpse_fused for s in steps_of(events)] == [False, False, True]
+    assert small.of("step")[2].prompt == [900 + 4]  # the fused glimpse from step 1's call (the 4th call)
+    assert renderers["small"].rendered == 2 and renderers["large"].rendered == 0  # steps 0 and 1 only
+
+
 async def test_glimpse_ignores_temperature():
     calls = []
     for temperature in (0.0, 1.3):
@@ -196,8 +210,9 @@ async def test_glimpse_ignores_temperature():
 async def test_large_only_never_calls_small(policy):
     large = FakePool([Out("a"), Out("b", eos=True), Out(ANSWER)])
     small = FakePool()
-    events = await run(request(policy), small, large)
-    assert small.calls == []
+    renderers = {"small": FakeRenderer("small"), "large": FakeRenderer("large")}
+    events = await run(request(policy), small, large, renderers=renderers)
+    assert small.calls == [] and renderers["small"].rendered == 0
     assert [s.pool for s in steps_of(events)] == ["large", "large"]
     assert [s.entropy for s in steps_of(events)] == [None, None]
     assert not any(e.glimpsed for e in events if isinstance(e, StepDone))
