@@ -40,8 +40,11 @@ LAYOUTS = {
     "one-gpu": "both pools on one GPU (the single-stream layout)",
     "routed-2gpu": "small pool on GPU 0, large pool on GPU 1",
     "shared-2gpu": "one small and one large replica on each GPU",
+    "routed-dp-2gpu": "two small replicas on GPU 0 (data parallel), the large pool on GPU 1",
     "large-only-2gpu": "one large replica on each GPU, policy large_only",
 }
+METRICS_LAG_S = 12  # Ray exports metrics every few seconds
+ENGINE_METRICS = ("ray_vllm_inter_token_latency_seconds", "ray_vllm_request_queue_time_seconds")
 
 
 def layout(name: str, steps: int, models_dir: Path) -> tuple[ClusterConfig, list[LocalNode]]:
@@ -56,11 +59,17 @@ def layout(name: str, steps: int, models_dir: Path) -> tuple[ClusterConfig, list
     for role, pool in (("small", small), ("large", large)):
         pool["placement"].update(node_resource=f"{role}_pool", node_resource_units=1)
     hosts = {"one-gpu": [("small", "large")], "routed-2gpu": [("small",), ("large",)], "shared-2gpu": [("small", "large")] * 2,
-             "large-only-2gpu": [("large",)] * 2}[name]
-    if name in ("routed-2gpu", "large-only-2gpu"):
+             "routed-dp-2gpu": [("small",), ("large",)], "large-only-2gpu": [("large",)] * 2}[name]
+    if name in ("routed-2gpu", "routed-dp-2gpu", "large-only-2gpu"):
         for pool, kv in ((small, 16), (large, 40)):
             pool["placement"]["num_gpus"] = 1
             pool["engine"].update(gpu_memory_utilization=0.85, kv_cache_gib=kv)
+    units = {"small": 1.0, "large": 1.0}
+    if name == "routed-dp-2gpu":  # two small engines share GPU 0: each its own scheduler process
+        units["small"] = 2.0
+        small["autoscaling"] = {"min_replicas": 2, "max_replicas": 2}
+        small["placement"]["num_gpus"] = 0.5
+        small["engine"].update(gpu_memory_utilization=0.4, kv_cache_gib=12)
     if name == "shared-2gpu":
         for pool in (small, large):
             pool["autoscaling"] = {"min_replicas": 2, "max_replicas": 2}
@@ -69,7 +78,7 @@ def layout(name: str, steps: int, models_dir: Path) -> tuple[ClusterConfig, list
         large["autoscaling"] = {"min_replicas": 2, "max_replicas": 2}
         data["router"]["policy"] = {"policy": "large_only"}
     gpus = local_gpus()
-    nodes = [LocalNode({f"{role}_pool": 1.0 for role in roles}, (gpus[i],)) for i, roles in enumerate(hosts)]
+    nodes = [LocalNode({f"{role}_pool": units[role] for role in roles}, (gpus[i],)) for i, roles in enumerate(hosts)]
     return ClusterConfig.model_validate(data), nodes
 
 
@@ -177,7 +186,7 @@ async def single(args) -> None:
                 before = scrape(endpoints, engine_metric)
                 result = await one_request(client, cfg.name, i, fields)
                 trace = (await client.get(f"/v1/requests/{result['id']}")).json()
-                await asyncio.sleep(12)  # Ray exports metrics every few seconds
+                await asyncio.sleep(METRICS_LAG_S)
                 row = {"policy": label, **breakdown(result, trace, before, scrape(endpoints, engine_metric))}
                 rows.append(row)
                 print(json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in row.items()}), flush=True)
@@ -185,8 +194,12 @@ async def single(args) -> None:
 
 
 async def load(args) -> None:
+    from cluster.launcher import HEAD_METRICS_PORT
+    from cluster.operators import scrape
+
     cfg, nodes = layout(args.layout, args.steps, args.models)
     base, key = await start(cfg, nodes)
+    endpoints = [f"http://127.0.0.1:{HEAD_METRICS_PORT + i}/metrics" for i in range(len(nodes))]
     result = {"layout": args.layout, "placement": LAYOUTS[args.layout], "steps": args.steps, "note": FORCED,
               "levels": []}
     limits = httpx.Limits(max_connections=4096, max_keepalive_connections=4096)
@@ -201,12 +214,31 @@ async def load(args) -> None:
                 async with gate:
                     return await one_request(client, cfg.name, 10_000 * concurrency + i, ARMS[arm])
 
+            before = [scrape([url], ENGINE_METRICS) for url in endpoints]
             t0 = time.perf_counter()
             results = await asyncio.gather(*(gated(i) for i in range(n)))
-            level = {"arm": arm, **summarize(concurrency, results, time.perf_counter() - t0, args.latency_bound)}
+            wall = time.perf_counter() - t0
+            await asyncio.sleep(METRICS_LAG_S)
+            engines = [{"pools": sorted(node.resources), **engine_figures(b, scrape([url], ENGINE_METRICS))}
+                       for node, url, b in zip(nodes, endpoints, before)]
+            level = {"arm": arm, **summarize(concurrency, results, wall, args.latency_bound), "engines": engines}
             result["levels"].append(level)
             print(json.dumps(level), flush=True)
             save(args.out, f"load-{args.layout}", result)  # after every level: a cut-off run keeps what it measured
+
+
+def engine_figures(before: dict, after: dict) -> dict:
+    """One node's engines over a level, from vLLM's own metrics: mean time between output tokens and mean time
+    a request waited in the scheduler's queue (ms)."""
+    from cluster.operators import delta, total
+
+    moved = delta(after, before)
+
+    def mean_ms(histogram: str) -> float | None:
+        count = total(moved, f"{histogram}_count")
+        return round(1e3 * total(moved, f"{histogram}_sum") / count, 2) if count else None
+
+    return {"inter_token_ms": mean_ms(ENGINE_METRICS[0]), "queue_ms": mean_ms(ENGINE_METRICS[1])}
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -227,6 +259,10 @@ def summarize(concurrency: int, results: list[dict], wall: float, bound_s: float
         "ttft_p50_s": round(statistics.median(ttft), 3), "ttft_p95_s": round(percentile(ttft, 0.95), 3),
         "goodput_rps": round(sum(x <= bound_s for x in latency) / wall, 4), "latency_bound_s": bound_s,
         "large_fraction": round(sum(s["pool"] == "large" for s in steps) / len(steps), 3),
+        "step_ms_p50": {p: round(statistics.median(ms), 1) for p in ("small", "large")
+                        if (ms := [s["step_ms"] for s in steps if s["pool"] == p])},
+        "glimpse_ms_p50": {kind: round(statistics.median(ms), 1) for kind, fused in (("call", False), ("fused", True))
+                           if (ms := [s["glimpse_ms"] for s in steps if s["glimpse_fused"] is fused and s["glimpse_ms"]])},
         "cache_hit": {p: round(sum(r["usage"]["per_pool"][p]["cached_prompt_tokens"] for r in results) /
                                max(1, sum(r["usage"]["per_pool"][p]["prompt_tokens"] for r in results)), 3)
                       for p in ("small", "large")},
