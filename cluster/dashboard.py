@@ -82,6 +82,11 @@ def panels() -> list[dict]:
         panel("Pool ongoing requests and queue depth", "short",
               [(f'sum by (pool) ({series("glimprouter_pool_ongoing_requests")})', "ongoing {{pool}}"),
                (f'sum by (pool) ({series("glimprouter_pool_queue_depth")})', "queued {{pool}}")]),
+        panel("Engine steps/s and tokens per step by pool", "short",
+              [(rate("glimprouter_engine_iterations", "pool"), "steps/s {{pool}}"),
+               (f'{rate("glimprouter_engine_tokens", "pool, kind")} / ignoring(kind) group_left '
+                f'{rate("glimprouter_engine_iterations", "pool")}', "{{kind}} tokens/step {{pool}}")],
+              "Engine steps per second, and the decode (batch) and prefill tokens each step computed."),
         panel("Output tokens/s by tenant and pool", "short",
               [(rate("glimprouter_tokens", "tenant, pool"), "{{tenant}} {{pool}}")]),
         panel("Tau offset (nats)", "short",

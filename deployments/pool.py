@@ -56,22 +56,30 @@ def resolve_tokenizer_dir(settings: PoolSettings) -> str:
     return settings.model.tokenizer or resolve_model_dir(settings)
 
 
-def queue_depth_logger(role: str):
-    """A vLLM stat-logger factory that exports the scheduler's waiting requests as the pool's queue depth."""
+def engine_stats_logger(role: str):
+    """A vLLM stat-logger factory that exports, per pool, the scheduler's waiting requests (queue depth) and, as
+    counters (exact, where Ray exports a histogram's sum from its bucket midpoints), the engine's steps and the
+    decode and prefill tokens they computed."""
     from vllm.v1.metrics.loggers import StatLoggerBase
 
-    class QueueDepthLogger(StatLoggerBase):
+    class EngineStatsLogger(StatLoggerBase):
         def __init__(self, vllm_config, engine_index: int = 0):
             pass
 
         def record(self, scheduler_stats, iteration_stats, *args, **kwargs) -> None:
             if scheduler_stats is not None:
                 metrics.set_gauge("glimprouter_pool_queue_depth", scheduler_stats.num_waiting_reqs, pool=role)
+            if iteration_stats is not None:
+                metrics.inc("glimprouter_engine_iterations", pool=role)
+                for kind, tokens in (("decode", iteration_stats.num_generation_tokens),
+                                     ("prefill", iteration_stats.prompt_token_stats.computed)):
+                    if tokens:
+                        metrics.inc("glimprouter_engine_tokens", tokens, pool=role, kind=kind)
 
         def log_engine_initialized(self) -> None:
             pass
 
-    return QueueDepthLogger
+    return EngineStatsLogger
 
 
 def _engine_prompt(prompt: Prompt):
@@ -113,7 +121,7 @@ class ModelPool:
             **({"kv_cache_memory_bytes": eng.kv_cache_gib * 2**30} if eng.kv_cache_gib and settings.placement.num_gpus else {}),
         )
         log.info("%s pool replica %s: starting vLLM engine for %s", role, self.replica, args.model)
-        self.engine = AsyncLLM.from_engine_args(args, stat_loggers=[RayPrometheusStatLogger, queue_depth_logger(role)])
+        self.engine = AsyncLLM.from_engine_args(args, stat_loggers=[RayPrometheusStatLogger, engine_stats_logger(role)])
         self._tokenizer_dir = args.tokenizer
         self._tokenizer = None  # loaded on the first fused glimpse
         self.ongoing = 0

@@ -10,7 +10,9 @@ starts one local Ray node per GPU, advertising the pools it hosts (see ``LAYOUTS
 real Qwen2.5 shapes and random weights (``loadtests.gpu_models``), so the routing is forced (see the config)
 and every run says so. ``single`` breaks each request's time down from the system's own metrics; ``load``
 runs closed loops at fixed numbers of requests in flight, for client arms (``ARMS``: streamed, not
-streamed, streamed with fused glimpses) on one running system. Results go to ``results/gpu/`` as JSON.
+streamed, streamed with fused glimpses) on one running system; each level records throughput, latency, TTFT,
+goodput, prefix-cache hits, each pool's step and glimpse times, and each pool's engine steps and tokens (from
+the pools' engine counters). Results go to ``results/gpu/`` as JSON.
 """
 
 from __future__ import annotations
@@ -44,7 +46,6 @@ LAYOUTS = {
     "large-only-2gpu": "one large replica on each GPU, policy large_only",
 }
 METRICS_LAG_S = 12  # Ray exports metrics every few seconds
-ENGINE_METRICS = ("ray_vllm_inter_token_latency_seconds", "ray_vllm_request_queue_time_seconds")
 
 
 def layout(name: str, steps: int, models_dir: Path) -> tuple[ClusterConfig, list[LocalNode]]:
@@ -149,23 +150,25 @@ async def one_request(client: httpx.AsyncClient, model: str, seed: int, fields: 
     return {"id": rid, "seconds": time.perf_counter() - t0, "ttft": ttft, "usage": usage, "routing": routing}
 
 
-def breakdown(result: dict, trace: dict, before: dict, after: dict) -> dict:
-    """Where one request's time went: engines (vLLM's own end-to-end times), the calls as the router saw them,
-    Redis (the router's round trips) and the rest (router, Serve proxy, HTTP, client)."""
+async def warm_up(client: httpx.AsyncClient, cfg: ClusterConfig) -> None:
+    """One request, then time for its metrics to be exported (so that they are not counted in the first level)."""
+    await one_request(client, cfg.name, 999, ARMS["stream"])
+    await asyncio.sleep(METRICS_LAG_S)
+
+
+def breakdown(result: dict, before: dict, after: dict) -> dict:
+    """Where one request's time went: the pool calls as the router timed them (glimpses, small and large steps,
+    the final answer), Redis (the router's round trips; Ray exports a histogram's sum from its bucket midpoints,
+    so this one is approximate) and the rest (router, Serve proxy, HTTP, client)."""
     from cluster.operators import delta, total
 
-    moved = delta(after, before)
     steps = result["routing"]["steps"]
-    glimpse = sum(s["glimpse_ms"] for s in steps) / 1e3
-    step_time = {p: sum(s["step_ms"] for s in steps if s["pool"] == p) / 1e3 for p in ("small", "large")}
-    final = trace["final"]["ms"] / 1e3
-    calls = glimpse + sum(step_time.values()) + final
-    engine = total(moved, "ray_vllm_e2e_request_latency_seconds_sum")
-    redis = total(moved, "ray_glimprouter_redis_latency_seconds_sum")
-    return {"total_s": result["seconds"], "glimpse_s": glimpse, "small_steps_s": step_time["small"],
-            "large_steps_s": step_time["large"], "final_s": final, "engine_s": engine,
-            "serve_calls_overhead_s": calls - engine, "redis_s": redis,
-            "router_http_rest_s": result["seconds"] - calls - redis,
+    calls = {"glimpse_s": sum(s["glimpse_ms"] for s in steps) / 1e3,
+             **{f"{p}_steps_s": sum(s["step_ms"] for s in steps if s["pool"] == p) / 1e3 for p in ("small", "large")},
+             "final_s": result["final_ms"] / 1e3}
+    redis = total(delta(after, before), "ray_glimprouter_redis_latency_seconds_sum")
+    return {"total_s": result["seconds"], **calls, "redis_s": redis,
+            "router_http_rest_s": result["seconds"] - sum(calls.values()) - redis,
             "large_steps": sum(s["pool"] == "large" for s in steps), "steps": len(steps)}
 
 
@@ -176,18 +179,17 @@ async def single(args) -> None:
     cfg, nodes = layout(args.layout, args.steps, args.models)
     base, key = await start(cfg, nodes)
     endpoints = [f"http://127.0.0.1:{HEAD_METRICS_PORT + i}/metrics" for i in range(len(nodes))]
-    engine_metric = ("ray_vllm_e2e_request_latency_seconds",)
     rows = []
     async with httpx.AsyncClient(base_url=base, headers={"Authorization": f"Bearer {key}"}, timeout=3600) as client:
-        await one_request(client, cfg.name, 999, ARMS["stream"])  # warm-up
+        await warm_up(client, cfg)
         for label, fields, n in (("routed", ARMS["stream"], args.requests),
                                  ("large_only", {**ARMS["stream"], "policy": "large_only"}, 1)):
             for i in range(n):
-                before = scrape(endpoints, engine_metric)
+                before = scrape(endpoints)
                 result = await one_request(client, cfg.name, i, fields)
-                trace = (await client.get(f"/v1/requests/{result['id']}")).json()
+                result["final_ms"] = (await client.get(f"/v1/requests/{result['id']}")).json()["final"]["ms"]
                 await asyncio.sleep(METRICS_LAG_S)
-                row = {"policy": label, **breakdown(result, trace, before, scrape(endpoints, engine_metric))}
+                row = {"policy": label, **breakdown(result, before, scrape(endpoints))}
                 rows.append(row)
                 print(json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in row.items()}), flush=True)
     save(args.out, f"single-{args.layout}", {"layout": args.layout, "steps": args.steps, "note": FORCED, "rows": rows})
@@ -195,7 +197,7 @@ async def single(args) -> None:
 
 async def load(args) -> None:
     from cluster.launcher import HEAD_METRICS_PORT
-    from cluster.operators import scrape
+    from cluster.operators import delta, scrape
 
     cfg, nodes = layout(args.layout, args.steps, args.models)
     base, key = await start(cfg, nodes)
@@ -205,7 +207,8 @@ async def load(args) -> None:
     limits = httpx.Limits(max_connections=4096, max_keepalive_connections=4096)
     async with httpx.AsyncClient(base_url=base, headers={"Authorization": f"Bearer {key}"}, timeout=3600,
                                  limits=limits) as client:
-        await one_request(client, cfg.name, 999, ARMS["stream"])  # warm-up
+        await warm_up(client, cfg)
+        seen = scrape(endpoints)
         for arm, concurrency in args.levels:
             n = max(2, 2 * concurrency)
             gate = asyncio.Semaphore(concurrency)
@@ -214,31 +217,38 @@ async def load(args) -> None:
                 async with gate:
                     return await one_request(client, cfg.name, 10_000 * concurrency + i, ARMS[arm])
 
-            before = [scrape([url], ENGINE_METRICS) for url in endpoints]
             t0 = time.perf_counter()
             results = await asyncio.gather(*(gated(i) for i in range(n)))
             wall = time.perf_counter() - t0
             await asyncio.sleep(METRICS_LAG_S)
-            engines = [{"pools": sorted(node.resources), **engine_figures(b, scrape([url], ENGINE_METRICS))}
-                       for node, url, b in zip(nodes, endpoints, before)]
-            level = {"arm": arm, **summarize(concurrency, results, wall, args.latency_bound), "engines": engines}
+            now = scrape(endpoints)
+            level = {"arm": arm, **summarize(concurrency, results, wall, args.latency_bound),
+                     "engines": engine_figures(cfg, delta(now, seen), wall)}
+            seen = now
             result["levels"].append(level)
             print(json.dumps(level), flush=True)
             save(args.out, f"load-{args.layout}", result)  # after every level: a cut-off run keeps what it measured
 
 
-def engine_figures(before: dict, after: dict) -> dict:
-    """One node's engines over a level, from vLLM's own metrics: mean time between output tokens and mean time
-    a request waited in the scheduler's queue (ms)."""
-    from cluster.operators import delta, total
+def engine_figures(cfg: ClusterConfig, moved: dict, wall_s: float) -> dict:
+    """Each pool's engines over a level, from the pools' engine counters: steps per second (all replicas), time
+    per step of one engine (the level's wall time over its steps: exact while the engine is busy), decode
+    tokens per step (the batch) and prefill tokens per second."""
+    from cluster.metrics import SPECS
+    from cluster.operators import total
 
-    moved = delta(after, before)
-
-    def mean_ms(histogram: str) -> float | None:
-        count = total(moved, f"{histogram}_count")
-        return round(1e3 * total(moved, f"{histogram}_sum") / count, 2) if count else None
-
-    return {"inter_token_ms": mean_ms(ENGINE_METRICS[0]), "queue_ms": mean_ms(ENGINE_METRICS[1])}
+    figures = {}
+    for role, pool in cfg.pools.items():
+        steps = total(moved, SPECS["glimprouter_engine_iterations"].exported, pool=role)
+        if not steps:
+            continue
+        tokens = {kind: total(moved, SPECS["glimprouter_engine_tokens"].exported, pool=role, kind=kind)
+                  for kind in ("decode", "prefill")}
+        figures[role] = {"steps_per_s": round(steps / wall_s, 1),
+                         "ms_per_step": round(1e3 * wall_s * pool.autoscaling.max_replicas / steps, 2),
+                         "decode_tokens_per_step": round(tokens["decode"] / steps, 1),
+                         "prefill_tokens_per_s": round(tokens["prefill"] / wall_s)}
+    return figures
 
 
 def percentile(values: list[float], q: float) -> float:

@@ -130,3 +130,9 @@ def test_every_metric_is_exported_and_moves(local_cluster):
     after = wait_for(all_moved, 40, "every metric to be exported and to move (Ray exports every few seconds)")
     assert operators.total(after, SPECS["glimprouter_steps"].exported, tenant="metrics-check", pool="large") > 0
     assert operators.total(after, SPECS["glimprouter_large_step_fraction"].exported) > 0  # tau 0: steps go large
+    engine_tokens = SPECS["glimprouter_engine_tokens"].exported
+    for pool in ("small", "large"):  # the glimpses ran on the small pool's engine, the steps on the large one's
+        assert operators.total(after, engine_tokens, pool=pool, kind="prefill") > \
+            operators.total(before, engine_tokens, pool=pool, kind="prefill")
+    assert operators.total(after, engine_tokens, pool="large", kind="decode") > \
+        operators.total(before, engine_tokens, pool="large", kind="decode")

@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from loadtests.gpu_bench import ENGINE_METRICS, LAYOUTS, engine_figures, layout, parse_levels, summarize
+from cluster.metrics import SPECS
+from loadtests.gpu_bench import LAYOUTS, breakdown, engine_figures, layout, parse_levels, summarize
 
 
 @pytest.mark.parametrize("name", list(LAYOUTS))
@@ -54,10 +55,23 @@ def test_level_summary_splits_step_and_glimpse_times_by_pool_and_kind():
     assert level["large_fraction"] == 0.25
 
 
-def test_engine_figures_are_means_over_the_level():
-    itl, queue = ENGINE_METRICS
-    before = {(f"{itl}_sum", frozenset()): 1.0, (f"{itl}_count", frozenset()): 100.0}
-    after = {(f"{itl}_sum", frozenset()): 2.0, (f"{itl}_count", frozenset()): 300.0,
-             (f"{queue}_sum", frozenset()): 0.5, (f"{queue}_count", frozenset()): 10.0}
-    assert engine_figures(before, after) == {"inter_token_ms": 5.0, "queue_ms": 50.0}
-    assert engine_figures(after, after) == {"inter_token_ms": None, "queue_ms": None}
+def test_engine_figures_come_from_the_pools_engine_counters(monkeypatch):
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1")
+    cfg, _ = layout("shared-2gpu", 16, Path("models/bench"))  # two replicas of each pool
+    steps, tokens = SPECS["glimprouter_engine_iterations"].exported, SPECS["glimprouter_engine_tokens"].exported
+    moved = {(steps, frozenset({("pool", "small")})): 4000.0,
+             (tokens, frozenset({("pool", "small"), ("kind", "decode")})): 80_000.0,
+             (tokens, frozenset({("pool", "small"), ("kind", "prefill")})): 12_000.0}
+    assert engine_figures(cfg, moved, 20.0) == {"small": {"steps_per_s": 200.0, "ms_per_step": 10.0,
+                                                          "decode_tokens_per_step": 20.0, "prefill_tokens_per_s": 600}}
+
+
+def test_breakdown_splits_a_request_into_calls_redis_and_the_rest():
+    redis = "ray_glimprouter_redis_latency_seconds_sum"
+    result = {"seconds": 10.0, "final_ms": 1000.0,
+              "routing": {"steps": [{"pool": "small", "glimpse_ms": 20, "step_ms": 3000},
+                                    {"pool": "large", "glimpse_ms": 30, "step_ms": 5000}]}}
+    row = breakdown(result, {(redis, frozenset()): 1.0}, {(redis, frozenset()): 1.05})
+    assert row["glimpse_s"] == 0.05 and row["small_steps_s"] == 3.0 and row["large_steps_s"] == 5.0
+    assert abs(row["redis_s"] - 0.05) < 1e-9 and abs(row["router_http_rest_s"] - 0.9) < 1e-9
+    assert (row["large_steps"], row["steps"]) == (1, 2)
