@@ -64,7 +64,7 @@ SPECS = {
                    ("pool",)),
         MetricSpec("glimprouter_pool_queue_depth", "gauge", "Requests waiting in a pool replica's engine scheduler.",
                    ("pool",)),
-        MetricSpec("glimprouter_engine_iterations", "counter", "Engine steps of a pool replica's vLLM scheduler.",
+        MetricSpec("glimprouter_engine_iterations", "counter", "Iterations (engine steps) of a pool replica's vLLM scheduler.",
                    ("pool",)),
         MetricSpec("glimprouter_engine_tokens", "counter",
                    "Tokens a pool's engines computed: decode (generated) and prefill (prompt tokens not cached).",

@@ -58,8 +58,8 @@ def resolve_tokenizer_dir(settings: PoolSettings) -> str:
 
 def engine_stats_logger(role: str):
     """A vLLM stat-logger factory that exports, per pool, the scheduler's waiting requests (queue depth) and, as
-    counters (exact, where Ray exports a histogram's sum from its bucket midpoints), the engine's steps and the
-    decode and prefill tokens they computed."""
+    counters (exact, where Ray exports a histogram's sum from its bucket midpoints), the engine's iterations and
+    the decode and prefill tokens they computed."""
     from vllm.v1.metrics.loggers import StatLoggerBase
 
     class EngineStatsLogger(StatLoggerBase):

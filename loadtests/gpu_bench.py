@@ -11,8 +11,8 @@ real Qwen2.5 shapes and random weights (``loadtests.gpu_models``), so the routin
 and every run says so. ``single`` breaks each request's time down from the system's own metrics; ``load``
 runs closed loops at fixed numbers of requests in flight, for client arms (``ARMS``: streamed, not
 streamed, streamed with fused glimpses) on one running system; each level records throughput, latency, TTFT,
-goodput, prefix-cache hits, each pool's step and glimpse times, and each pool's engine steps and tokens (from
-the pools' engine counters). Results go to ``results/gpu/`` as JSON.
+goodput, prefix-cache hits, each pool's step and glimpse times, and each pool's engine iterations and tokens
+(from the pools' engine counters). Results go to ``results/gpu/`` as JSON.
 """
 
 from __future__ import annotations
@@ -231,22 +231,22 @@ async def load(args) -> None:
 
 
 def engine_figures(cfg: ClusterConfig, moved: dict, wall_s: float) -> dict:
-    """Each pool's engines over a level, from the pools' engine counters: steps per second (all replicas), time
-    per step of one engine (the level's wall time over its steps: exact while the engine is busy), decode
-    tokens per step (the batch) and prefill tokens per second."""
+    """Each pool's engines over a level, from the pools' engine counters: scheduler iterations per second (all
+    replicas), time per iteration of one engine (the level's wall time over its iterations: exact while the
+    engine is busy), decode tokens per iteration (the batch) and prefill tokens per second."""
     from cluster.metrics import SPECS
     from cluster.operators import total
 
     figures = {}
     for role, pool in cfg.pools.items():
-        steps = total(moved, SPECS["glimprouter_engine_iterations"].exported, pool=role)
-        if not steps:
+        iterations = total(moved, SPECS["glimprouter_engine_iterations"].exported, pool=role)
+        if not iterations:
             continue
         tokens = {kind: total(moved, SPECS["glimprouter_engine_tokens"].exported, pool=role, kind=kind)
                   for kind in ("decode", "prefill")}
-        figures[role] = {"steps_per_s": round(steps / wall_s, 1),
-                         "ms_per_step": round(1e3 * wall_s * pool.autoscaling.max_replicas / steps, 2),
-                         "decode_tokens_per_step": round(tokens["decode"] / steps, 1),
+        figures[role] = {"iterations_per_s": round(iterations / wall_s, 1),
+                         "ms_per_iteration": round(1e3 * wall_s * pool.autoscaling.max_replicas / iterations, 2),
+                         "decode_tokens_per_iteration": round(tokens["decode"] / iterations, 1),
                          "prefill_tokens_per_s": round(tokens["prefill"] / wall_s)}
     return figures
 

@@ -62,8 +62,8 @@ def test_engine_figures_come_from_the_pools_engine_counters(monkeypatch):
     moved = {(steps, frozenset({("pool", "small")})): 4000.0,
              (tokens, frozenset({("pool", "small"), ("kind", "decode")})): 80_000.0,
              (tokens, frozenset({("pool", "small"), ("kind", "prefill")})): 12_000.0}
-    assert engine_figures(cfg, moved, 20.0) == {"small": {"steps_per_s": 200.0, "ms_per_step": 10.0,
-                                                          "decode_tokens_per_step": 20.0, "prefill_tokens_per_s": 600}}
+    assert engine_figures(cfg, moved, 20.0) == {"small": {"iterations_per_s": 200.0, "ms_per_iteration": 10.0,
+                                                          "decode_tokens_per_iteration": 20.0, "prefill_tokens_per_s": 600}}
 
 
 def test_breakdown_splits_a_request_into_calls_redis_and_the_rest():
