@@ -38,12 +38,12 @@ RESULTS = Path("results/gpu")
 FORCED = "routing forced: random weights make every first-token entropy equal; a glimpse still runs before every step"
 
 
-LAYOUTS = {
-    "one-gpu": "both pools on one GPU (the single-stream layout)",
-    "routed-2gpu": "small pool on GPU 0, large pool on GPU 1",
-    "shared-2gpu": "one small and one large replica on each GPU",
-    "routed-dp-2gpu": "two small replicas on GPU 0 (data parallel), the large pool on GPU 1",
-    "large-only-2gpu": "one large replica on each GPU, policy large_only",
+LAYOUTS = {  # name: (what it places where, the replicas of each pool on each GPU, one local Ray node per GPU)
+    "one-gpu": ("both pools on one GPU (the single-stream layout)", [{"small": 1, "large": 1}]),
+    "routed-2gpu": ("small pool on GPU 0, large pool on GPU 1", [{"small": 1}, {"large": 1}]),
+    "shared-2gpu": ("one small and one large replica on each GPU", [{"small": 1, "large": 1}] * 2),
+    "routed-dp-2gpu": ("two small replicas on GPU 0 (data parallel), the large pool on GPU 1", [{"small": 2}, {"large": 1}]),
+    "large-only-2gpu": ("one large replica on each GPU, policy large_only", [{"large": 1}] * 2),
 }
 METRICS_LAG_S = 12  # Ray exports metrics every few seconds
 
@@ -57,29 +57,23 @@ def layout(name: str, steps: int, models_dir: Path) -> tuple[ClusterConfig, list
             pool["model"][key] = str(models_dir.resolve() / Path(pool["model"][key]).name)
     data["router"]["steps"]["token_budget"] = steps * data["router"]["steps"]["step_max_tokens"]
     small, large = data["pools"]["small"], data["pools"]["large"]
+    hosts = LAYOUTS[name][1]
     for role, pool in (("small", small), ("large", large)):
         pool["placement"].update(node_resource=f"{role}_pool", node_resource_units=1)
-    hosts = {"one-gpu": [("small", "large")], "routed-2gpu": [("small",), ("large",)], "shared-2gpu": [("small", "large")] * 2,
-             "routed-dp-2gpu": [("small",), ("large",)], "large-only-2gpu": [("large",)] * 2}[name]
-    if name in ("routed-2gpu", "routed-dp-2gpu", "large-only-2gpu"):
+        if (replicas := sum(gpu.get(role, 0) for gpu in hosts)) > 1:
+            pool["autoscaling"].update(min_replicas=replicas, max_replicas=replicas)
+    if name in ("routed-2gpu", "routed-dp-2gpu", "large-only-2gpu"):  # each pool has GPUs of its own
         for pool, kv in ((small, 16), (large, 40)):
             pool["placement"]["num_gpus"] = 1
             pool["engine"].update(gpu_memory_utilization=0.85, kv_cache_gib=kv)
-    units = {"small": 1.0, "large": 1.0}
     if name == "routed-dp-2gpu":  # two small engines share GPU 0: each its own scheduler process
-        units["small"] = 2.0
-        small["autoscaling"] = {"min_replicas": 2, "max_replicas": 2}
         small["placement"]["num_gpus"] = 0.5
         small["engine"].update(gpu_memory_utilization=0.4, kv_cache_gib=12)
-    if name == "shared-2gpu":
-        for pool in (small, large):
-            pool["autoscaling"] = {"min_replicas": 2, "max_replicas": 2}
     if name == "large-only-2gpu":
-        small["autoscaling"] = {"min_replicas": 0, "max_replicas": 1, "initial_replicas": 0}
-        large["autoscaling"] = {"min_replicas": 2, "max_replicas": 2}
+        small["autoscaling"].update(min_replicas=0, max_replicas=1, initial_replicas=0)
         data["router"]["policy"] = {"policy": "large_only"}
     gpus = local_gpus()
-    nodes = [LocalNode({f"{role}_pool": units[role] for role in roles}, (gpus[i],)) for i, roles in enumerate(hosts)]
+    nodes = [LocalNode({f"{role}_pool": float(n) for role, n in gpu.items()}, (gpus[i],)) for i, gpu in enumerate(hosts)]
     return ClusterConfig.model_validate(data), nodes
 
 
@@ -202,7 +196,7 @@ async def load(args) -> None:
     cfg, nodes = layout(args.layout, args.steps, args.models)
     base, key = await start(cfg, nodes)
     endpoints = [f"http://127.0.0.1:{HEAD_METRICS_PORT + i}/metrics" for i in range(len(nodes))]
-    result = {"layout": args.layout, "placement": LAYOUTS[args.layout], "steps": args.steps, "note": FORCED,
+    result = {"layout": args.layout, "placement": LAYOUTS[args.layout][0], "steps": args.steps, "note": FORCED,
               "levels": []}
     limits = httpx.Limits(max_connections=4096, max_keepalive_connections=4096)
     async with httpx.AsyncClient(base_url=base, headers={"Authorization": f"Bearer {key}"}, timeout=3600,

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from cluster.config import load_config
 from cluster.metrics import SPECS
 from loadtests.gpu_bench import LAYOUTS, breakdown, engine_figures, layout, parse_levels, summarize
 
@@ -20,7 +21,9 @@ def test_layout_places_each_replica_on_its_own_gpu_node(name, monkeypatch):
         assert len(node.gpus) == 1
         replicas = [(pool, node.resources.get(f"{role}_pool", 0)) for role, pool in cfg.pools.items()]
         assert sum(pool.placement.num_gpus * n for pool, n in replicas) <= 1  # they share its one GPU
+    configured = dict(load_config("gpu-bench").pools.items())
     for role, pool in cfg.pools.items():
+        assert pool.autoscaling.max_ongoing_requests == configured[role].autoscaling.max_ongoing_requests  # kept
         hosts = sum(node.resources.get(pool.placement.node_resource, 0) for node in nodes)
         assert pool.placement.node_resource_units == 1
         if pool.autoscaling.min_replicas > 0:  # large-only leaves the small pool at zero replicas, hosted nowhere
