@@ -122,8 +122,6 @@ class ModelPool:
         )
         log.info("%s pool replica %s: starting vLLM engine for %s", role, self.replica, args.model)
         self.engine = AsyncLLM.from_engine_args(args, stat_loggers=[RayPrometheusStatLogger, engine_stats_logger(role)])
-        self._tokenizer_dir = args.tokenizer
-        self._tokenizer = None  # loaded on the first fused glimpse
         self.ongoing = 0
         log.info("%s pool replica %s: engine ready", role, self.replica)
 
@@ -208,18 +206,15 @@ class ModelPool:
         out = output.outputs[0]
         if out.finish_reason != "length" and out.stop_reason != request.delimiter:
             return None
-        if self._tokenizer is None:
-            from transformers import AutoTokenizer
-
-            self._tokenizer = AutoTokenizer.from_pretrained(self._tokenizer_dir)
         t0 = time.perf_counter()
         ids = await asyncio.to_thread(self._next_prompt, list(output.prompt_token_ids or ()), text, request.delimiter)
         glimpse = await self.glimpse(ids, request.top_k)
         return dataclasses.replace(glimpse, ms=round((time.perf_counter() - t0) * 1e3, 3), prompt_ids=tuple(ids))
 
     def _next_prompt(self, prompt_ids: list[int], text: str, delimiter: str) -> list[int]:
-        prompt = self._tokenizer.decode(prompt_ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
-        return self._tokenizer.encode(prompt + text + delimiter, add_special_tokens=False)
+        tokenizer = self.engine.get_tokenizer()  # the engine's own, safe to use from threads
+        prompt = tokenizer.decode(prompt_ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
+        return tokenizer.encode(prompt + text + delimiter, add_special_tokens=False)
 
     async def _generate(self, prompt: Prompt, params):
         """The engine's outputs for one call; cancelling the caller aborts the engine request."""

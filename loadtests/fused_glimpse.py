@@ -5,7 +5,7 @@
 Against a running cluster: every prompt is sent twice, greedy and with every step on the small pool (tau
 above ln 20, so every step is glimpsed), once with separate glimpses and once with ``fused_glimpse``. Greedy
 steps are the same in both runs, so step k has the same prompt: the separate run's entropy of step k is the
-reference, the fused run's is the fused glimpse's (taken on the engine's own token ids). Prints, for
+reference, the fused run's is the fused glimpse's (taken on the next prompt as the pool tokenizes it). Prints, for
 several tau, how many steps the two would route differently; compares steps up to the first that differs.
 """
 

@@ -94,8 +94,10 @@ def test_fused_glimpse_routes_as_the_separate_glimpse(client, question):
     """``fused_glimpse`` takes the glimpse of step k+1 in step k's small-pool call, on the prompt the router
     renders for step k+1: greedy, the same steps get the same entropies as with separate glimpses. Never for
     step 1 (step 0's prompt is not a prefix of step 1's), nor after the step that spends the budget."""
+    budget, step_max = 64, SMALL["step_max_tokens"]
+
     def steps(fused):
-        response = chat(client, question, tau=10.0, fused_glimpse=fused, token_budget=64)  # tau 10: all small
+        response = chat(client, question, tau=10.0, fused_glimpse=fused, token_budget=budget)  # tau 10: all small
         assert response.status_code == 200, response.text
         return client.get(f"/v1/requests/{response.json()['id']}").json()["steps"]
 
@@ -103,7 +105,7 @@ def test_fused_glimpse_routes_as_the_separate_glimpse(client, question):
     assert [s["text"] for s in fused] == [s["text"] for s in separate]
     assert len(fused) >= 3, "the question should take at least three steps"
     spent = [sum(s["output_tokens"] for s in fused[:k]) for k in range(len(fused))]
-    asked = [k >= 1 and spent[k] + min(16, 64 - spent[k]) < 64 for k in range(len(fused))]
+    asked = [k >= 1 and spent[k] + min(step_max, budget - spent[k]) < budget for k in range(len(fused))]
     assert [s["glimpse_fused"] for s in fused] == [False] + asked[:-1]
     assert not any(s["glimpse_fused"] for s in separate)
     for ref, got in zip(separate, fused):
