@@ -2,7 +2,7 @@
 driven through the HTTP API.
 
     python -m loadtests.gpu_bench single [--layout one-gpu] [--requests 3]
-    python -m loadtests.gpu_bench load --layout shared-2gpu --levels stream:1,stream:64,fused:64 [--steps 16]
+    python -m loadtests.gpu_bench load --layout shared-2gpu --levels stream:1,stream:64,fused:64 [--steps 16] [--mps]
     python -m loadtests.gpu_bench plot results/gpu/load-*.json
 
 Settings come from ``cluster/configs/gpu-bench.yaml``; ``--layout`` patches its placement and replicas and
@@ -19,12 +19,15 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import math
+import os
 import random
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -189,6 +192,27 @@ async def single(args) -> None:
     save(args.out, f"single-{args.layout}", {"layout": args.layout, "steps": args.steps, "note": FORCED, "rows": rows})
 
 
+@contextlib.contextmanager
+def mps_daemon(enabled: bool):
+    """With ``enabled``, run the block under CUDA MPS: start a control daemon for this run (its pipe in a fresh
+    folder, named in the environment that Ray and the engines inherit), and afterwards stop the system and then
+    the daemon, so that the machine is left as it was. MPS lets the engines that share a GPU run their kernels
+    concurrently instead of time-sliced."""
+    if not enabled:
+        yield
+        return
+    folder = tempfile.mkdtemp(prefix="mps-")
+    os.environ.update(CUDA_MPS_PIPE_DIRECTORY=folder, CUDA_MPS_LOG_DIRECTORY=folder)
+    subprocess.run(["nvidia-cuda-mps-control", "-d"], check=True)
+    print(f"CUDA MPS control daemon started (pipe {folder})", flush=True)
+    try:
+        yield
+    finally:
+        subprocess.run([sys.executable, "-m", "cluster", "down"], check=False)
+        subprocess.run(["nvidia-cuda-mps-control"], input=b"quit\n", check=False)
+        print("CUDA MPS control daemon stopped", flush=True)
+
+
 async def load(args) -> None:
     from cluster.launcher import HEAD_METRICS_PORT
     from cluster.operators import delta, scrape
@@ -196,8 +220,9 @@ async def load(args) -> None:
     cfg, nodes = layout(args.layout, args.steps, args.models)
     base, key = await start(cfg, nodes)
     endpoints = [f"http://127.0.0.1:{HEAD_METRICS_PORT + i}/metrics" for i in range(len(nodes))]
-    result = {"layout": args.layout, "placement": LAYOUTS[args.layout][0], "steps": args.steps, "note": FORCED,
-              "levels": []}
+    result = {"layout": args.layout, "placement": LAYOUTS[args.layout][0], "mps": args.mps, "steps": args.steps,
+              "note": FORCED, "levels": []}
+    name = f"load-{args.layout}{'-mps' if args.mps else ''}"
     limits = httpx.Limits(max_connections=4096, max_keepalive_connections=4096)
     async with httpx.AsyncClient(base_url=base, headers={"Authorization": f"Bearer {key}"}, timeout=3600,
                                  limits=limits) as client:
@@ -221,7 +246,7 @@ async def load(args) -> None:
             seen = now
             result["levels"].append(level)
             print(json.dumps(level), flush=True)
-            save(args.out, f"load-{args.layout}", result)  # after every level: a cut-off run keeps what it measured
+            save(args.out, name, result)  # after every level: a cut-off run keeps what it measured
 
 
 def engine_figures(cfg: ClusterConfig, moved: dict, wall_s: float) -> dict:
@@ -293,7 +318,7 @@ def plot(args) -> None:
         arms = dict.fromkeys(lv.get("arm", "stream") for lv in data["levels"])
         for arm in arms:
             levels = [lv for lv in data["levels"] if lv.get("arm", "stream") == arm]
-            x, label = [lv["concurrency"] for lv in levels], f"{data['layout']} ({arm})"
+            x, label = [lv["concurrency"] for lv in levels], f"{data['layout']}{', MPS' if data.get('mps') else ''} ({arm})"
             ax1.plot(x, [lv["throughput_rps"] for lv in levels], marker="o", label=label)
             ax2.plot(x, [lv["p95_s"] for lv in levels], marker="o", label=label)
     ax1.set(xlabel="requests in flight", ylabel="requests/s", title="throughput")
@@ -328,6 +353,7 @@ def main() -> None:
         "--levels", type=parse_levels, default=parse_levels("stream:1,stream:32,stream:64"),
         help="comma-separated ARM:IN_FLIGHT, arms: " + ", ".join(ARMS))
     sub.choices["load"].add_argument("--latency-bound", type=float, default=30.0, help="goodput bound (s)")
+    sub.choices["load"].add_argument("--mps", action="store_true", help="run the engines under CUDA MPS")
     p = sub.add_parser("plot")
     p.add_argument("files", nargs="+")
     p.add_argument("--out", default=str(RESULTS / "load.png"))
@@ -339,7 +365,11 @@ def main() -> None:
     for name in ("qwen2.5-1.5b", "qwen2.5-14b"):
         build_model(args.models, name)
     print(FORCED, flush=True)
-    asyncio.run(single(args) if args.command == "single" else load(args))
+    if args.command == "single":
+        asyncio.run(single(args))
+        return
+    with mps_daemon(args.mps):
+        asyncio.run(load(args))
 
 
 if __name__ == "__main__":
