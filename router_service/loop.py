@@ -73,6 +73,7 @@ class AnswerDone:
     pool: PoolRole
     text: str
     prompt_tokens: int
+    cached_tokens: int
     output_tokens: int
     finish_reason: str | None
     ms: float
@@ -180,5 +181,5 @@ class StepLoop:
             if not chunk.done:
                 yield AnswerDelta(chunk.text)
                 continue
-            yield AnswerDone(pool, chunk.text, chunk.prompt_tokens, chunk.output_tokens, chunk.finish_reason,
-                             round((time.perf_counter() - t0) * 1e3, 3))
+            yield AnswerDone(pool, chunk.text, chunk.prompt_tokens, chunk.cached_tokens, chunk.output_tokens,
+                             chunk.finish_reason, round((time.perf_counter() - t0) * 1e3, 3))

@@ -32,6 +32,7 @@ def usage(steps: list[StepRecord], answer: AnswerDone, prompt_tokens: int, glimp
         p["cached_prompt_tokens"] += s.cached_tokens
     per_pool[answer.pool]["completion_tokens"] += answer.output_tokens
     per_pool[answer.pool]["prompt_tokens"] += answer.prompt_tokens
+    per_pool[answer.pool]["cached_prompt_tokens"] += answer.cached_tokens
     per_pool["small"]["glimpses"] = glimpses
     reasoning = sum(s.output_tokens for s in steps)
     return {

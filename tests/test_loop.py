@@ -155,7 +155,7 @@ async def test_glimprouter_routes_by_entropy_and_large_answers():
     final = large.calls[-1]
     assert final.prompt == ("large", "final", "What is 6*7?", ("s0", "l1", "s2 </think>"), "\n\n")
     assert final.arg == StepSampling(max_tokens=2048, temperature=0.6, top_p=0.95, stop=[], seed=100)
-    assert events[-1] == AnswerDone("large", ANSWER, 10, 6, "stop", events[-1].ms)
+    assert events[-1] == AnswerDone("large", ANSWER, 10, 3, 6, "stop", events[-1].ms)
     assert {c.key for c in small.calls + large.calls} == {"req-1"}
 
 

@@ -15,10 +15,11 @@ STEPS = [
     StepRecord(1, "large", 2.5, "b", 20, 110, 90, 1.1, 30.0, "stop"),
     StepRecord(2, "small", 0.4, "c", 5, 130, 120, 1.2, 5.0, "stop"),
 ]
-ANSWER = AnswerDone("large", "42", prompt_tokens=150, output_tokens=7, finish_reason=None, ms=9.0)
+ANSWER = AnswerDone("large", "42", prompt_tokens=150, cached_tokens=140, output_tokens=7, finish_reason=None, ms=9.0)
 
 
 def test_usage_sums_and_per_pool():
+    """Each pool's prompt and cached tokens include the final answer's, so its hit rate counts every call."""
     assert usage(STEPS, ANSWER, prompt_tokens=30, glimpses=3) == {
         "prompt_tokens": 30,
         "completion_tokens": 42,  # 10 + 20 + 5 steps + 7 answer
@@ -26,7 +27,7 @@ def test_usage_sums_and_per_pool():
         "completion_tokens_details": {"reasoning_tokens": 35},
         "per_pool": {
             "small": {"steps": 2, "completion_tokens": 15, "prompt_tokens": 230, "cached_prompt_tokens": 120, "glimpses": 3},
-            "large": {"steps": 1, "completion_tokens": 27, "prompt_tokens": 260, "cached_prompt_tokens": 90},
+            "large": {"steps": 1, "completion_tokens": 27, "prompt_tokens": 260, "cached_prompt_tokens": 230},
         },
     }
 
