@@ -277,7 +277,8 @@ def percentile(values: list[float], q: float) -> float:
 
 
 def summarize(concurrency: int, results: list[dict], wall: float, bound_s: float) -> dict:
-    """Throughput, latency and TTFT percentiles, goodput under ``bound_s`` and the large-step fraction."""
+    """Throughput, latency and TTFT percentiles, goodput under ``bound_s``, steps per request (fewer than the
+    budget: requests stopped early) and the large-step fraction."""
     latency = [r["seconds"] for r in results]
     ttft = [r["ttft"] for r in results if r["ttft"] is not None] or [math.nan]  # nan: not streamed
     steps = [s for r in results for s in r["routing"]["steps"]]
@@ -287,6 +288,7 @@ def summarize(concurrency: int, results: list[dict], wall: float, bound_s: float
         "p50_s": round(statistics.median(latency), 2), "p95_s": round(percentile(latency, 0.95), 2),
         "ttft_p50_s": round(statistics.median(ttft), 3), "ttft_p95_s": round(percentile(ttft, 0.95), 3),
         "goodput_rps": round(sum(x <= bound_s for x in latency) / wall, 4), "latency_bound_s": bound_s,
+        "steps_per_request": round(len(steps) / len(results), 2),
         "large_fraction": round(sum(s["pool"] == "large" for s in steps) / len(steps), 3),
         "step_ms_p50": {p: round(statistics.median(ms), 1) for p in ("small", "large")
                         if (ms := [s["step_ms"] for s in steps if s["pool"] == p])},

@@ -52,10 +52,12 @@ def test_level_summary_splits_step_and_glimpse_times_by_pool_and_kind():
                                                                      for p in ("small", "large")}},
               "routing": {"steps": [step("small", 300, 20, False), step("small", 500, 8, True),
                                     step("large", 900, 30, False), step("small", 400, 10, True)]}}
+    short = {**result, "routing": {"steps": result["routing"]["steps"][:2]}}  # stopped early (repeated steps)
     level = summarize(1, [result], 10.0, 30.0)
     assert level["step_ms_p50"] == {"small": 400, "large": 900}
     assert level["glimpse_ms_p50"] == {"call": 25, "fused": 9}
     assert level["large_fraction"] == 0.25
+    assert summarize(2, [result, short], 10.0, 30.0)["steps_per_request"] == 3
 
 
 def test_engine_figures_come_from_the_pools_engine_counters(monkeypatch):
