@@ -9,9 +9,10 @@ Settings come from ``cluster/configs/gpu-bench.yaml``; ``--layout`` patches its 
 starts one local Ray node per GPU, advertising the pools it hosts (see ``LAYOUTS``). The model folders have
 real Qwen2.5 shapes and random weights (``loadtests.gpu_models``), so the routing is forced (see the config)
 and every run says so. ``single`` breaks each request's time down from the system's own metrics; ``load``
-runs closed loops at fixed numbers of requests in flight, for client arms (``ARMS``: streamed, not
-streamed, streamed with fused glimpses) on one running system; each level records throughput, latency, TTFT,
-goodput, prefix-cache hits, each pool's step and glimpse times, and each pool's engine iterations and tokens
+runs closed loops at fixed numbers of requests in flight (``--rounds`` requests per slot), for client arms
+(``ARMS``: streamed, not streamed, streamed with fused glimpses) on one running system; each level records
+throughput (over the level, and steady while every slot was busy), latency, TTFT, goodput, steps per
+request, prefix-cache hits, each pool's step and glimpse times, and each pool's engine iterations and tokens
 (from the pools' engine counters). Results go to ``results/gpu/`` as JSON.
 """
 
@@ -229,12 +230,14 @@ async def load(args) -> None:
         await warm_up(client, cfg)
         seen = scrape(endpoints)
         for arm, concurrency in args.levels:
-            n = max(2, 2 * concurrency)
+            n = max(2, args.rounds * concurrency)
             gate = asyncio.Semaphore(concurrency)
 
             async def gated(i: int) -> dict:
                 async with gate:
-                    return await one_request(client, cfg.name, 10_000 * concurrency + i, ARMS[arm])
+                    start = time.perf_counter() - t0
+                    result = await one_request(client, cfg.name, 10_000 * concurrency + i, ARMS[arm])
+                    return {**result, "start_s": start, "end_s": time.perf_counter() - t0}
 
             t0 = time.perf_counter()
             results = await asyncio.gather(*(gated(i) for i in range(n)))
@@ -276,15 +279,26 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[max(0, math.ceil(q * len(ordered)) - 1)]
 
 
+def steady_throughput(results: list[dict]) -> float | None:
+    """Completions per second while every slot of the closed loop was busy: from the first completion (the
+    requests of the first round all start together) to the last start (after it the loop drains). ``None``
+    when the level is too short to have such a window."""
+    first_end, last_start = min(r["end_s"] for r in results), max(r["start_s"] for r in results)
+    if last_start <= first_end:
+        return None
+    return round(sum(first_end < r["end_s"] <= last_start for r in results) / (last_start - first_end), 4)
+
+
 def summarize(concurrency: int, results: list[dict], wall: float, bound_s: float) -> dict:
-    """Throughput, latency and TTFT percentiles, goodput under ``bound_s``, steps per request (fewer than the
-    budget: requests stopped early) and the large-step fraction."""
+    """Throughput (over the whole level, and steady while every slot was busy), latency and TTFT percentiles,
+    goodput under ``bound_s``, steps per request (fewer than the budget: requests stopped early) and the
+    large-step fraction."""
     latency = [r["seconds"] for r in results]
     ttft = [r["ttft"] for r in results if r["ttft"] is not None] or [math.nan]  # nan: not streamed
     steps = [s for r in results for s in r["routing"]["steps"]]
     return {
         "concurrency": concurrency, "requests": len(results), "wall_s": round(wall, 2),
-        "throughput_rps": round(len(results) / wall, 4),
+        "throughput_rps": round(len(results) / wall, 4), "steady_rps": steady_throughput(results),
         "p50_s": round(statistics.median(latency), 2), "p95_s": round(percentile(latency, 0.95), 2),
         "ttft_p50_s": round(statistics.median(ttft), 3), "ttft_p95_s": round(percentile(ttft, 0.95), 3),
         "goodput_rps": round(sum(x <= bound_s for x in latency) / wall, 4), "latency_bound_s": bound_s,
@@ -355,6 +369,8 @@ def main() -> None:
         "--levels", type=parse_levels, default=parse_levels("stream:1,stream:32,stream:64"),
         help="comma-separated ARM:IN_FLIGHT, arms: " + ", ".join(ARMS))
     sub.choices["load"].add_argument("--latency-bound", type=float, default=30.0, help="goodput bound (s)")
+    sub.choices["load"].add_argument("--rounds", type=int, default=4,
+                                     help="requests per slot in a level (more rounds: a longer steady window)")
     sub.choices["load"].add_argument("--mps", action="store_true", help="run the engines under CUDA MPS")
     p = sub.add_parser("plot")
     p.add_argument("files", nargs="+")

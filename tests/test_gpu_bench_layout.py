@@ -9,7 +9,7 @@ import pytest
 
 from cluster.config import load_config
 from cluster.metrics import SPECS
-from loadtests.gpu_bench import LAYOUTS, breakdown, engine_figures, layout, parse_levels, summarize
+from loadtests.gpu_bench import LAYOUTS, breakdown, engine_figures, layout, parse_levels, steady_throughput, summarize
 
 
 @pytest.mark.parametrize("name", list(LAYOUTS))
@@ -48,7 +48,7 @@ def test_level_summary_splits_step_and_glimpse_times_by_pool_and_kind():
     def step(pool, step_ms, glimpse_ms, fused):
         return {"pool": pool, "step_ms": step_ms, "glimpse_ms": glimpse_ms, "glimpse_fused": fused}
 
-    result = {"seconds": 10.0, "ttft": 0.1, "usage": {"per_pool": {p: {"prompt_tokens": 10, "cached_prompt_tokens": 5}
+    result = {"seconds": 10.0, "start_s": 0.0, "end_s": 10.0, "ttft": 0.1, "usage": {"per_pool": {p: {"prompt_tokens": 10, "cached_prompt_tokens": 5}
                                                                      for p in ("small", "large")}},
               "routing": {"steps": [step("small", 300, 20, False), step("small", 500, 8, True),
                                     step("large", 900, 30, False), step("small", 400, 10, True)]}}
@@ -57,7 +57,18 @@ def test_level_summary_splits_step_and_glimpse_times_by_pool_and_kind():
     assert level["step_ms_p50"] == {"small": 400, "large": 900}
     assert level["glimpse_ms_p50"] == {"call": 25, "fused": 9}
     assert level["large_fraction"] == 0.25
+    assert level["steady_rps"] is None  # one request: no window with every slot busy
     assert summarize(2, [result, short], 10.0, 30.0)["steps_per_request"] == 3
+
+
+def test_steady_throughput_counts_completions_while_every_slot_is_busy():
+    # two slots, one request after another in each: 10 s requests in slot A, 15 s then 10 s in slot B
+    slot_a = [(0, 10), (10, 20), (20, 30), (30, 40)]
+    slot_b = [(0, 15), (15, 25), (25, 35), (35, 45)]
+    results = [{"start_s": s, "end_s": e} for s, e in slot_a + slot_b]
+    # 5 completions from 10 s (the first end) to 35 s (the last start): each slot's 0.1/s, where the whole
+    # level's 8 requests over 45 s (the drain included) would say 0.178/s
+    assert steady_throughput(results) == 0.2
 
 
 def test_engine_figures_come_from_the_pools_engine_counters(monkeypatch):
