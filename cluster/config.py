@@ -66,6 +66,14 @@ class EngineSettings(StrictModel):
     gpu_memory_utilization: float | None = Field(
         None, gt=0, le=1, description="GPU only: fraction of GPU memory the engine may take."
     )
+    max_num_batched_tokens: int | None = Field(
+        None, ge=16, le=1_048_576, description="Most tokens one scheduler iteration computes (decode plus "
+        "prefill chunks: the chunked-prefill budget); vLLM's default when unset."
+    )
+    max_cudagraph_capture_size: int | None = Field(
+        None, ge=1, le=16_384, description="GPU only: the largest iteration, in tokens, that runs as a captured CUDA "
+        "graph (larger ones run without); vLLM's default, min(2 x max_num_seqs, 512), when unset."
+    )
     enforce_eager: bool = Field(False, description="Skip compilation / CUDA graphs (faster start, slower steps).")
     stream_interval: int = Field(
         1, ge=1, le=1024, description="Tokens the engine buffers before a streamed step yields them (vLLM's "

@@ -37,6 +37,33 @@ def engine_env(settings: PoolSettings) -> dict[str, str]:
     return env
 
 
+def engine_args(settings: PoolSettings) -> dict:
+    """vLLM ``AsyncEngineArgs`` keywords for the pool's engine; optional settings only where they are set."""
+    eng = settings.engine
+    optional = {
+        "gpu_memory_utilization": eng.gpu_memory_utilization,
+        "kv_cache_memory_bytes": eng.kv_cache_gib * 2**30 if eng.kv_cache_gib and settings.placement.num_gpus else None,
+        "max_num_batched_tokens": eng.max_num_batched_tokens,
+        "max_cudagraph_capture_size": eng.max_cudagraph_capture_size,
+    }
+    return {
+        "model": resolve_model_dir(settings),
+        "tokenizer": resolve_tokenizer_dir(settings),
+        "served_model_name": settings.model.name,
+        "load_format": settings.model.load_format,
+        "dtype": eng.dtype,
+        "max_model_len": eng.max_model_len,
+        "enable_prefix_caching": eng.enable_prefix_caching,
+        "max_logprobs": eng.max_logprobs,
+        "max_num_seqs": eng.max_num_seqs,
+        "tensor_parallel_size": eng.tensor_parallel_size,
+        "enforce_eager": eng.enforce_eager,
+        "stream_interval": eng.stream_interval,
+        "disable_log_stats": False,
+        **{key: value for key, value in optional.items() if value},
+    }
+
+
 def actor_options(settings: PoolSettings) -> dict:
     """A pool replica's Ray actor options: its placement and its engine's environment."""
     return {**settings.placement.ray_actor_options(), "runtime_env": {"env_vars": engine_env(settings)}}
@@ -102,24 +129,7 @@ class ModelPool:
 
         self.role = role
         self.replica = serve.get_replica_context().replica_id.unique_id
-        eng = settings.engine
-        args = AsyncEngineArgs(
-            model=resolve_model_dir(settings),
-            tokenizer=resolve_tokenizer_dir(settings),
-            served_model_name=settings.model.name,
-            load_format=settings.model.load_format,
-            dtype=eng.dtype,
-            max_model_len=eng.max_model_len,
-            enable_prefix_caching=eng.enable_prefix_caching,
-            max_logprobs=eng.max_logprobs,
-            max_num_seqs=eng.max_num_seqs,
-            tensor_parallel_size=eng.tensor_parallel_size,
-            enforce_eager=eng.enforce_eager,
-            stream_interval=eng.stream_interval,
-            disable_log_stats=False,
-            **({"gpu_memory_utilization": eng.gpu_memory_utilization} if eng.gpu_memory_utilization else {}),
-            **({"kv_cache_memory_bytes": eng.kv_cache_gib * 2**30} if eng.kv_cache_gib and settings.placement.num_gpus else {}),
-        )
+        args = AsyncEngineArgs(**engine_args(settings))
         log.info("%s pool replica %s: starting vLLM engine for %s", role, self.replica, args.model)
         self.engine = AsyncLLM.from_engine_args(args, stat_loggers=[RayPrometheusStatLogger, engine_stats_logger(role)])
         self.ongoing = 0
