@@ -1,12 +1,13 @@
 """GPU benchmark driver: the whole system (Redis, Ray, both vLLM pools, the router) on the device machine,
 driven through the HTTP API.
 
-    python -m loadtests.gpu_bench single [--layout one-gpu] [--requests 3]
+    python -m loadtests.gpu_bench single [--layout one-gpu] [--requests 3] [--set PATH=VALUE ...]
     python -m loadtests.gpu_bench load --layout shared-2gpu --levels stream:1,stream:64,fused:64 [--steps 16] [--mps]
     python -m loadtests.gpu_bench plot results/gpu/load-*.json
 
 Settings come from ``cluster/configs/gpu-bench.yaml``; ``--layout`` patches its placement and replicas and
-starts one local Ray node per GPU, advertising the pools it hosts (see ``LAYOUTS``). The model folders have
+starts one local Ray node per GPU, advertising the pools it hosts (see ``LAYOUTS``); ``--set`` overrides any
+field last (a lever under test), and the result file names it. The model folders have
 real Qwen2.5 shapes and random weights (``loadtests.gpu_models``), so the routing is forced (see the config)
 and every run says so. ``single`` breaks each request's time down from the system's own metrics; ``load``
 runs closed loops at fixed numbers of requests in flight (``--rounds`` requests per slot), for client arms
@@ -33,8 +34,9 @@ import time
 from pathlib import Path
 
 import httpx
+from pydantic import ValidationError
 
-from cluster.config import ClusterConfig, load_config
+from cluster.config import ClusterConfig, ConfigError, format_validation_error, load_config
 from cluster.launcher import LocalNode, local_gpus
 from loadtests.gpu_models import build_model, build_tokenizer
 
@@ -52,9 +54,10 @@ LAYOUTS = {  # name: (what it places where, the replicas of each pool on each GP
 METRICS_LAG_S = 12  # Ray exports metrics every few seconds
 
 
-def layout(name: str, steps: int, models_dir: Path) -> tuple[ClusterConfig, list[LocalNode]]:
+def layout(name: str, steps: int, models_dir: Path, overrides: dict | None = None
+           ) -> tuple[ClusterConfig, list[LocalNode]]:
     """The benchmark config and local Ray nodes (one per GPU, advertising the pools it hosts) for ``name``,
-    with ``steps`` steps per request and absolute model folders."""
+    with ``steps`` steps per request, absolute model folders and ``{dotted.path: value}`` overrides set last."""
     data = load_config("gpu-bench").model_dump(mode="json", exclude_none=True)
     for pool in data["pools"].values():
         for key in ("path", "tokenizer"):
@@ -76,9 +79,18 @@ def layout(name: str, steps: int, models_dir: Path) -> tuple[ClusterConfig, list
     if name == "large-only-2gpu":
         small["autoscaling"].update(min_replicas=0, max_replicas=1, initial_replicas=0)
         data["router"]["policy"] = {"policy": "large_only"}
+    for dotted, value in (overrides or {}).items():
+        *parents, leaf = dotted.split(".")
+        node = data
+        for key in parents:
+            node = node.setdefault(key, {})
+        node[leaf] = value
     gpus = local_gpus()
     nodes = [LocalNode({f"{role}_pool": float(n) for role, n in gpu.items()}, (gpus[i],)) for i, gpu in enumerate(hosts)]
-    return ClusterConfig.model_validate(data), nodes
+    try:
+        return ClusterConfig.model_validate(data), nodes
+    except ValidationError as exc:
+        raise ConfigError(f"layout {name}: invalid config\n{format_validation_error(exc)}") from exc
 
 
 def prompt_text(seed: int, tokens: int = 200) -> str:
@@ -174,7 +186,7 @@ async def single(args) -> None:
     from cluster.launcher import HEAD_METRICS_PORT
     from cluster.operators import scrape
 
-    cfg, nodes = layout(args.layout, args.steps, args.models)
+    cfg, nodes = layout(args.layout, args.steps, args.models, args.set)
     base, key = await start(cfg, nodes)
     endpoints = [f"http://127.0.0.1:{HEAD_METRICS_PORT + i}/metrics" for i in range(len(nodes))]
     rows = []
@@ -190,7 +202,8 @@ async def single(args) -> None:
                 row = {"policy": label, **breakdown(result, before, scrape(endpoints))}
                 rows.append(row)
                 print(json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in row.items()}), flush=True)
-    save(args.out, f"single-{args.layout}", {"layout": args.layout, "steps": args.steps, "note": FORCED, "rows": rows})
+    save(args.out, f"single-{args.layout}{tag(args.set)}", {"layout": args.layout, "overrides": args.set,
+                                                           "steps": args.steps, "note": FORCED, "rows": rows})
 
 
 @contextlib.contextmanager
@@ -218,12 +231,12 @@ async def load(args) -> None:
     from cluster.launcher import HEAD_METRICS_PORT
     from cluster.operators import delta, scrape
 
-    cfg, nodes = layout(args.layout, args.steps, args.models)
+    cfg, nodes = layout(args.layout, args.steps, args.models, args.set)
     base, key = await start(cfg, nodes)
     endpoints = [f"http://127.0.0.1:{HEAD_METRICS_PORT + i}/metrics" for i in range(len(nodes))]
-    result = {"layout": args.layout, "placement": LAYOUTS[args.layout][0], "mps": args.mps, "steps": args.steps,
-              "note": FORCED, "levels": []}
-    name = f"load-{args.layout}{'-mps' if args.mps else ''}"
+    result = {"layout": args.layout, "placement": LAYOUTS[args.layout][0], "mps": args.mps, "overrides": args.set,
+              "steps": args.steps, "note": FORCED, "levels": []}
+    name = f"load-{args.layout}{'-mps' if args.mps else ''}{tag(args.set)}"
     limits = httpx.Limits(max_connections=4096, max_keepalive_connections=4096)
     async with httpx.AsyncClient(base_url=base, headers={"Authorization": f"Bearer {key}"}, timeout=3600,
                                  limits=limits) as client:
@@ -347,6 +360,21 @@ def plot(args) -> None:
     print(f"wrote {args.out}")
 
 
+def parse_override(text: str) -> tuple[str, object]:
+    """``dotted.path=value`` (the value parsed as YAML) as a (path, value) pair."""
+    import yaml
+
+    path, sep, value = text.partition("=")
+    if not sep or not path:
+        raise argparse.ArgumentTypeError(f"expected dotted.path=value, got {text!r}")
+    return path, yaml.safe_load(value)
+
+
+def tag(overrides: dict) -> str:
+    """A result file's suffix naming its overrides: ``-max_num_batched_tokens512``."""
+    return "".join(f"-{path.rsplit('.', 1)[-1]}{value}" for path, value in overrides.items())
+
+
 def parse_levels(text: str) -> list[tuple[str, int]]:
     """``stream:1,final:64`` -> [("stream", 1), ("final", 64)]."""
     levels = [(arm, int(n)) for arm, n in (item.split(":") for item in text.split(","))]
@@ -364,6 +392,8 @@ def main() -> None:
         p.add_argument("--steps", type=int, default=24, help="steps of 96 tokens per request")
         p.add_argument("--models", type=Path, default=Path("models/bench"), help="where the model folders go")
         p.add_argument("--out", type=Path, default=RESULTS, help="where result files go")
+        p.add_argument("--set", type=parse_override, action="append", default=[], metavar="PATH=VALUE",
+                       help="override a config field, e.g. pools.large.engine.max_num_batched_tokens=512")
     sub.choices["single"].add_argument("--requests", type=int, default=3)
     sub.choices["load"].add_argument(
         "--levels", type=parse_levels, default=parse_levels("stream:1,stream:32,stream:64"),
@@ -376,6 +406,8 @@ def main() -> None:
     p.add_argument("files", nargs="+")
     p.add_argument("--out", default=str(RESULTS / "load.png"))
     args = parser.parse_args()
+    if args.command != "plot":
+        args.set = dict(args.set)
     if args.command == "plot":
         plot(args)
         return
@@ -383,11 +415,14 @@ def main() -> None:
     for name in ("qwen2.5-1.5b", "qwen2.5-14b"):
         build_model(args.models, name)
     print(FORCED, flush=True)
-    if args.command == "single":
-        asyncio.run(single(args))
-        return
-    with mps_daemon(args.mps):
-        asyncio.run(load(args))
+    try:
+        if args.command == "single":
+            asyncio.run(single(args))
+            return
+        with mps_daemon(args.mps):
+            asyncio.run(load(args))
+    except ConfigError as exc:
+        parser.error(str(exc))
 
 
 if __name__ == "__main__":

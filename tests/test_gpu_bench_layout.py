@@ -3,13 +3,15 @@ advertises units) and its per-level figures."""
 
 from __future__ import annotations
 
+import argparse
 from pathlib import Path
 
 import pytest
 
-from cluster.config import load_config
+from cluster.config import ConfigError, load_config
 from cluster.metrics import SPECS
-from loadtests.gpu_bench import LAYOUTS, breakdown, engine_figures, layout, parse_levels, steady_throughput, summarize
+from loadtests.gpu_bench import (LAYOUTS, breakdown, engine_figures, layout, parse_levels, parse_override,
+                                 steady_throughput, summarize, tag)
 
 
 @pytest.mark.parametrize("name", list(LAYOUTS))
@@ -29,6 +31,20 @@ def test_layout_places_each_replica_on_its_own_gpu_node(name, monkeypatch):
         if pool.autoscaling.min_replicas > 0:  # large-only leaves the small pool at zero replicas, hosted nowhere
             assert pool.autoscaling.max_replicas <= hosts, f"{role}: more replicas than nodes to hold them"
     assert [n.gpus[0] for n in nodes] == ["0", "1"][:len(nodes)]
+
+
+def test_overrides_set_config_fields_last_and_name_the_result(monkeypatch):
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1")
+    override = parse_override("pools.large.engine.max_num_batched_tokens=512")
+    assert override == ("pools.large.engine.max_num_batched_tokens", 512)
+    cfg, _ = layout("routed-2gpu", 16, Path("models/bench"), dict([override]))
+    assert dict(cfg.pools.items())["large"].engine.max_num_batched_tokens == 512
+    assert dict(cfg.pools.items())["large"].engine.kv_cache_gib == 40  # the layout's own patch is kept
+    assert tag(dict([override])) == "-max_num_batched_tokens512"
+    with pytest.raises(ConfigError, match="pools.large.engine.max_batch"):  # a typo is refused, not ignored
+        layout("routed-2gpu", 16, Path("models/bench"), {"pools.large.engine.max_batch": 8})
+    with pytest.raises(argparse.ArgumentTypeError):
+        parse_override("pools.large.engine.max_num_batched_tokens")
 
 
 def test_levels_parse_and_reject_unknown_arms():
