@@ -4,8 +4,8 @@
 
 For each arm (affinity off, then on) it starts the local cluster from ``--config`` with both pools
 pinned at two replicas and ``router.prefix_affinity`` set, sends the same requests through the API,
-and prints each pool's hit rate: prompt tokens the engines found in their prefix cache over all step
-prompt tokens (engine-reported, from each response's ``usage.per_pool``). ``--model-for-both`` runs
+and prints each pool's hit rate: prompt tokens the engines found in their prefix cache over all prompt
+tokens of its steps and final answers (engine-reported, from each response's ``usage.per_pool``). ``--model-for-both`` runs
 one embedded model in both pools, so four replicas fit this machine's memory; routing is unchanged.
 Recorded in docs/local-cluster.md.
 """
@@ -92,7 +92,7 @@ def main() -> None:
             rate = t["cached_prompt_tokens"] / t["prompt_tokens"] if t["prompt_tokens"] else 0.0
             rows.append(f"| {'on' if affinity else 'off'} | {pool} | {t['steps']} | {t['prompt_tokens']} "
                         f"| {t['cached_prompt_tokens']} | {rate:.1%} |")
-    print("\n| affinity | pool | steps | step prompt tokens | cached | hit rate |\n|---|---|---|---|---|---|")
+    print("\n| affinity | pool | steps | prompt tokens | cached | hit rate |\n|---|---|---|---|---|---|")
     print("\n".join(rows))
 
 
