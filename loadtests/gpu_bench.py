@@ -249,8 +249,8 @@ async def load(args) -> None:
             async def gated(i: int) -> dict:
                 async with gate:
                     start = time.perf_counter() - t0
-                    result = await one_request(client, cfg.name, 10_000 * concurrency + i, ARMS[arm])
-                    return {**result, "start_s": start, "end_s": time.perf_counter() - t0}
+                    done = await one_request(client, cfg.name, 10_000 * concurrency + i, ARMS[arm])
+                    return {**done, "start_s": start, "end_s": time.perf_counter() - t0}
 
             t0 = time.perf_counter()
             results = await asyncio.gather(*(gated(i) for i in range(n)))
