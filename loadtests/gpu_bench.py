@@ -267,8 +267,8 @@ async def load(args) -> None:
 
 def engine_figures(cfg: ClusterConfig, moved: dict, wall_s: float) -> dict:
     """Each pool's engines over a level, from the pools' engine counters: scheduler iterations per second (all
-    replicas), time per iteration of one engine (the level's wall time over its iterations: exact while the
-    engine is busy), decode tokens per iteration (the batch) and prefill tokens per second."""
+    replicas), time per iteration of one engine (the level's wall time over its iterations: idle time counts,
+    so an upper bound), decode tokens per iteration (the batch) and prefill tokens per second."""
     from cluster.metrics import SPECS
     from cluster.operators import total
 

@@ -64,8 +64,8 @@ def test_level_summary_splits_step_and_glimpse_times_by_pool_and_kind():
     def step(pool, step_ms, glimpse_ms, fused):
         return {"pool": pool, "step_ms": step_ms, "glimpse_ms": glimpse_ms, "glimpse_fused": fused}
 
-    result = {"seconds": 10.0, "start_s": 0.0, "end_s": 10.0, "ttft": 0.1, "usage": {"per_pool": {p: {"prompt_tokens": 10, "cached_prompt_tokens": 5}
-                                                                     for p in ("small", "large")}},
+    per_pool = {p: {"prompt_tokens": 10, "cached_prompt_tokens": 5} for p in ("small", "large")}
+    result = {"seconds": 10.0, "start_s": 0.0, "end_s": 10.0, "ttft": 0.1, "usage": {"per_pool": per_pool},
               "routing": {"steps": [step("small", 300, 20, False), step("small", 500, 8, True),
                                     step("large", 900, 30, False), step("small", 400, 10, True)]}}
     short = {**result, "routing": {"steps": result["routing"]["steps"][:2]}}  # stopped early (repeated steps)
