@@ -74,6 +74,11 @@ class EngineSettings(StrictModel):
         None, ge=1, le=16_384, description="GPU only: the largest iteration, in tokens, that runs as a captured CUDA "
         "graph (larger ones run without); vLLM's default, min(2 x max_num_seqs, 512), when unset."
     )
+    cudagraph_mode: Literal["NONE", "PIECEWISE", "FULL", "FULL_DECODE_ONLY", "FULL_AND_PIECEWISE"] | None = Field(
+        None, description="GPU only: vLLM's CUDA-graph mode. FULL also captures iterations that mix prefill and decode "
+        "whole (where the attention backend allows: FlashAttention 3); vLLM's default, FULL_AND_PIECEWISE "
+        "(those run piecewise, attention outside the graph), when unset."
+    )
     enforce_eager: bool = Field(False, description="Skip compilation / CUDA graphs (faster start, slower steps).")
     stream_interval: int = Field(
         1, ge=1, le=1024, description="Tokens the engine buffers before a streamed step yields them (vLLM's "
@@ -188,6 +193,17 @@ class PolicySettings(StrictModel):
         False, description="After a small step, take the next step's glimpse in the same small-pool call instead of a "
         "separate one, on the same prompt (the step's prompt, text and delimiter, tokenized again in the pool)."
     )
+    glimpse_in_step: bool = Field(
+        False, description="Take each glimpse from the first token of a small-pool step call on the step's prompt, with "
+        "its top-k log-probs (the raw distribution, as the greedy glimpse's): one small-pool call per small step instead "
+        "of two. When the step goes to the large pool, the small call is cancelled after that token."
+    )
+
+    @model_validator(mode="after")
+    def _one_glimpse_shortcut(self) -> PolicySettings:
+        if self.fused_glimpse and self.glimpse_in_step:
+            raise ValueError("fused_glimpse and glimpse_in_step exclude each other: choose one")
+        return self
 
 
 class StepSettings(StrictModel):

@@ -45,6 +45,7 @@ def engine_args(settings: PoolSettings) -> dict:
         "kv_cache_memory_bytes": eng.kv_cache_gib * 2**30 if eng.kv_cache_gib and settings.placement.num_gpus else None,
         "max_num_batched_tokens": eng.max_num_batched_tokens,
         "max_cudagraph_capture_size": eng.max_cudagraph_capture_size,
+        "compilation_config": {"cudagraph_mode": eng.cudagraph_mode} if eng.cudagraph_mode else None,
     }
     return {
         "model": resolve_model_dir(settings),
@@ -117,6 +118,20 @@ def _engine_prompt(prompt: Prompt):
     return TokensPrompt(prompt_token_ids=list(prompt))
 
 
+def _first_token_glimpse(output, top_k: int) -> Glimpse:
+    """The glimpse read from a request's first output: its first token's top-k log-probs, most likely first."""
+    out = output.outputs[0]
+    ranked = sorted(out.logprobs[0].items(), key=lambda kv: kv[1].logprob, reverse=True)[:top_k]
+    return Glimpse(
+        token_id=ranked[0][0],
+        token=ranked[0][1].decoded_token or "",
+        top_logprobs=[lp.logprob for _, lp in ranked],
+        top_tokens=[lp.decoded_token or "" for _, lp in ranked],
+        prompt_tokens=len(output.prompt_token_ids or ()),
+        cached_tokens=output.num_cached_tokens or 0,
+    )
+
+
 class ModelPool:
     """A replica of one pool. Deployed as ``SmallPool`` or ``LargePool`` by the builder."""
 
@@ -154,26 +169,19 @@ class ModelPool:
         final = None
         async for final in self._generate(prompt, params):
             pass
-        out = final.outputs[0]
-        ranked = sorted(out.logprobs[0].items(), key=lambda kv: kv[1].logprob, reverse=True)[:top_k]
-        return Glimpse(
-            token_id=out.token_ids[0],
-            token=out.text,
-            top_logprobs=[lp.logprob for _, lp in ranked],
-            top_tokens=[lp.decoded_token or "" for _, lp in ranked],
-            prompt_tokens=len(final.prompt_token_ids or ()),
-            cached_tokens=final.num_cached_tokens or 0,
-        )
+        return _first_token_glimpse(final, top_k)
 
     async def step(
         self, prompt: Prompt, sampling: StepSampling, stream: bool = False, affinity_key: str | None = None,
-        next_glimpse: NextGlimpse | None = None,
+        next_glimpse: NextGlimpse | None = None, glimpse_top_k: int | None = None,
     ) -> AsyncIterator[StepChunk]:
         """Generate until a stop string, EOS or ``max_tokens``.
 
-        Yields text deltas as they come when ``stream`` is set (else nothing but the last item), then
-        one ``done`` chunk holding the whole text, the engine's token counts and the finish reason, and,
-        when ``next_glimpse`` asks for it, the next step's glimpse (see ``_glimpse_after``).
+        With ``glimpse_top_k``, the first item carries the step's own glimpse: its first token's top-k raw
+        log-probs, the distribution a separate glimpse reads (the caller may cancel the call there). Yields text
+        deltas as they come when ``stream`` is set (else nothing but the last item), then one ``done`` chunk
+        holding the whole text, the engine's token counts and the finish reason, and, when ``next_glimpse``
+        asks for it, the next step's glimpse (see ``_glimpse_after``).
         """
         from vllm import SamplingParams
         from vllm.sampling_params import RequestOutputKind
@@ -185,16 +193,19 @@ class ModelPool:
             stop=list(sampling.stop) or None,
             seed=sampling.seed,
             ignore_eos=sampling.ignore_eos,
-            output_kind=RequestOutputKind.DELTA if stream else RequestOutputKind.FINAL_ONLY,
+            logprobs=glimpse_top_k,
+            output_kind=RequestOutputKind.DELTA if stream or glimpse_top_k else RequestOutputKind.FINAL_ONLY,
         )
         text, token_ids, last = [], [], None
         async for output in self._generate(prompt, params):
             delta = output.outputs[0]
             text.append(delta.text)
             token_ids.extend(delta.token_ids)
-            last = output
-            if stream and delta.text:
+            if glimpse_top_k and last is None:
+                yield StepChunk(text=delta.text if stream else "", glimpse=_first_token_glimpse(output, glimpse_top_k))
+            elif stream and delta.text:
                 yield StepChunk(text=delta.text)
+            last = output
         out, whole = last.outputs[0], "".join(text)
         yield StepChunk(
             text=whole,

@@ -56,6 +56,7 @@ class StepChunk:
     finish_reason: str | None = None
     stopped_by: str | None = None
     next_glimpse: Glimpse | None = None  # the fused glimpse, when asked for and the step allows it
+    glimpse: Glimpse | None = None  # on the first item of a step asked for its own glimpse (glimpse_in_step)
 
     @property
     def ended_by_eos(self) -> bool:

@@ -47,6 +47,7 @@ class RoutingOverrides(APIModel):
     tau: float | None = Field(None, ge=0, le=10, description="Entropy threshold in nats.")
     large_fraction: float | None = Field(None, ge=0, le=1, description="'random' and 'forced_fraction': large fraction.")
     fused_glimpse: bool | None = Field(None, description="Take each glimpse after a small step from that step's call.")
+    glimpse_in_step: bool | None = Field(None, description="Take each glimpse from the first token of a small step call.")
     token_budget: int | None = Field(None, ge=1, le=1_000_000, description="Most output tokens of all steps.")
     step_max_tokens: int | None = Field(None, ge=1, le=32_768, description="Most tokens of one step.")
 

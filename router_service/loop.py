@@ -25,7 +25,7 @@ class PoolClient(Protocol):
     async def glimpse(self, prompt: Prompt, top_k: int, affinity_key: str) -> Glimpse: ...
 
     def step(self, prompt: Prompt, sampling: StepSampling, stream: bool, affinity_key: str,
-             next_glimpse: NextGlimpse | None = None) -> AsyncIterator[StepChunk]: ...
+             next_glimpse: NextGlimpse | None = None, glimpse_top_k: int | None = None) -> AsyncIterator[StepChunk]: ...
 
 
 @dataclass(frozen=True)
@@ -82,6 +82,13 @@ class AnswerDone:
 LoopEvent = ReasoningDelta | StepDone | AnswerDelta | AnswerDone
 
 
+async def _continued(first: StepChunk, rest: AsyncIterator[StepChunk]) -> AsyncIterator[StepChunk]:
+    """A step call's items again, its first one already read."""
+    yield first
+    async for chunk in rest:
+        yield chunk
+
+
 def thinking_finished(steps: list[StepRecord], budget: int) -> bool:
     """The stop rules: ``</think>`` or EOS in the last step, two identical last steps, budget spent."""
     if not steps:
@@ -133,34 +140,44 @@ class StepLoop:
                 prompts[pool] = self.renderers[pool].step_prompt(req.messages, texts, cfg.delimiter)
             return prompts[pool]
 
-        glimpse_ms, logprobs = 0.0, None
         policy = self.tau_controller.apply(req.policy, *req.tau_bounds) if self.tau_controller else req.policy
         glimpsed = needs_glimpse(policy)
-        if glimpsed and fused is not None:
-            glimpse_ms, logprobs = fused.ms, fused.top_logprobs
-        elif glimpsed:
-            t0 = time.perf_counter()
-            glimpse = await self.pools["small"].glimpse(prompt_for("small"), cfg.top_k, req.request_id)
-            glimpse_ms, logprobs = (time.perf_counter() - t0) * 1e3, glimpse.top_logprobs
-        decision = decide(policy, logprobs, seeded_draw(policy.seed, req.request_id, index), index)
-        prompt = prompt_for(decision.pool)
         used = sum(s.output_tokens for s in steps)
         sampling = StepSampling(
             max_tokens=min(cfg.step_max_tokens, cfg.token_budget - used), temperature=req.temperature,
             top_p=req.top_p, stop=[cfg.delimiter], seed=None if req.seed is None else req.seed + index,
             ignore_eos=cfg.ignore_eos,
         )
-        # fuse the next glimpse into a small step that leaves budget for another step; not into step 0, whose
-        # prompt (the generation prompt) is not a prefix of step 1's ("<think>" opens the assistant turn)
-        ask_next = glimpsed and policy.fused_glimpse and decision.pool == "small" and index > 0 and \
-            used + sampling.max_tokens < cfg.token_budget
+        glimpse_ms, logprobs, small_call = 0.0, None, None
+        t0 = time.perf_counter()
+        if glimpsed and fused is not None:
+            glimpse_ms, logprobs = fused.ms, fused.top_logprobs
+        elif glimpsed and policy.glimpse_in_step:  # the small step call glimpses: its first item holds the glimpse
+            small_call = self.pools["small"].step(prompt_for("small"), sampling, req.stream, req.request_id,
+                                                  glimpse_top_k=cfg.top_k)
+            first = await anext(small_call)
+            glimpse_ms, logprobs = (time.perf_counter() - t0) * 1e3, first.glimpse.top_logprobs
+        elif glimpsed:
+            glimpse = await self.pools["small"].glimpse(prompt_for("small"), cfg.top_k, req.request_id)
+            glimpse_ms, logprobs = (time.perf_counter() - t0) * 1e3, glimpse.top_logprobs
+        decision = decide(policy, logprobs, seeded_draw(policy.seed, req.request_id, index), index)
+        if small_call is not None and decision.pool == "small":
+            chunks = _continued(first, small_call)
+        else:
+            if small_call is not None:
+                await small_call.aclose()  # the large pool writes the step: the small call stops after its first token
+            # fuse the next glimpse into a small step that leaves budget for another step; not into step 0, whose
+            # prompt (the generation prompt) is not a prefix of step 1's ("<think>" opens the assistant turn)
+            ask_next = glimpsed and policy.fused_glimpse and decision.pool == "small" and index > 0 and \
+                used + sampling.max_tokens < cfg.token_budget
+            chunks = self.pools[decision.pool].step(prompt_for(decision.pool), sampling, req.stream, req.request_id,
+                                                    NextGlimpse(cfg.top_k, cfg.delimiter) if ask_next else None)
         t0 = time.perf_counter()
         last = None
-        async for chunk in self.pools[decision.pool].step(prompt, sampling, req.stream, req.request_id,
-                                                           NextGlimpse(cfg.top_k, cfg.delimiter) if ask_next else None):
+        async for chunk in chunks:
             if chunk.done:
                 last = chunk
-            else:
+            elif chunk.text:
                 yield ReasoningDelta(chunk.text)
         step_ms = (time.perf_counter() - t0) * 1e3 - (last.next_glimpse.ms if last.next_glimpse else 0.0)
         yield StepDone(StepRecord(

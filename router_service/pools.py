@@ -42,14 +42,17 @@ class ServePoolClient:
             self.in_flight -= 1
 
     async def step(self, prompt: Prompt, sampling: StepSampling, stream: bool, affinity_key: str,
-                   next_glimpse: NextGlimpse | None = None) -> AsyncIterator[StepChunk]:
-        """The step's chunks (see ``ModelPool.step``)."""
+                   next_glimpse: NextGlimpse | None = None, glimpse_top_k: int | None = None,
+                   ) -> AsyncIterator[StepChunk]:
+        """The step's chunks (see ``ModelPool.step``). Closing this generator early cancels the call, which
+        aborts the engine request."""
         self.in_flight += 1
         try:
             for attempt in range(self._retries + 1):
                 sent = False
+                call = self._step.remote(prompt, sampling, stream, affinity_key=affinity_key,
+                                         next_glimpse=next_glimpse, glimpse_top_k=glimpse_top_k)
                 try:
-                    call = self._step.remote(prompt, sampling, stream, affinity_key=affinity_key, next_glimpse=next_glimpse)
                     async for chunk in call:
                         sent = sent or not chunk.done
                         yield chunk
@@ -58,6 +61,9 @@ class ServePoolClient:
                     if sent or attempt == self._retries:
                         raise
                     self._retrying(exc)
+                except GeneratorExit:
+                    call.cancel()
+                    raise
         finally:
             self.in_flight -= 1
 

@@ -220,7 +220,11 @@ class Router:
     def _settings(self, tenant: Tenant, body) -> tuple[PolicySettings, StepSettings]:
         """The request's policy and step limits: router defaults < tenant defaults < request fields."""
         policy = tenant.settings.policy.model_copy(update={
-            k: v for k in ("policy", "tau", "large_fraction", "fused_glimpse") if (v := getattr(body, k)) is not None})
+            k: v for k in ("policy", "tau", "large_fraction", "fused_glimpse", "glimpse_in_step")
+            if (v := getattr(body, k)) is not None})
+        if policy.fused_glimpse and policy.glimpse_in_step:
+            raise APIError(400, "fused_glimpse and glimpse_in_step exclude each other: choose one",
+                           param="glimpse_in_step", code="conflicting_options")
         base = self.cfg.router.steps
         budget = body.token_budget or min(base.token_budget, tenant.settings.max_token_budget)
         if budget > tenant.settings.max_token_budget:

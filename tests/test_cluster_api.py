@@ -112,6 +112,29 @@ def test_fused_glimpse_routes_as_the_separate_glimpse(client, question):
         assert got["entropy"] == pytest.approx(ref["entropy"], abs=1e-3)
 
 
+@pytest.mark.parametrize("question", ["Why is the sky blue?", "Explain how to compute 17*23 step by step."])
+def test_glimpse_in_step_routes_as_the_separate_glimpse(client, question):
+    """``glimpse_in_step`` reads each glimpse from the first token of a small step call (cancelled when the step
+    goes large): greedy, the same steps go to the same pools with the same entropies as with separate
+    glimpses."""
+    def run(in_step):
+        response = chat(client, question, tau=1.0, glimpse_in_step=in_step, token_budget=64)
+        assert response.status_code == 200, response.text
+        return client.get(f"/v1/requests/{response.json()['id']}").json()["steps"]
+
+    separate, in_step = run(False), run(True)
+    assert [(s["pool"], s["text"]) for s in in_step] == [(s["pool"], s["text"]) for s in separate]
+    assert len(in_step) >= 3 and {s["pool"] for s in in_step} == {"small", "large"}, "want steps in both pools"
+    for ref, got in zip(separate, in_step):
+        assert got["entropy"] == pytest.approx(ref["entropy"], abs=1e-3)
+
+
+def test_fused_and_in_step_glimpses_conflict(client):
+    response = chat(client, fused_glimpse=True, glimpse_in_step=True)
+    assert response.status_code == 400
+    assert response.json()["error"]["param"] == "glimpse_in_step"
+
+
 # ---- the OpenAI API -------------------------------------------------------------------------------------
 
 def test_openai_client_non_streaming(local_cluster, key):

@@ -35,11 +35,14 @@ class Call:
     stream: bool | None
     key: str
     next_glimpse: NextGlimpse | None = None
+    glimpse_top_k: int | None = None
+    closed_early: bool = False
 
 
 class FakePool:
     """Records every call; answers glimpses and steps from scripts, in order. Like ModelPool, it yields
-    text deltas only when asked to stream."""
+    text deltas only when asked to stream, and a step asked for its own glimpse yields it first (with the
+    first token's text, "<first>", when streaming)."""
 
     def __init__(self, outputs=(), glimpses=(), fused=()):
         self.outputs, self.glimpses, self.fused, self.calls = list(outputs), list(glimpses), list(fused), []
@@ -48,8 +51,15 @@ class FakePool:
         self.calls.append(Call("glimpse", prompt, top_k, None, affinity_key))
         return Glimpse(7, "x", self.glimpses.pop(0), ["x"] * top_k, 10, 0)
 
-    async def step(self, prompt, sampling: StepSampling, stream, affinity_key, next_glimpse=None):
-        self.calls.append(Call("step", prompt, sampling, stream, affinity_key, next_glimpse))
+    async def step(self, prompt, sampling: StepSampling, stream, affinity_key, next_glimpse=None, glimpse_top_k=None):
+        call = Call("step", prompt, sampling, stream, affinity_key, next_glimpse, glimpse_top_k)
+        self.calls.append(call)
+        if glimpse_top_k:
+            try:
+                yield StepChunk("<first>" if stream else "", glimpse=Glimpse(7, "x", self.glimpses.pop(0), ["x"] * 20, 10, 0))
+            except GeneratorExit:
+                call.closed_early = True
+                raise
         out = self.outputs.pop(0)
         if stream:
             half = len(out.text) // 2
@@ -79,9 +89,10 @@ class FakeRenderer:
         return (self.role, "final", messages[-1]["content"], tuple(steps), delimiter)
 
 
-def request(policy="glimprouter", *, stream=False, temperature=0.6, seed=None, fused=False, **steps) -> LoopRequest:
+def request(policy="glimprouter", *, stream=False, temperature=0.6, seed=None, fused=False, in_step=False,
+            **steps) -> LoopRequest:
     settings = PolicySettings(policy=policy, tau=1.0, large_fraction=1.0 if policy == "random" else 0.25,
-                              fused_glimpse=fused)
+                              fused_glimpse=fused, glimpse_in_step=in_step)
     return LoopRequest("req-1", MESSAGES, settings, StepSettings(**steps), temperature, 0.95, seed, stream)
 
 
@@ -194,6 +205,33 @@ async def test_fused_glimpse_prompt_is_the_next_small_steps_prompt():
     assert [s.glimpse_fused for s in steps_of(events)] == [False, False, True]
     assert small.of("step")[2].prompt == [900 + 4]  # the fused glimpse from step 1's call (the 4th call)
     assert renderers["small"].rendered == 2 and renderers["large"].rendered == 0  # steps 0 and 1 only
+
+
+@pytest.mark.parametrize("stream", [False, True])
+async def test_glimpse_in_step_routes_by_the_step_calls_first_token(stream):
+    """Each step opens a small step call asking for its own glimpse: a small step goes on in that call (one
+    small-pool call per step), a large one closes it after the first item and goes to the large pool; the
+    closed call's first token is never shown."""
+    small = FakePool([Out("s0"), Out("s2 </think>")], glimpses=[LOW, HIGH, LOW])
+    large = FakePool([Out("l1"), Out(ANSWER)])
+    events = await run(request(in_step=True, stream=stream, top_k=5), small, large)
+
+    steps = steps_of(events)
+    assert [(s.pool, s.text, s.glimpse_fused) for s in steps] == [
+        ("small", "s0", False), ("large", "l1", False), ("small", "s2 </think>", False)]
+    assert steps[1].entropy == pytest.approx(math.log(20)) and steps[0].entropy < 1e-20
+    assert [(c.kind, c.glimpse_top_k, c.closed_early) for c in small.calls] == [
+        ("step", 5, False), ("step", 5, True), ("step", 5, False)]
+    history = [(), ("s0",), ("s0", "l1")]
+    assert [c.prompt[3] for c in small.calls] == history and large.calls[0].prompt[3] == history[1]
+    assert small.calls[1].arg == large.calls[0].arg  # the same sampling, whichever pool writes the step
+    reasoning = "".join(e.text for e in events if isinstance(e, ReasoningDelta))
+    assert reasoning == ("<first>s0l1<first>s2 </think>" if stream else "")
+
+
+def test_fused_and_in_step_glimpses_exclude_each_other():
+    with pytest.raises(ValueError, match="exclude each other"):
+        PolicySettings(fused_glimpse=True, glimpse_in_step=True)
 
 
 async def test_glimpse_ignores_temperature():
