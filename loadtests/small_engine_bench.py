@@ -1,0 +1,134 @@
+"""The small pool's engine alone, in process, under the routed small-pool workload: where its time per
+iteration goes.
+
+    python -m loadtests.small_engine_bench [--streams 32] [--seconds 20] [--glimpses lp20,plain,none]
+
+One vLLM engine configured as the GPU benchmark's small pool (``cluster/configs/gpu-bench.yaml``, random
+weights). ``--streams`` requests run at once; each writes steps of 96 tokens on its growing prompt (a
+200-token prompt, then each step and the delimiter appended, 16 steps a request), as the router's small steps
+do, and takes a glimpse before each step: ``lp20`` is the router's (one greedy token with its top-20
+log-probs), ``plain`` one greedy token without log-probs, ``none`` no glimpse. For each, after a warm-up,
+prints the engine's iterations per second, wall time per iteration and decode tokens per iteration (from
+vLLM's iteration stats) and the new requests per iteration.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import random
+import time
+import uuid
+from pathlib import Path
+
+from cluster.config import load_config
+from deployments.pool import engine_args
+from loadtests.gpu_models import build_model, build_tokenizer
+
+STEP_TOKENS, STEPS, PROMPT_TOKENS = 96, 16, 200
+DELIMITER_ID = 271  # a token standing for the step delimiter
+GLIMPSES = ("lp20", "plain", "none")
+
+
+class IterationCounter:
+    """Counts the engine's iterations, decode tokens and new requests (a vLLM stat logger's view)."""
+
+    def __init__(self):
+        self.iterations = self.decode_tokens = self.requests = 0
+
+    def logger_factory(self):
+        from vllm.v1.metrics.loggers import StatLoggerBase
+
+        counter = self
+
+        class Logger(StatLoggerBase):
+            def __init__(self, vllm_config, engine_index: int = 0):
+                pass
+
+            def record(self, scheduler_stats, iteration_stats, *args, **kwargs) -> None:
+                if iteration_stats is not None:
+                    counter.iterations += 1
+                    counter.decode_tokens += iteration_stats.num_generation_tokens
+
+            def log_engine_initialized(self) -> None:
+                pass
+
+        return Logger
+
+
+async def run_stream(engine, counter: IterationCounter, glimpse: str, seed: int) -> None:
+    """One stream of requests: steps with a glimpse before each, until cancelled."""
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
+    from vllm.sampling_params import RequestOutputKind
+
+    rnd = random.Random(seed)
+    final = RequestOutputKind.FINAL_ONLY
+    glimpse_params = SamplingParams(max_tokens=1, temperature=0.0, logprobs=20 if glimpse == "lp20" else None,
+                                    output_kind=final)
+    step_params = SamplingParams(max_tokens=STEP_TOKENS, temperature=0.6, top_p=0.95, stop=["\n\n"], ignore_eos=True,
+                                 output_kind=final)
+    while True:
+        prompt = [rnd.randrange(1000, 150_000) for _ in range(PROMPT_TOKENS)]
+        for _ in range(STEPS):
+            calls = [glimpse_params, step_params] if glimpse != "none" else [step_params]
+            for params in calls:
+                counter.requests += 1
+                async for out in engine.generate(TokensPrompt(prompt_token_ids=prompt), params, request_id=uuid.uuid4().hex):
+                    last = out
+            prompt = prompt + list(last.outputs[0].token_ids) + [DELIMITER_ID]
+
+
+async def measure(engine, counter: IterationCounter, glimpse: str, streams: int, warmup_s: float, seconds: float) -> dict:
+    """The engine's figures over ``seconds`` after ``warmup_s`` of ``streams`` streams."""
+    tasks = [asyncio.create_task(run_stream(engine, counter, glimpse, seed)) for seed in range(streams)]
+    await asyncio.sleep(warmup_s)
+    start = (counter.iterations, counter.decode_tokens, counter.requests, time.perf_counter())
+    await asyncio.sleep(seconds)
+    iterations, tokens, requests = (now - then for now, then in zip(
+        (counter.iterations, counter.decode_tokens, counter.requests), start))
+    wall = time.perf_counter() - start[3]
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+    return {"glimpse": glimpse, "streams": streams, "iterations_per_s": round(iterations / wall, 1),
+            "ms_per_iteration": round(wall * 1e3 / max(iterations, 1), 2),
+            "decode_tokens_per_iteration": round(tokens / max(iterations, 1), 1),
+            "new_requests_per_iteration": round(requests / max(iterations, 1), 2)}
+
+
+async def main_async(args) -> None:
+    from vllm.engine.arg_utils import AsyncEngineArgs
+    from vllm.v1.engine.async_llm import AsyncLLM
+
+    small = load_config("gpu-bench").pools.small
+    root = args.models.resolve()
+    build_tokenizer(root)
+    model = small.model.model_copy(update={"path": build_model(root, "qwen2.5-1.5b"), "tokenizer": str(root / "tokenizer")})
+    counter = IterationCounter()
+    print("starting the small engine (CUDA graphs: about a minute)", flush=True)
+    engine = AsyncLLM.from_engine_args(AsyncEngineArgs(**engine_args(small.model_copy(update={"model": model}))),
+                                       stat_loggers=[counter.logger_factory()])
+    try:
+        for glimpse in args.glimpses:
+            print(await measure(engine, counter, glimpse, args.streams, args.warmup, args.seconds), flush=True)
+    finally:
+        engine.shutdown()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--streams", type=int, default=32, help="requests at once")
+    parser.add_argument("--seconds", type=float, default=20.0, help="measured time per glimpse kind")
+    parser.add_argument("--warmup", type=float, default=5.0, help="seconds before measuring")
+    parser.add_argument("--glimpses", type=lambda s: s.split(","), default=list(GLIMPSES),
+                        help="comma-separated glimpse kinds: " + ", ".join(GLIMPSES))
+    parser.add_argument("--models", type=Path, default=Path("models/bench"), help="where the model folders go")
+    args = parser.parse_args()
+    if unknown := set(args.glimpses) - set(GLIMPSES):
+        parser.error(f"unknown glimpse kinds {sorted(unknown)}")
+    asyncio.run(main_async(args))
+
+
+if __name__ == "__main__":
+    main()
