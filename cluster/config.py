@@ -188,7 +188,7 @@ class PolicySettings(StrictModel):
     policy: PolicyName = Field("glimprouter", description="Which policy routes each step.")
     tau: float = Field(1.0, ge=0, le=10, description="Entropy threshold (nats): H >= tau sends the step to the large pool.")
     large_fraction: float = Field(0.25, ge=0, le=1, description="'random' policy: fraction of steps sent to the large pool.")
-    seed: int = Field(0, ge=0, description="'random' policy: seed (with the request id) of the draws.")
+    seed: int = Field(0, ge=0, description="'random' and 'forced_fraction': seed (with the request id) of the draws.")
     fused_glimpse: bool = Field(
         False, description="After a small step, take the next step's glimpse in the same small-pool call instead of a "
         "separate one, on the same prompt (the step's prompt, text and delimiter, tokenized again in the pool)."

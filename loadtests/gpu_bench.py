@@ -11,8 +11,9 @@ field last (a lever under test), and the result file names it. The model folders
 real Qwen2.5 shapes and random weights (``loadtests.gpu_models``), so the routing is forced (see the config)
 and every run says so. ``single`` breaks each request's time down from the system's own metrics; ``load``
 runs closed loops at fixed numbers of requests in flight (``--rounds`` requests per slot), for client arms
-(``ARMS``: streamed, not streamed, streamed with fused glimpses, streamed with glimpses in the step calls) on one running system; each level records
-throughput (over the level, and steady while every slot was busy), latency, TTFT, goodput, steps per
+(``ARMS``: streamed, not streamed, streamed with fused glimpses or with glimpses in the step calls, and two
+streamed baselines by request policy: ``random`` routing, which takes no glimpse, and ``large`` only) on one
+running system; each level records throughput (over the level, and steady while every slot was busy), latency, TTFT, goodput, steps per
 request, prefix-cache hits, each pool's step and glimpse times, and each pool's engine iterations and tokens
 (from the pools' engine counters). Results go to ``results/gpu/`` as JSON.
 """
@@ -131,6 +132,8 @@ ARMS = {  # request fields of each client arm
     "final": {"stream": False},
     "fused": {"stream": True, "stream_options": {"include_usage": True}, "fused_glimpse": True},
     "instep": {"stream": True, "stream_options": {"include_usage": True}, "glimpse_in_step": True},
+    "random": {"stream": True, "stream_options": {"include_usage": True}, "policy": "random"},  # 25%, at random steps
+    "large": {"stream": True, "stream_options": {"include_usage": True}, "policy": "large_only"},
 }
 
 

@@ -1,13 +1,14 @@
 """The small pool's engine alone, in process, under the routed small-pool workload: where its time per
 iteration goes.
 
-    python -m loadtests.small_engine_bench [--streams 32] [--seconds 20] [--glimpses lp20,plain,none]
+    python -m loadtests.small_engine_bench [--streams 32] [--seconds 20] [--glimpses lp20,plain,none,instep]
 
 One vLLM engine configured as the GPU benchmark's small pool (``cluster/configs/gpu-bench.yaml``, random
 weights). ``--streams`` requests run at once; each writes steps of 96 tokens on its growing prompt (a
 200-token prompt, then each step and the delimiter appended, 16 steps a request), as the router's small steps
 do, and takes a glimpse before each step: ``lp20`` is the router's (one greedy token with its top-20
-log-probs), ``plain`` one greedy token without log-probs, ``none`` no glimpse. For each, after a warm-up,
+log-probs), ``plain`` one greedy token without log-probs, ``none`` no glimpse, ``instep`` none but top-20
+log-probs on every step token (what ``glimpse_in_step`` asks of the engine). For each, after a warm-up,
 prints the engine's iterations per second, wall time per iteration and decode tokens per iteration (from
 vLLM's iteration stats) and the new requests per iteration.
 """
@@ -27,7 +28,7 @@ from loadtests.gpu_models import build_model, build_tokenizer
 
 STEP_TOKENS, STEPS, PROMPT_TOKENS = 96, 16, 200
 DELIMITER_ID = 271  # a token standing for the step delimiter
-GLIMPSES = ("lp20", "plain", "none")
+GLIMPSES = ("lp20", "plain", "none", "instep")
 
 
 class IterationCounter:
@@ -67,11 +68,11 @@ async def run_stream(engine, counter: IterationCounter, glimpse: str, seed: int)
     glimpse_params = SamplingParams(max_tokens=1, temperature=0.0, logprobs=20 if glimpse == "lp20" else None,
                                     output_kind=final)
     step_params = SamplingParams(max_tokens=STEP_TOKENS, temperature=0.6, top_p=0.95, stop=["\n\n"], ignore_eos=True,
-                                 output_kind=final)
+                                 logprobs=20 if glimpse == "instep" else None, output_kind=final)
     while True:
         prompt = [rnd.randrange(1000, 150_000) for _ in range(PROMPT_TOKENS)]
         for _ in range(STEPS):
-            calls = [glimpse_params, step_params] if glimpse != "none" else [step_params]
+            calls = [step_params] if glimpse in ("none", "instep") else [glimpse_params, step_params]
             for params in calls:
                 counter.requests += 1
                 async for out in engine.generate(TokensPrompt(prompt_token_ids=prompt), params, request_id=uuid.uuid4().hex):

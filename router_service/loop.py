@@ -13,7 +13,7 @@ from typing import Protocol
 
 from cluster.config import PolicySettings, PoolRole, StepSettings
 from deployments.protocol import Glimpse, NextGlimpse, Prompt, StepChunk, StepSampling
-from router_service.policy import decide, needs_glimpse, seeded_draw
+from router_service.policy import decide, needs_glimpse
 from router_service.prompts import THINK_CLOSE, PromptRenderer
 from router_service.state import StepRecord
 from router_service.tau_control import TauController
@@ -160,7 +160,7 @@ class StepLoop:
         elif glimpsed:
             glimpse = await self.pools["small"].glimpse(prompt_for("small"), cfg.top_k, req.request_id)
             glimpse_ms, logprobs = (time.perf_counter() - t0) * 1e3, glimpse.top_logprobs
-        decision = decide(policy, logprobs, seeded_draw(policy.seed, req.request_id, index), index)
+        decision = decide(policy, logprobs, req.request_id, index)
         if small_call is not None and decision.pool == "small":
             chunks = _continued(first, small_call)
         else:

@@ -28,29 +28,41 @@ class Decision:
     entropy: float | None
 
 
-def _glimprouter(entropy: float | None, settings: PolicySettings, draw: float, index: int) -> PoolRole:
-    return "large" if entropy is not None and entropy >= settings.tau else "small"
+@dataclass(frozen=True)
+class StepDraw:
+    """What a policy sees of a step besides its settings: the glimpse's entropy (None without one), the step's
+    index, a uniform draw fixed by (seed, request, step), and one fixed by (seed, request) alone."""
+
+    entropy: float | None
+    index: int
+    draw: float
+    request_draw: float
 
 
-def _large_only(entropy: float | None, settings: PolicySettings, draw: float, index: int) -> PoolRole:
+def _glimprouter(step: StepDraw, settings: PolicySettings) -> PoolRole:
+    return "large" if step.entropy is not None and step.entropy >= settings.tau else "small"
+
+
+def _large_only(step: StepDraw, settings: PolicySettings) -> PoolRole:
     return "large"
 
 
-def _small_only(entropy: float | None, settings: PolicySettings, draw: float, index: int) -> PoolRole:
+def _small_only(step: StepDraw, settings: PolicySettings) -> PoolRole:
     return "small"
 
 
-def _random(entropy: float | None, settings: PolicySettings, draw: float, index: int) -> PoolRole:
-    return "large" if draw < settings.large_fraction else "small"
+def _random(step: StepDraw, settings: PolicySettings) -> PoolRole:
+    return "large" if step.draw < settings.large_fraction else "small"
 
 
-def _forced_fraction(entropy: float | None, settings: PolicySettings, draw: float, index: int) -> PoolRole:
-    """Benchmarks on random weights (every entropy equal): evenly spaced steps, ``large_fraction`` of them."""
-    f = settings.large_fraction
-    return "large" if math.floor((index + 1) * f) > math.floor(index * f) else "small"
+def _forced_fraction(step: StepDraw, settings: PolicySettings) -> PoolRole:
+    """Benchmarks on random weights (every entropy equal): ``large_fraction`` of the steps, evenly spaced, at a
+    phase of the request's own, so that requests started together do not all write their large steps at once."""
+    f, phase = settings.large_fraction, step.request_draw
+    return "large" if math.floor((step.index + 1) * f + phase) > math.floor(step.index * f + phase) else "small"
 
 
-PolicyFn = Callable[[float | None, PolicySettings, float, int], PoolRole]
+PolicyFn = Callable[[StepDraw, PolicySettings], PoolRole]
 POLICIES: dict[str, PolicyFn] = {
     "glimprouter": _glimprouter,
     "large_only": _large_only,
@@ -66,13 +78,16 @@ def needs_glimpse(settings: PolicySettings) -> bool:
     return settings.policy in ("glimprouter", "forced_fraction")
 
 
-def seeded_draw(seed: int, request_id: str, step_index: int) -> float:
-    """A uniform draw in [0, 1) fixed by (seed, request, step): a resumed request redraws the same."""
-    digest = hashlib.blake2b(f"{seed}|{request_id}|{step_index}".encode(), digest_size=8).digest()
+def seeded_draw(seed: int, request_id: str, step_index: int | None = None) -> float:
+    """A uniform draw in [0, 1) fixed by (seed, request, step), or by (seed, request) without a step: a resumed
+    request redraws the same."""
+    key = f"{seed}|{request_id}" if step_index is None else f"{seed}|{request_id}|{step_index}"
+    digest = hashlib.blake2b(key.encode(), digest_size=8).digest()
     return (int.from_bytes(digest, "big") >> 11) / 2**53
 
 
-def decide(settings: PolicySettings, top_logprobs: Sequence[float] | None, draw: float, index: int = 0) -> Decision:
-    """Route step ``index``: ``top_logprobs`` of the glimpse (None if no glimpse), ``draw`` for 'random'."""
+def decide(settings: PolicySettings, top_logprobs: Sequence[float] | None, request_id: str, index: int = 0) -> Decision:
+    """Route step ``index`` of request ``request_id``: ``top_logprobs`` of the glimpse (None if no glimpse)."""
     entropy = first_token_entropy(top_logprobs) if top_logprobs else None
-    return Decision(POLICIES[settings.policy](entropy, settings, draw, index), entropy)
+    step = StepDraw(entropy, index, seeded_draw(settings.seed, request_id, index), seeded_draw(settings.seed, request_id))
+    return Decision(POLICIES[settings.policy](step, settings), entropy)

@@ -36,26 +36,24 @@ def test_entropy_is_shift_invariant_and_needs_input():
 def test_glimprouter_threshold():
     lps = [-0.2, -1.9, -3.1]
     h = first_token_entropy(lps)
-    at = decide(PolicySettings(tau=h), lps, 0.5)
+    at = decide(PolicySettings(tau=h), lps, "req")
     assert (at.pool, at.entropy) == ("large", h)                       # H >= tau -> large
-    assert decide(PolicySettings(tau=math.nextafter(h, 10)), lps, 0.5).pool == "small"  # H just below tau
-    assert decide(PolicySettings(tau=0.0), [0.0], 0.5).pool == "large"  # H = 0 = tau
-    assert decide(PolicySettings(tau=0.0), None, 0.5) == policy.Decision("small", None)  # no glimpse
+    assert decide(PolicySettings(tau=math.nextafter(h, 10)), lps, "req").pool == "small"  # H just below tau
+    assert decide(PolicySettings(tau=0.0), [0.0], "req").pool == "large"  # H = 0 = tau
+    assert decide(PolicySettings(tau=0.0), None, "req") == policy.Decision("small", None)  # no glimpse
 
 
 @pytest.mark.parametrize("name, pool", [("large_only", "large"), ("small_only", "small")])
 def test_fixed_policies(name, pool):
     settings = PolicySettings(policy=name, tau=0.0)
-    for lps, draw in [([0.0] * 20, 0.0), ([0.0, -50.0], 0.99), (None, 0.5)]:
-        assert decide(settings, lps, draw).pool == pool
+    for index, lps in enumerate([[0.0] * 20, [0.0, -50.0], None]):
+        assert decide(settings, lps, "req", index).pool == pool
 
 
 def test_random_policy_fraction():
-    draws = [seeded_draw(7, "req-x", i) for i in range(4000)]
-
     def large_share(fraction: float) -> float:
-        settings = PolicySettings(policy="random", large_fraction=fraction)
-        return sum(decide(settings, None, d).pool == "large" for d in draws) / len(draws)
+        settings = PolicySettings(policy="random", large_fraction=fraction, seed=7)
+        return sum(decide(settings, None, "req-x", i).pool == "large" for i in range(4000)) / 4000
 
     assert large_share(0.0) == 0.0
     assert large_share(1.0) == 1.0
@@ -64,6 +62,7 @@ def test_random_policy_fraction():
 
 def test_seeded_draw():
     draw = seeded_draw(3, "req-1", 4)
+    assert seeded_draw(3, "req-1") not in (draw, seeded_draw(3, "req-1", 0))  # the request's own draw
     assert 0.0 <= draw < 1.0
     assert seeded_draw(3, "req-1", 4) == draw
     assert len({draw, seeded_draw(4, "req-1", 4), seeded_draw(3, "req-2", 4), seeded_draw(3, "req-1", 5)}) == 4
@@ -80,8 +79,15 @@ def test_needs_glimpse():
         == [True, False, False, False]
 
 
-def test_forced_fraction_spaces_large_steps_evenly_and_still_glimpses():
+def test_forced_fraction_spaces_large_steps_evenly_at_a_phase_per_request_and_still_glimpses():
     settings = PolicySettings(policy="forced_fraction", large_fraction=0.25)
-    pools = [decide(settings, [-1.0, -2.0], 0.0, index).pool for index in range(24)]
-    assert [i for i, p in enumerate(pools) if p == "large"] == [3, 7, 11, 15, 19, 23]
+
+    def large_steps(request_id: str) -> list[int]:
+        return [i for i in range(24) if decide(settings, [-1.0, -2.0], request_id, i).pool == "large"]
+
+    schedules = [large_steps(f"req-{n}") for n in range(40)]
+    for steps in schedules:
+        assert len(steps) == 6 and {b - a for a, b in zip(steps, steps[1:])} == {4}  # every fourth step
+    assert {steps[0] for steps in schedules} == {0, 1, 2, 3}  # requests differ in phase
+    assert large_steps("req-0") == schedules[0]  # fixed by the request: a resumed request routes the same
     assert needs_glimpse(settings)
