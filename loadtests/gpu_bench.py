@@ -296,14 +296,13 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[max(0, math.ceil(q * len(ordered)) - 1)]
 
 
-def steady_throughput(results: list[dict]) -> float | None:
-    """Completions per second while every slot of the closed loop was busy: from the first completion (the
-    requests of the first round all start together) to the last start (after it the loop drains). ``None``
-    when the level is too short to have such a window."""
-    first_end, last_start = min(r["end_s"] for r in results), max(r["start_s"] for r in results)
-    if last_start <= first_end:
-        return None
-    return round(sum(first_end < r["end_s"] <= last_start for r in results) / (last_start - first_end), 4)
+def steady_throughput(results: list[dict], concurrency: int) -> float | None:
+    """Requests per second while every slot of the closed loop was busy, by Little's law: ``concurrency`` over the
+    mean latency of the requests started from the first completion on (the first round, started all at once,
+    is left out). ``None`` when no request started after the first completion."""
+    first_end = min(r["end_s"] for r in results)
+    later = [r["end_s"] - r["start_s"] for r in results if r["start_s"] >= first_end]
+    return round(concurrency / statistics.fmean(later), 4) if later else None
 
 
 def summarize(concurrency: int, results: list[dict], wall: float, bound_s: float) -> dict:
@@ -315,7 +314,7 @@ def summarize(concurrency: int, results: list[dict], wall: float, bound_s: float
     steps = [s for r in results for s in r["routing"]["steps"]]
     return {
         "concurrency": concurrency, "requests": len(results), "wall_s": round(wall, 2),
-        "throughput_rps": round(len(results) / wall, 4), "steady_rps": steady_throughput(results),
+        "throughput_rps": round(len(results) / wall, 4), "steady_rps": steady_throughput(results, concurrency),
         "p50_s": round(statistics.median(latency), 2), "p95_s": round(percentile(latency, 0.95), 2),
         "ttft_p50_s": round(statistics.median(ttft), 3), "ttft_p95_s": round(percentile(ttft, 0.95), 3),
         "goodput_rps": round(sum(x <= bound_s for x in latency) / wall, 4), "latency_bound_s": bound_s,

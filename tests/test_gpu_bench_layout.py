@@ -77,14 +77,19 @@ def test_level_summary_splits_step_and_glimpse_times_by_pool_and_kind():
     assert summarize(2, [result, short], 10.0, 30.0)["steps_per_request"] == 3
 
 
-def test_steady_throughput_counts_completions_while_every_slot_is_busy():
+def test_steady_throughput_is_concurrency_over_the_latency_after_the_first_round():
     # two slots, one request after another in each: 10 s requests in slot A, 15 s then 10 s in slot B
     slot_a = [(0, 10), (10, 20), (20, 30), (30, 40)]
     slot_b = [(0, 15), (15, 25), (25, 35), (35, 45)]
     results = [{"start_s": s, "end_s": e} for s, e in slot_a + slot_b]
-    # 5 completions from 10 s (the first end) to 35 s (the last start): each slot's 0.1/s, where the whole
-    # level's 8 requests over 45 s (the drain included) would say 0.178/s
-    assert steady_throughput(results) == 0.2
+    # each slot completes 0.1/s once past the first round, where the whole level's 8 requests over 45 s (the
+    # drain included) would say 0.178/s
+    assert steady_throughput(results, 2) == 0.2
+    # three slots whose first round ends spread out (19, 20, 21 s), then 20 s a request: 3 / 20 s, where
+    # counting completions from the first end (19 s) to the last start would count the first round's tail
+    spread = [(0, end) for end in (19, 20, 21)] + [(end + 20 * k, end + 20 * (k + 1)) for end in (19, 20, 21) for k in range(2)]
+    assert steady_throughput([{"start_s": s, "end_s": e} for s, e in spread], 3) == 0.15
+    assert steady_throughput([{"start_s": 0, "end_s": 10}], 1) is None
 
 
 def test_engine_figures_come_from_the_pools_engine_counters(monkeypatch):
