@@ -82,11 +82,13 @@ def panels() -> list[dict]:
         panel("Pool ongoing requests and queue depth", "short",
               [(f'sum by (pool) ({series("glimprouter_pool_ongoing_requests")})', "ongoing {{pool}}"),
                (f'sum by (pool) ({series("glimprouter_pool_queue_depth")})', "queued {{pool}}")]),
-        panel("Engine iterations/s and tokens per iteration by pool", "short",
+        panel("Engine iterations/s, tokens per iteration and busy engines by pool", "short",
               [(rate("glimprouter_engine_iterations", "pool"), "iterations/s {{pool}}"),
                (f'{rate("glimprouter_engine_tokens", "pool, kind")} / ignoring(kind) group_left '
-                f'{rate("glimprouter_engine_iterations", "pool")}', "{{kind}} tokens/iteration {{pool}}")],
-              "Scheduler iterations per second, and the decode (batch) and prefill tokens each iteration computed."),
+                f'{rate("glimprouter_engine_iterations", "pool")}', "{{kind}} tokens/iteration {{pool}}"),
+               (rate("glimprouter_engine_busy_seconds", "pool"), "busy engines {{pool}}")],
+              "Scheduler iterations per second, the decode (batch) and prefill tokens each iteration computed, and "
+              "how many of the pool's engines were iterating (busy seconds per second)."),
         panel("Output tokens/s by tenant and pool", "short",
               [(rate("glimprouter_tokens", "tenant, pool"), "{{tenant}} {{pool}}")]),
         panel("Tau offset (nats)", "short",

@@ -84,21 +84,41 @@ def resolve_tokenizer_dir(settings: PoolSettings) -> str:
     return settings.model.tokenizer or resolve_model_dir(settings)
 
 
+class BusyClock:
+    """An engine's busy time, from when its iterations end: the gap before an iteration counts unless the one
+    before it left the engine with nothing to run (then the engine waited for a request; that iteration's own
+    time is lost with the wait)."""
+
+    def __init__(self):
+        self.last: float | None = None
+        self.active = False
+
+    def tick(self, now: float, active_after: bool) -> float:
+        """Seconds to add for the iteration that ended at ``now``; ``active_after``: work was left after it."""
+        busy = now - self.last if self.last is not None and self.active else 0.0
+        self.last, self.active = now, active_after
+        return busy
+
+
 def engine_stats_logger(role: str):
     """A vLLM stat-logger factory that exports, per pool, the scheduler's waiting requests (queue depth) and, as
-    counters (exact, where Ray exports a histogram's sum from its bucket midpoints), the engine's iterations and
-    the decode and prefill tokens they computed."""
+    counters (exact, where Ray exports a histogram's sum from its bucket midpoints), the engine's iterations, its
+    busy time (see ``BusyClock``) and the decode and prefill tokens its iterations computed."""
     from vllm.v1.metrics.loggers import StatLoggerBase
 
     class EngineStatsLogger(StatLoggerBase):
         def __init__(self, vllm_config, engine_index: int = 0):
-            pass
+            self.clock = BusyClock()
 
         def record(self, scheduler_stats, iteration_stats, *args, **kwargs) -> None:
             if scheduler_stats is not None:
                 metrics.set_gauge("glimprouter_pool_queue_depth", scheduler_stats.num_waiting_reqs, pool=role)
             if iteration_stats is not None:
                 metrics.inc("glimprouter_engine_iterations", pool=role)
+                left = scheduler_stats is not None and (scheduler_stats.num_waiting_reqs > 0 or
+                                                        scheduler_stats.num_running_reqs > len(iteration_stats.finished_requests))
+                if busy := self.clock.tick(time.monotonic(), left):
+                    metrics.inc("glimprouter_engine_busy_seconds", busy, pool=role)
                 for kind, tokens in (("decode", iteration_stats.num_generation_tokens),
                                      ("prefill", iteration_stats.prompt_token_stats.computed)):
                     if tokens:

@@ -272,7 +272,8 @@ async def load(args) -> None:
 def engine_figures(cfg: ClusterConfig, moved: dict, wall_s: float) -> dict:
     """Each pool's engines over a level, from the pools' engine counters: scheduler iterations per second (all
     replicas), time per iteration of one engine (the level's wall time over its iterations: idle time counts,
-    so an upper bound), decode tokens per iteration (the batch) and prefill tokens per second."""
+    so an upper bound), the engines' busy fraction and time per busy iteration (idle time left out), decode
+    tokens per iteration (the batch) and prefill tokens per second."""
     from cluster.metrics import SPECS
     from cluster.operators import total
 
@@ -281,10 +282,14 @@ def engine_figures(cfg: ClusterConfig, moved: dict, wall_s: float) -> dict:
         iterations = total(moved, SPECS["glimprouter_engine_iterations"].exported, pool=role)
         if not iterations:
             continue
+        busy_s = total(moved, SPECS["glimprouter_engine_busy_seconds"].exported, pool=role)
         tokens = {kind: total(moved, SPECS["glimprouter_engine_tokens"].exported, pool=role, kind=kind)
                   for kind in ("decode", "prefill")}
+        replicas = pool.autoscaling.max_replicas
         figures[role] = {"iterations_per_s": round(iterations / wall_s, 1),
-                         "ms_per_iteration": round(1e3 * wall_s * pool.autoscaling.max_replicas / iterations, 2),
+                         "ms_per_iteration": round(1e3 * wall_s * replicas / iterations, 2),
+                         "busy_fraction": round(busy_s / (wall_s * replicas), 3),
+                         "ms_per_busy_iteration": round(1e3 * busy_s / iterations, 2),
                          "decode_tokens_per_iteration": round(tokens["decode"] / iterations, 1),
                          "prefill_tokens_per_s": round(tokens["prefill"] / wall_s)}
     return figures

@@ -1,7 +1,9 @@
-"""The router's sliding large-step fraction."""
+"""Metrics: the router's sliding large-step fraction; the pools' engine counters."""
 
 from collections import deque
 from unittest import mock
+
+import pytest
 
 from cluster import metrics
 
@@ -13,3 +15,31 @@ def test_large_fraction_is_the_share_of_large_steps_in_the_last_window():
             window.append(pool == "large")
             assert fraction.record(pool) == sum(window) / len(window)
     gauge.assert_called_with("glimprouter_large_step_fraction", 1 / 3)
+
+
+def test_engine_stats_logger_counts_iterations_tokens_and_busy_time_but_not_waits(monkeypatch):
+    from types import SimpleNamespace
+
+    from deployments import pool
+
+    counted = []
+    monkeypatch.setattr(metrics, "inc", lambda name, value=1, **tags: counted.append((name, value)))
+    monkeypatch.setattr(metrics, "set_gauge", lambda *args, **tags: None)
+    clock = iter([10.0, 10.004, 10.010, 12.0, 12.005])
+    monkeypatch.setattr(pool.time, "monotonic", lambda: next(clock))
+    logger = pool.engine_stats_logger("small")(None)
+
+    def iteration(running, waiting, finished, decode=2, prefill=0):
+        stats = SimpleNamespace(num_generation_tokens=decode, prompt_token_stats=SimpleNamespace(computed=prefill),
+                                finished_requests=[object()] * finished)
+        logger.record(SimpleNamespace(num_running_reqs=running, num_waiting_reqs=waiting), stats)
+
+    iteration(2, 0, 0, prefill=30)  # 10.000: the first end, nothing before it to count
+    iteration(2, 0, 0)              # 10.004: 4 ms busy
+    iteration(2, 0, 2)              # 10.010: 6 ms busy; both requests finished, the engine waits
+    iteration(1, 0, 0)              # 12.000: after a wait: not counted
+    iteration(1, 0, 0)              # 12.005: 5 ms busy
+    busy = [value for name, value in counted if name == "glimprouter_engine_busy_seconds"]
+    assert busy == pytest.approx([0.004, 0.006, 0.005])
+    assert sum(value for name, value in counted if name == "glimprouter_engine_iterations") == 5
+    assert ("glimprouter_engine_tokens", 30) in counted
