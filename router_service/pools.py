@@ -50,9 +50,9 @@ class ServePoolClient:
         try:
             for attempt in range(self._retries + 1):
                 sent = False
-                call = self._step.remote(prompt, sampling, stream, affinity_key=affinity_key,
-                                         next_glimpse=next_glimpse, glimpse_top_k=glimpse_top_k)
                 try:
+                    call = self._step.remote(prompt, sampling, stream, affinity_key=affinity_key,
+                                             next_glimpse=next_glimpse, glimpse_top_k=glimpse_top_k)
                     async for chunk in call:
                         sent = sent or not chunk.done
                         yield chunk
