@@ -100,10 +100,11 @@ class BusyClock:
         return busy
 
 
-def engine_stats_logger(role: str):
+def engine_stats_logger(role: str, now=time.monotonic):
     """A vLLM stat-logger factory that exports, per pool, the scheduler's waiting requests (queue depth) and, as
     counters (exact, where Ray exports a histogram's sum from its bucket midpoints), the engine's iterations, its
-    busy time (see ``BusyClock``) and the decode and prefill tokens its iterations computed."""
+    busy time (see ``BusyClock``; ``now`` reads the clock) and the decode and prefill tokens its iterations
+    computed."""
     from vllm.v1.metrics.loggers import StatLoggerBase
 
     class EngineStatsLogger(StatLoggerBase):
@@ -117,7 +118,7 @@ def engine_stats_logger(role: str):
                 metrics.inc("glimprouter_engine_iterations", pool=role)
                 left = scheduler_stats is not None and (scheduler_stats.num_waiting_reqs > 0 or
                                                         scheduler_stats.num_running_reqs > len(iteration_stats.finished_requests))
-                if busy := self.clock.tick(time.monotonic(), left):
+                if busy := self.clock.tick(now(), left):
                     metrics.inc("glimprouter_engine_busy_seconds", busy, pool=role)
                 for kind, tokens in (("decode", iteration_stats.num_generation_tokens),
                                      ("prefill", iteration_stats.prompt_token_stats.computed)):

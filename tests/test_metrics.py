@@ -26,8 +26,7 @@ def test_engine_stats_logger_counts_iterations_tokens_and_busy_time_but_not_wait
     monkeypatch.setattr(metrics, "inc", lambda name, value=1, **tags: counted.append((name, value)))
     monkeypatch.setattr(metrics, "set_gauge", lambda *args, **tags: None)
     clock = iter([10.0, 10.004, 10.010, 12.0, 12.005])
-    monkeypatch.setattr(pool.time, "monotonic", lambda: next(clock))
-    logger = pool.engine_stats_logger("small")(None)
+    logger = pool.engine_stats_logger("small", now=lambda: next(clock))(None)
 
     def iteration(running, waiting, finished, decode=2, prefill=0):
         stats = SimpleNamespace(num_generation_tokens=decode, prompt_token_stats=SimpleNamespace(computed=prefill),
