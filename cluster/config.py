@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 PoolRole = Literal["small", "large"]
@@ -199,11 +199,12 @@ class PolicySettings(StrictModel):
         "of two. When the step goes to the large pool, the small call is cancelled after that token."
     )
 
-    @model_validator(mode="after")
-    def _one_glimpse_shortcut(self) -> PolicySettings:
-        if self.fused_glimpse and self.glimpse_in_step:
+    @field_validator("glimpse_in_step")
+    @classmethod
+    def _excludes_fused_glimpse(cls, glimpse_in_step: bool, info: ValidationInfo) -> bool:
+        if glimpse_in_step and info.data.get("fused_glimpse"):
             raise ValueError("fused_glimpse and glimpse_in_step exclude each other: choose one")
-        return self
+        return glimpse_in_step
 
 
 class StepSettings(StrictModel):

@@ -127,13 +127,14 @@ async def start(cfg: ClusterConfig, nodes: list[LocalNode]) -> tuple[str, str]:
     return base, await bench_key(cfg)
 
 
+STREAMED = {"stream": True, "stream_options": {"include_usage": True}}
 ARMS = {  # request fields of each client arm
-    "stream": {"stream": True, "stream_options": {"include_usage": True}},
+    "stream": STREAMED,
     "final": {"stream": False},
-    "fused": {"stream": True, "stream_options": {"include_usage": True}, "fused_glimpse": True},
-    "instep": {"stream": True, "stream_options": {"include_usage": True}, "glimpse_in_step": True},
-    "random": {"stream": True, "stream_options": {"include_usage": True}, "policy": "random"},  # 25%, at random steps
-    "large": {"stream": True, "stream_options": {"include_usage": True}, "policy": "large_only"},
+    "fused": {**STREAMED, "fused_glimpse": True},
+    "instep": {**STREAMED, "glimpse_in_step": True},
+    "random": {**STREAMED, "policy": "random"},  # 25%, at random steps
+    "large": {**STREAMED, "policy": "large_only"},
 }
 
 
@@ -197,7 +198,7 @@ async def single(args) -> None:
     async with httpx.AsyncClient(base_url=base, headers={"Authorization": f"Bearer {key}"}, timeout=3600) as client:
         await warm_up(client, cfg)
         for label, fields, n in (("routed", ARMS["stream"], args.requests),
-                                 ("large_only", {**ARMS["stream"], "policy": "large_only"}, 1)):
+                                 ("large_only", ARMS["large"], 1)):
             for i in range(n):
                 before = scrape(endpoints)
                 result = await one_request(client, cfg.name, i, fields)
@@ -414,11 +415,10 @@ def main() -> None:
     p.add_argument("files", nargs="+")
     p.add_argument("--out", default=str(RESULTS / "load.png"))
     args = parser.parse_args()
-    if args.command != "plot":
-        args.set = dict(args.set)
     if args.command == "plot":
         plot(args)
         return
+    args.set = dict(args.set)
     build_tokenizer(args.models)
     for name in ("qwen2.5-1.5b", "qwen2.5-14b"):
         build_model(args.models, name)

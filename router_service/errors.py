@@ -33,15 +33,15 @@ class APIError(Exception):
         return JSONResponse(self.body(), status_code=self.status, headers=self.headers)
 
 
-def validation_error(exc: Exception) -> APIError:
-    """A pydantic validation failure as a 422 naming the first bad field."""
+def validation_error(exc: Exception, status: int = 422) -> APIError:
+    """A pydantic validation failure as an error (422 unless ``status`` says otherwise) naming the first bad field."""
     errors = exc.errors() if hasattr(exc, "errors") else []
     if not errors:
-        return APIError(422, str(exc))
+        return APIError(status, str(exc))
     first = errors[0]
     loc = [str(p) for p in first.get("loc", ()) if p not in ("body",)]
     param = ".".join(loc) or None
-    return APIError(422, f"{param}: {first.get('msg')}" if param else first.get("msg", "invalid request"),
+    return APIError(status, f"{param}: {first.get('msg')}" if param else first.get("msg", "invalid request"),
                     param=param, code="invalid_value")
 
 

@@ -31,12 +31,21 @@ class Decision:
 @dataclass(frozen=True)
 class StepDraw:
     """What a policy sees of a step besides its settings: the glimpse's entropy (None without one), the step's
-    index, a uniform draw fixed by (seed, request, step), and one fixed by (seed, request) alone."""
+    index, and uniform draws (made only when a policy reads them) fixed by (seed, request, step) and by (seed,
+    request) alone."""
 
     entropy: float | None
     index: int
-    draw: float
-    request_draw: float
+    seed: int
+    request_id: str
+
+    @property
+    def draw(self) -> float:
+        return seeded_draw(self.seed, self.request_id, self.index)
+
+    @property
+    def request_draw(self) -> float:
+        return seeded_draw(self.seed, self.request_id)
 
 
 def _glimprouter(step: StepDraw, settings: PolicySettings) -> PoolRole:
@@ -89,5 +98,4 @@ def seeded_draw(seed: int, request_id: str, step_index: int | None = None) -> fl
 def decide(settings: PolicySettings, top_logprobs: Sequence[float] | None, request_id: str, index: int = 0) -> Decision:
     """Route step ``index`` of request ``request_id``: ``top_logprobs`` of the glimpse (None if no glimpse)."""
     entropy = first_token_entropy(top_logprobs) if top_logprobs else None
-    step = StepDraw(entropy, index, seeded_draw(settings.seed, request_id, index), seeded_draw(settings.seed, request_id))
-    return Decision(POLICIES[settings.policy](step, settings), entropy)
+    return Decision(POLICIES[settings.policy](StepDraw(entropy, index, settings.seed, request_id), settings), entropy)

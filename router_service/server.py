@@ -26,7 +26,7 @@ from cluster.config import ClusterConfig, PolicySettings, StepSettings
 from cluster.redis_server import redis_url
 from deployments.pool import resolve_tokenizer_dir
 from router_service import responses
-from router_service.api_models import ChatCompletionRequest, CompletionRequest, openapi_body
+from router_service.api_models import ChatCompletionRequest, CompletionRequest, RoutingOverrides, openapi_body
 from router_service.errors import APIError, install_error_handlers, validation_error
 from router_service.loop import AnswerDelta, AnswerDone, LoopRequest, ReasoningDelta, StepDone, StepLoop
 from router_service.policy import needs_glimpse
@@ -41,6 +41,7 @@ log = logging.getLogger("ray.serve")
 app = FastAPI(title="GlimpRouter", description="Step-level collaborative inference, OpenAI-compatible.",
               docs_url=None, redoc_url=None, openapi_url=None)
 install_error_handlers(app)
+POLICY_OVERRIDES = tuple(k for k in RoutingOverrides.model_fields if k in PolicySettings.model_fields)  # a request's policy fields
 
 
 def _reject_constant(name: str):
@@ -219,12 +220,11 @@ class Router:
 
     def _settings(self, tenant: Tenant, body) -> tuple[PolicySettings, StepSettings]:
         """The request's policy and step limits: router defaults < tenant defaults < request fields."""
-        policy = tenant.settings.policy.model_copy(update={
-            k: v for k in ("policy", "tau", "large_fraction", "fused_glimpse", "glimpse_in_step")
-            if (v := getattr(body, k)) is not None})
-        if policy.fused_glimpse and policy.glimpse_in_step:
-            raise APIError(400, "fused_glimpse and glimpse_in_step exclude each other: choose one",
-                           param="glimpse_in_step", code="conflicting_options")
+        overrides = {k: v for k in POLICY_OVERRIDES if (v := getattr(body, k)) is not None}
+        try:  # each field is valid alone (the body's model); together they may not be
+            policy = PolicySettings.model_validate({**tenant.settings.policy.model_dump(), **overrides})
+        except ValidationError as exc:
+            raise validation_error(exc, status=400) from None
         base = self.cfg.router.steps
         budget = body.token_budget or min(base.token_budget, tenant.settings.max_token_budget)
         if budget > tenant.settings.max_token_budget:
