@@ -45,30 +45,44 @@ RESULTS = Path("results/gpu")
 FORCED = "routing forced: random weights make every first-token entropy equal; a glimpse still runs before every step"
 
 
-LAYOUTS = {  # name: (what it places where, the replicas of each pool on each GPU, one local Ray node per GPU)
-    "one-gpu": ("both pools on one GPU (the single-stream layout)", [{"small": 1, "large": 1}]),
-    "routed-2gpu": ("small pool on GPU 0, large pool on GPU 1", [{"small": 1}, {"large": 1}]),
-    "shared-2gpu": ("one small and one large replica on each GPU", [{"small": 1, "large": 1}] * 2),
-    "routed-dp-2gpu": ("two small replicas on GPU 0 (data parallel), the large pool on GPU 1", [{"small": 2}, {"large": 1}]),
-    "large-only-2gpu": ("one large replica on each GPU, policy large_only", [{"large": 1}] * 2),
+GPU0, GPU1, BOTH = (0,), (1,), (0, 1)
+LAYOUTS = {  # name: (what it places where, [(replicas of each pool on a local Ray node, the GPUs the node owns)])
+    "one-gpu": ("both pools on one GPU (the single-stream layout)", [({"small": 1, "large": 1}, GPU0)]),
+    "routed-2gpu": ("small pool on GPU 0, large pool on GPU 1", [({"small": 1}, GPU0), ({"large": 1}, GPU1)]),
+    "shared-2gpu": ("one small and one large replica on each GPU",
+                    [({"small": 1, "large": 1}, GPU0), ({"small": 1, "large": 1}, GPU1)]),
+    "routed-dp-2gpu": ("two small replicas on GPU 0 (data parallel), the large pool on GPU 1",
+                       [({"small": 2}, GPU0), ({"large": 1}, GPU1)]),
+    "large-only-2gpu": ("one large replica on each GPU, policy large_only", [({"large": 1}, GPU0), ({"large": 1}, GPU1)]),
+    "tp2-32b-2gpu": ("the large pool as Qwen2.5-32B over both GPUs (tensor parallel 2), a small replica on each GPU",
+                     [({"small": 1}, GPU0), ({"small": 1}, GPU1), ({"large": 1}, BOTH)]),
+}
+MULTICAST_OFF = {  # the device machines forbid NVLink multicast; vLLM's symmetric-memory all-reduce would use it
+    "NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1",
+    "VLLM_ALLREDUCE_USE_SYMM_MEM": "0",
 }
 METRICS_LAG_S = 12  # Ray exports metrics every few seconds
 
 
 def layout(name: str, steps: int, models_dir: Path, overrides: dict | None = None
            ) -> tuple[ClusterConfig, list[LocalNode]]:
-    """The benchmark config and local Ray nodes (one per GPU, advertising the pools it hosts) for ``name``,
-    with ``steps`` steps per request, absolute model folders and ``{dotted.path: value}`` overrides set last."""
+    """The benchmark config and local Ray nodes (each advertising the pools it hosts, owning its GPUs) for
+    ``name``, with ``steps`` steps per request, absolute model folders and ``{dotted.path: value}`` overrides
+    set last."""
     data = load_config("gpu-bench").model_dump(mode="json", exclude_none=True)
+    small, large = data["pools"]["small"], data["pools"]["large"]
+    if name == "tp2-32b-2gpu":
+        large["model"]["path"] = "qwen2.5-32b"
+        large["engine"].update(tensor_parallel_size=2, gpu_memory_utilization=0.75, kv_cache_gib=20)
+        large["placement"]["num_gpus"] = 2
     for pool in data["pools"].values():
         for key in ("path", "tokenizer"):
             pool["model"][key] = str(models_dir.resolve() / Path(pool["model"][key]).name)
     data["router"]["steps"]["token_budget"] = steps * data["router"]["steps"]["step_max_tokens"]
-    small, large = data["pools"]["small"], data["pools"]["large"]
     hosts = LAYOUTS[name][1]
     for role, pool in (("small", small), ("large", large)):
         pool["placement"].update(node_resource=f"{role}_pool", node_resource_units=1)
-        if (replicas := sum(gpu.get(role, 0) for gpu in hosts)) > 1:
+        if (replicas := sum(pools.get(role, 0) for pools, _ in hosts)) > 1:
             pool["autoscaling"].update(min_replicas=replicas, max_replicas=replicas)
     if name in ("routed-2gpu", "routed-dp-2gpu", "large-only-2gpu"):  # each pool has GPUs of its own
         for pool, kv in ((small, 16), (large, 40)):
@@ -87,7 +101,8 @@ def layout(name: str, steps: int, models_dir: Path, overrides: dict | None = Non
             node = node.setdefault(key, {})
         node[leaf] = value
     gpus = local_gpus()
-    nodes = [LocalNode({f"{role}_pool": float(n) for role, n in gpu.items()}, (gpus[i],)) for i, gpu in enumerate(hosts)]
+    nodes = [LocalNode({f"{role}_pool": float(n) for role, n in pools.items()}, tuple(gpus[i] for i in owned))
+             for pools, owned in hosts]
     try:
         return ClusterConfig.model_validate(data), nodes
     except ValidationError as exc:
@@ -123,6 +138,7 @@ async def start(cfg: ClusterConfig, nodes: list[LocalNode]) -> tuple[str, str]:
     from cluster import launcher
 
     subprocess.run([sys.executable, "-m", "cluster", "down"], check=False)
+    os.environ.update(MULTICAST_OFF)  # the Ray nodes, and so the engines, inherit it
     base = launcher.up(cfg, num_cpus=8, nodes=nodes)
     return base, await bench_key(cfg)
 

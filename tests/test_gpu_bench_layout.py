@@ -4,6 +4,7 @@ advertises units) and its per-level figures."""
 from __future__ import annotations
 
 import argparse
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -15,14 +16,19 @@ from loadtests.gpu_bench import (LAYOUTS, breakdown, engine_figures, layout, par
 
 
 @pytest.mark.parametrize("name", list(LAYOUTS))
-def test_layout_places_each_replica_on_its_own_gpu_node(name, monkeypatch):
+def test_layout_fits_its_replicas_on_the_gpus(name, monkeypatch):
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1")
     cfg, nodes = layout(name, 16, Path("models/bench"))
     assert cfg.router.steps.token_budget == 16 * cfg.router.steps.step_max_tokens
+    memory = Counter()  # per GPU: the memory fraction its engines take (nodes that own the same GPU share it)
     for node in nodes:
-        assert len(node.gpus) == 1
-        replicas = [(pool, node.resources.get(f"{role}_pool", 0)) for role, pool in cfg.pools.items()]
-        assert sum(pool.placement.num_gpus * n for pool, n in replicas) <= 1  # they share its one GPU
+        for role, pool in cfg.pools.items():
+            replicas = node.resources.get(f"{role}_pool", 0)
+            assert pool.placement.num_gpus * replicas <= len(node.gpus)  # Ray can place them on the node
+            for gpu in node.gpus:  # a tensor-parallel engine takes its fraction on each of its GPUs
+                memory[gpu] += (pool.engine.gpu_memory_utilization or 0) * replicas
+    assert max(memory.values()) <= 1
+    assert sorted(memory) == (["0", "1"] if name.endswith("2gpu") else ["0"])
     configured = dict(load_config("gpu-bench").pools.items())
     for role, pool in cfg.pools.items():
         assert pool.autoscaling.max_ongoing_requests == configured[role].autoscaling.max_ongoing_requests  # kept
@@ -30,7 +36,16 @@ def test_layout_places_each_replica_on_its_own_gpu_node(name, monkeypatch):
         assert pool.placement.node_resource_units == 1
         if pool.autoscaling.min_replicas > 0:  # large-only leaves the small pool at zero replicas, hosted nowhere
             assert pool.autoscaling.max_replicas <= hosts, f"{role}: more replicas than nodes to hold them"
-    assert [n.gpus[0] for n in nodes] == ["0", "1"][:len(nodes)]
+
+
+def test_tensor_parallel_layout_spans_both_gpus_with_the_32b_shape(monkeypatch):
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2,3")
+    cfg, nodes = layout("tp2-32b-2gpu", 16, Path("models/bench"))
+    large = dict(cfg.pools.items())["large"]
+    assert large.engine.tensor_parallel_size == 2 and large.placement.num_gpus == 2
+    assert Path(large.model.path).name == "qwen2.5-32b"
+    assert [(node.resources, node.gpus) for node in nodes] == [
+        ({"small_pool": 1.0}, ("2",)), ({"small_pool": 1.0}, ("3",)), ({"large_pool": 1.0}, ("2", "3"))]
 
 
 def test_overrides_set_config_fields_last_and_name_the_result(monkeypatch):
