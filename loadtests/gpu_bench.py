@@ -39,7 +39,7 @@ from pydantic import ValidationError
 
 from cluster.config import ClusterConfig, ConfigError, format_validation_error, load_config
 from cluster.launcher import LocalNode, local_gpus
-from loadtests.gpu_models import build_model, build_tokenizer
+from loadtests.gpu_models import SHAPES, build_model, build_tokenizer
 
 RESULTS = Path("results/gpu")
 FORCED = "routing forced: random weights make every first-token entropy equal; a glimpse still runs before every step"
@@ -436,7 +436,7 @@ def main() -> None:
         return
     args.set = dict(args.set)
     build_tokenizer(args.models)
-    for name in ("qwen2.5-1.5b", "qwen2.5-14b"):
+    for name in SHAPES:
         build_model(args.models, name)
     print(FORCED, flush=True)
     try:
