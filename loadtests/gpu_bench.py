@@ -279,18 +279,19 @@ async def load(args) -> None:
             await asyncio.sleep(METRICS_LAG_S)
             now = scrape(endpoints)
             level = {"arm": arm, **summarize(concurrency, results, wall, args.latency_bound),
-                     "engines": engine_figures(cfg, delta(now, seen), wall)}
+                     "engines": engine_figures(cfg, delta(now, seen), wall, len(results))}
             seen = now
             result["levels"].append(level)
             print(json.dumps(level), flush=True)
             save(args.out, name, result)  # after every level: a cut-off run keeps what it measured
 
 
-def engine_figures(cfg: ClusterConfig, moved: dict, wall_s: float) -> dict:
-    """Each pool's engines over a level, from the pools' engine counters: scheduler iterations per second (all
-    replicas), time per iteration of one engine (the level's wall time over its iterations: idle time counts,
-    so an upper bound), the engines' busy fraction and time per busy iteration (idle time left out), decode
-    tokens per iteration (the batch) and prefill tokens per second."""
+def engine_figures(cfg: ClusterConfig, moved: dict, wall_s: float, requests: int) -> dict:
+    """Each pool's engines over a level of ``requests`` requests, from the pools' engine counters: scheduler
+    iterations per second (all replicas) and per request, time per iteration of one engine (the level's wall
+    time over its iterations: idle time counts, so an upper bound), the engines' busy fraction, time per busy
+    iteration (idle time left out) and busy time per request (engines that share a GPU overlap), decode tokens
+    per iteration (the batch) and prefill tokens per second."""
     from cluster.metrics import SPECS
     from cluster.operators import total
 
@@ -304,9 +305,11 @@ def engine_figures(cfg: ClusterConfig, moved: dict, wall_s: float) -> dict:
                   for kind in ("decode", "prefill")}
         replicas = pool.autoscaling.max_replicas
         figures[role] = {"iterations_per_s": round(iterations / wall_s, 1),
+                         "iterations_per_request": round(iterations / requests, 1),
                          "ms_per_iteration": round(1e3 * wall_s * replicas / iterations, 2),
                          "busy_fraction": round(busy_s / (wall_s * replicas), 3),
                          "ms_per_busy_iteration": round(1e3 * busy_s / iterations, 2),
+                         "busy_ms_per_request": round(1e3 * busy_s / requests),
                          "decode_tokens_per_iteration": round(tokens["decode"] / iterations, 1),
                          "prefill_tokens_per_s": round(tokens["prefill"] / wall_s)}
     return figures

@@ -116,9 +116,10 @@ def test_engine_figures_come_from_the_pools_engine_counters(monkeypatch):
              (busy, frozenset({("pool", "small")})): 30.0,  # of the two engines' 40 s
              (tokens, frozenset({("pool", "small"), ("kind", "decode")})): 80_000.0,
              (tokens, frozenset({("pool", "small"), ("kind", "prefill")})): 12_000.0}
-    assert engine_figures(cfg, moved, 20.0) == {"small": {
-        "iterations_per_s": 200.0, "ms_per_iteration": 10.0, "busy_fraction": 0.75, "ms_per_busy_iteration": 7.5,
-        "decode_tokens_per_iteration": 20.0, "prefill_tokens_per_s": 600}}
+    assert engine_figures(cfg, moved, 20.0, requests=50) == {"small": {
+        "iterations_per_s": 200.0, "iterations_per_request": 80.0, "ms_per_iteration": 10.0, "busy_fraction": 0.75,
+        "ms_per_busy_iteration": 7.5, "busy_ms_per_request": 600, "decode_tokens_per_iteration": 20.0,
+        "prefill_tokens_per_s": 600}}
 
 
 def test_breakdown_splits_a_request_into_calls_redis_and_the_rest():
