@@ -6,7 +6,8 @@ driven through the HTTP API.
     python -m loadtests.gpu_bench plot results/gpu/load-*.json
 
 Settings come from ``cluster/configs/gpu-bench.yaml``; ``--layout`` patches its placement and replicas and
-starts one local Ray node per GPU, advertising the pools it hosts (see ``LAYOUTS``); ``--set`` overrides any
+starts local Ray nodes, each owning its GPUs and advertising the pools it hosts (see ``LAYOUTS``: a node per
+GPU, and for tensor parallelism one more that owns both); ``--set`` overrides any
 field last (a lever under test), and the result file names it. The model folders have
 real Qwen2.5 shapes and random weights (``loadtests.gpu_models``), so the routing is forced (see the config)
 and every run says so. ``single`` breaks each request's time down from the system's own metrics; ``load``
@@ -57,7 +58,9 @@ LAYOUTS = {  # name: (what it places where, [(replicas of each pool on a local R
     "tp2-32b-2gpu": ("the large pool as Qwen2.5-32B over both GPUs (tensor parallel 2), a small replica on each GPU",
                      [({"small": 1}, GPU0), ({"small": 1}, GPU1), ({"large": 1}, BOTH)]),
 }
-MULTICAST_OFF = {  # the device machines forbid NVLink multicast; vLLM's symmetric-memory all-reduce would use it
+# Hosts whose GPUs others share may forbid NVLink multicast (the lent ones do); vLLM's symmetric-memory all-reduce
+# uses it.
+MULTICAST_OFF = {
     "NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1",
     "VLLM_ALLREDUCE_USE_SYMM_MEM": "0",
 }

@@ -1,5 +1,5 @@
-"""The GPU benchmark's layouts (every replica fits a GPU node, as many replicas of a pool per node as it
-advertises units) and its per-level figures."""
+"""The GPU benchmark's layouts (Ray can place every replica on its node, the engines on a GPU fit its memory,
+as many replicas of a pool per node as it advertises units) and its per-level figures."""
 
 from __future__ import annotations
 
