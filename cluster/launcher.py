@@ -87,7 +87,8 @@ def start_ray(nodes: list[LocalNode], num_cpus: int) -> None:
 
 def deploy(cfg: ClusterConfig, timeout_s: float = 900) -> None:
     """Deploy the rendered Serve config through the dashboard (as ``serve deploy`` does, so that a later
-    ``cluster scale`` is a light update), and wait until every deployment is healthy, printing each change."""
+    ``cluster scale`` is a light update), and wait until every deployment is healthy, printing each change of
+    state or message (a replica's start error shows at once, not after Serve's retries)."""
     import ray
     from ray import serve
     from ray.dashboard.modules.serve.sdk import ServeSubmissionClient
@@ -103,9 +104,9 @@ def deploy(cfg: ClusterConfig, timeout_s: float = 900) -> None:
         if app is not None:
             for name, dep in app.deployments.items():
                 state = dep.status.value if hasattr(dep.status, "value") else str(dep.status)
-                if seen.get(name) != state:
-                    seen[name] = state
-                    say(f"  {name}: {state} ({time.time() - start:.0f} s)")
+                if seen.get(name) != (state, dep.message):
+                    seen[name] = (state, dep.message)
+                    say(progress_line(name, state, dep.message, time.time() - start))
             app_state = app.status.value if hasattr(app.status, "value") else str(app.status)
             if app_state == "RUNNING":
                 say(f"application ready in {time.time() - start:.0f} s")
@@ -114,6 +115,15 @@ def deploy(cfg: ClusterConfig, timeout_s: float = 900) -> None:
                 raise RuntimeError(f"deployment failed: {app.message}")
         time.sleep(2)
     raise TimeoutError(f"application not ready after {timeout_s:.0f} s")
+
+
+def progress_line(deployment: str, state: str, message: str, elapsed_s: float, width: int = 300) -> str:
+    """One line of deploy progress: the deployment's state and, when Serve gives one, its message (a replica
+    that failed to start: the message's first and last lines, which hold the count and the error)."""
+    lines = [line.strip() for line in (message or "").splitlines() if line.strip()]
+    detail = lines[0] if len(lines) == 1 else f"{lines[0]} ... {lines[-1]}" if lines else ""
+    line = f"  {deployment}: {state} ({elapsed_s:.0f} s){': ' + detail if detail else ''}"
+    return line if len(line) <= width else line[:width - 3] + "..."
 
 
 def ensure_admin_key() -> str:
