@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import secrets
 import shutil
@@ -88,7 +89,8 @@ def start_ray(nodes: list[LocalNode], num_cpus: int) -> None:
 def deploy(cfg: ClusterConfig, timeout_s: float = 900) -> None:
     """Deploy the rendered Serve config through the dashboard (as ``serve deploy`` does, so that a later
     ``cluster scale`` is a light update), and wait until every deployment is healthy, printing each change of
-    state or message (a replica's start error shows at once, not after Serve's retries)."""
+    state or of Serve's message (slow starts; the error of a replica that failed to start, once Serve's retries
+    are spent: ``RAY_SERVE_MAX_PER_REPLICA_RETRY_COUNT`` on the Ray nodes sets how many)."""
     import ray
     from ray import serve
     from ray.dashboard.modules.serve.sdk import ServeSubmissionClient
@@ -103,27 +105,47 @@ def deploy(cfg: ClusterConfig, timeout_s: float = 900) -> None:
         app = serve.status().applications.get(cfg.name)
         if app is not None:
             for name, dep in app.deployments.items():
-                state = dep.status.value if hasattr(dep.status, "value") else str(dep.status)
+                state = status_name(dep.status)
                 if seen.get(name) != (state, dep.message):
                     seen[name] = (state, dep.message)
                     say(progress_line(name, state, dep.message, time.time() - start))
-            app_state = app.status.value if hasattr(app.status, "value") else str(app.status)
+            app_state = status_name(app.status)
             if app_state == "RUNNING":
                 say(f"application ready in {time.time() - start:.0f} s")
                 return
             if app_state == "DEPLOY_FAILED":
-                raise RuntimeError(f"deployment failed: {app.message}")
+                failed = [f"{name}: {message_summary(dep.message)}" for name, dep in app.deployments.items()
+                          if status_name(dep.status) == "DEPLOY_FAILED"]
+                raise RuntimeError(f"deployment failed: {app.message} {' '.join(failed)}")
         time.sleep(2)
     raise TimeoutError(f"application not ready after {timeout_s:.0f} s")
 
 
-def progress_line(deployment: str, state: str, message: str, elapsed_s: float, width: int = 300) -> str:
-    """One line of deploy progress: the deployment's state and, when Serve gives one, its message (a replica
-    that failed to start: the message's first and last lines, which hold the count and the error)."""
-    lines = [line.strip() for line in (message or "").splitlines() if line.strip()]
-    detail = lines[0] if len(lines) == 1 else f"{lines[0]} ... {lines[-1]}" if lines else ""
+def status_name(status) -> str:
+    """A Serve status enum's name (``DEPLOY_FAILED``), whatever the Ray version returns."""
+    return status.value if hasattr(status, "value") else str(status)
+
+
+def progress_line(deployment: str, state: str, message: str, elapsed_s: float, width: int = 500) -> str:
+    """One line of deploy progress: the deployment's state and, when Serve gives one, its message shortened (see
+    ``message_summary``)."""
+    detail = message_summary(message)
     line = f"  {deployment}: {state} ({elapsed_s:.0f} s){': ' + detail if detail else ''}"
     return line if len(line) <= width else line[:width - 3] + "..."
+
+
+def message_summary(message: str) -> str:
+    """Serve's status message in one line: its first line and, for a replica that failed to start, the exception
+    its traceback ends with (that line and the indented one after it), else the message's last line."""
+    lines = [line.rstrip() for line in (message or "").splitlines() if line.strip()]
+    if len(lines) <= 1:
+        return lines[0].strip() if lines else ""
+    raised = [i for i, line in enumerate(lines) if re.match(r"[A-Za-z_][\w.]*(Error|Exception)\b", line)]
+    if not raised:
+        return f"{lines[0].strip()} ... {lines[-1].strip()}"
+    i = raised[-1]
+    detail = lines[i] + (f" {lines[i + 1].strip()}" if i + 1 < len(lines) and lines[i + 1].startswith(" ") else "")
+    return f"{lines[0].strip()} ... {detail}"
 
 
 def ensure_admin_key() -> str:

@@ -58,11 +58,13 @@ LAYOUTS = {  # name: (what it places where, [(replicas of each pool on a local R
     "tp2-32b-2gpu": ("the large pool as Qwen2.5-32B over both GPUs (tensor parallel 2), a small replica on each GPU",
                      [({"small": 1}, GPU0), ({"small": 1}, GPU1), ({"large": 1}, BOTH)]),
 }
-# Hosts whose GPUs others share may forbid NVLink multicast (the lent ones do); vLLM's symmetric-memory all-reduce
-# uses it.
-MULTICAST_OFF = {
+DEVICE_ENV = {  # for the Ray nodes the driver starts, and so for the engines
+    # Hosts whose GPUs others share may forbid NVLink multicast (the lent ones do); vLLM's symmetric-memory
+    # all-reduce uses it.
     "NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1",
     "VLLM_ALLREDUCE_USE_SYMM_MEM": "0",
+    # A replica that fails to start fails the run at its first try, not after Serve's three (device time is short).
+    "RAY_SERVE_MAX_PER_REPLICA_RETRY_COUNT": "1",
 }
 METRICS_LAG_S = 12  # Ray exports metrics every few seconds
 
@@ -141,7 +143,7 @@ async def start(cfg: ClusterConfig, nodes: list[LocalNode]) -> tuple[str, str]:
     from cluster import launcher
 
     subprocess.run([sys.executable, "-m", "cluster", "down"], check=False)
-    os.environ.update(MULTICAST_OFF)  # the Ray nodes, and so the engines, inherit it
+    os.environ.update(DEVICE_ENV)
     base = launcher.up(cfg, num_cpus=8, nodes=nodes)
     return base, await bench_key(cfg)
 
