@@ -89,8 +89,9 @@ def start_ray(nodes: list[LocalNode], num_cpus: int) -> None:
 def deploy(cfg: ClusterConfig, timeout_s: float = 900) -> None:
     """Deploy the rendered Serve config through the dashboard (as ``serve deploy`` does, so that a later
     ``cluster scale`` is a light update), and wait until every deployment is healthy, printing each change of
-    state or of Serve's message (slow starts; the error of a replica that failed to start, once Serve's retries
-    are spent: ``RAY_SERVE_MAX_PER_REPLICA_RETRY_COUNT`` on the Ray nodes sets how many)."""
+    state or of Serve's message (slow starts; each failed start of a replica with its exception, and the
+    deployment's failure once Serve's tries are spent: ``RAY_SERVE_MAX_PER_REPLICA_RETRY_COUNT`` on the Ray
+    nodes sets how many)."""
     import ray
     from ray import serve
     from ray.dashboard.modules.serve.sdk import ServeSubmissionClient

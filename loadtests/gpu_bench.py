@@ -63,7 +63,7 @@ DEVICE_ENV = {  # for the Ray nodes the driver starts, and so for the engines
     # all-reduce uses it.
     "NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1",
     "VLLM_ALLREDUCE_USE_SYMM_MEM": "0",
-    # A replica that fails to start fails the run at its first try, not after Serve's three (device time is short).
+    # A replica that fails to start fails the run at its first try, not its third (device time is short).
     "RAY_SERVE_MAX_PER_REPLICA_RETRY_COUNT": "1",
 }
 METRICS_LAG_S = 12  # Ray exports metrics every few seconds
