@@ -14,9 +14,10 @@ and every run says so. ``single`` breaks each request's time down from the syste
 runs closed loops at fixed numbers of requests in flight (``--rounds`` requests per slot), for client arms
 (``ARMS``: streamed, not streamed, streamed with fused glimpses or with glimpses in the step calls, and two
 streamed baselines by request policy: ``random`` routing, which takes no glimpse, and ``large`` only) on one
-running system; each level records throughput (over the level, and steady while every slot was busy), latency, TTFT, goodput, steps per
-request, prefix-cache hits, each pool's step and glimpse times, and each pool's engine iterations and tokens
-(from the pools' engine counters). Results go to ``results/gpu/`` as JSON.
+running system; each level records throughput (over the level, and steady while every slot was busy),
+latency, TTFT, goodput, steps per request, prefix-cache hits, each pool's step and glimpse times, and each
+pool's engine iterations, busy time and tokens (from the pools' engine counters). Results go to
+``results/gpu/`` as JSON.
 """
 
 from __future__ import annotations
