@@ -102,9 +102,9 @@ class BusyClock:
 
 def engine_stats_logger(role: str, now=time.monotonic):
     """A vLLM stat-logger factory that exports, per pool, the scheduler's waiting requests (queue depth) and, as
-    counters (exact, where Ray exports a histogram's sum from its bucket midpoints), the engine's iterations, its
-    busy time (see ``BusyClock``; ``now`` reads the clock) and the decode and prefill tokens its iterations
-    computed."""
+    counters (exact, where Ray exports a histogram's sum from its bucket midpoints), the engine's iterations and its
+    busy time (see ``BusyClock``; ``now`` reads the clock), both by phase (``mixed``: the iteration computed
+    prefill tokens, else ``decode``), and the decode and prefill tokens its iterations computed."""
     from vllm.v1.metrics.loggers import StatLoggerBase
 
     class EngineStatsLogger(StatLoggerBase):
@@ -115,13 +115,14 @@ def engine_stats_logger(role: str, now=time.monotonic):
             if scheduler_stats is not None:
                 metrics.set_gauge("glimprouter_pool_queue_depth", scheduler_stats.num_waiting_reqs, pool=role)
             if iteration_stats is not None:
-                metrics.inc("glimprouter_engine_iterations", pool=role)
+                prefill = iteration_stats.prompt_token_stats.computed
+                phase = "mixed" if prefill else "decode"
+                metrics.inc("glimprouter_engine_iterations", pool=role, phase=phase)
                 left = scheduler_stats is not None and (scheduler_stats.num_waiting_reqs > 0 or
                                                         scheduler_stats.num_running_reqs > len(iteration_stats.finished_requests))
                 if busy := self.clock.tick(now(), left):
-                    metrics.inc("glimprouter_engine_busy_seconds", busy, pool=role)
-                for kind, tokens in (("decode", iteration_stats.num_generation_tokens),
-                                     ("prefill", iteration_stats.prompt_token_stats.computed)):
+                    metrics.inc("glimprouter_engine_busy_seconds", busy, pool=role, phase=phase)
+                for kind, tokens in (("decode", iteration_stats.num_generation_tokens), ("prefill", prefill)):
                     if tokens:
                         metrics.inc("glimprouter_engine_tokens", tokens, pool=role, kind=kind)
 

@@ -297,7 +297,9 @@ def engine_figures(cfg: ClusterConfig, moved: dict, wall_s: float, requests: int
     iterations per second (all replicas) and per request, time per iteration of one engine (the level's wall
     time over its iterations: idle time counts, so an upper bound), the engines' busy fraction, time per busy
     iteration (idle time left out) and busy time per request (engines that share a GPU overlap), decode tokens
-    per iteration (the batch) and prefill tokens per second."""
+    per iteration (the batch) and prefill tokens per second; then the iterations that computed prefill tokens
+    (``mixed``) apart from the decode-only ones: their share, time per busy iteration of each, and prefill tokens
+    per mixed iteration."""
     from cluster.metrics import SPECS
     from cluster.operators import total
 
@@ -310,6 +312,8 @@ def engine_figures(cfg: ClusterConfig, moved: dict, wall_s: float, requests: int
         tokens = {kind: total(moved, SPECS["glimprouter_engine_tokens"].exported, pool=role, kind=kind)
                   for kind in ("decode", "prefill")}
         replicas = pool.autoscaling.max_replicas
+        mixed = total(moved, SPECS["glimprouter_engine_iterations"].exported, pool=role, phase="mixed")
+        mixed_busy_s = total(moved, SPECS["glimprouter_engine_busy_seconds"].exported, pool=role, phase="mixed")
         figures[role] = {"iterations_per_s": round(iterations / wall_s, 1),
                          "iterations_per_request": round(iterations / requests, 1),
                          "ms_per_iteration": round(1e3 * wall_s * replicas / iterations, 2),
@@ -317,7 +321,13 @@ def engine_figures(cfg: ClusterConfig, moved: dict, wall_s: float, requests: int
                          "ms_per_busy_iteration": round(1e3 * busy_s / iterations, 2),
                          "busy_ms_per_request": round(1e3 * busy_s / requests),
                          "decode_tokens_per_iteration": round(tokens["decode"] / iterations, 1),
-                         "prefill_tokens_per_s": round(tokens["prefill"] / wall_s)}
+                         "prefill_tokens_per_s": round(tokens["prefill"] / wall_s),
+                         "mixed_fraction": round(mixed / iterations, 3),
+                         "ms_per_busy_iteration_by_phase": {
+                             phase: round(1e3 * phase_busy_s / count, 2) for phase, phase_busy_s, count in
+                             (("decode", busy_s - mixed_busy_s, iterations - mixed), ("mixed", mixed_busy_s, mixed))
+                             if count},
+                         "prefill_tokens_per_mixed_iteration": round(tokens["prefill"] / mixed, 1) if mixed else 0.0}
     return figures
 
 

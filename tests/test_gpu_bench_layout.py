@@ -112,14 +112,16 @@ def test_engine_figures_come_from_the_pools_engine_counters(monkeypatch):
     cfg, _ = layout("shared-2gpu", 16, Path("models/bench"))  # two replicas of each pool
     steps, tokens = SPECS["glimprouter_engine_iterations"].exported, SPECS["glimprouter_engine_tokens"].exported
     busy = SPECS["glimprouter_engine_busy_seconds"].exported
-    moved = {(steps, frozenset({("pool", "small")})): 4000.0,
-             (busy, frozenset({("pool", "small")})): 30.0,  # of the two engines' 40 s
+    decode, mixed = (frozenset({("pool", "small"), ("phase", phase)}) for phase in ("decode", "mixed"))
+    moved = {(steps, decode): 3000.0, (steps, mixed): 1000.0,
+             (busy, decode): 18.0, (busy, mixed): 12.0,  # of the two engines' 40 s
              (tokens, frozenset({("pool", "small"), ("kind", "decode")})): 80_000.0,
              (tokens, frozenset({("pool", "small"), ("kind", "prefill")})): 12_000.0}
     assert engine_figures(cfg, moved, 20.0, requests=50) == {"small": {
         "iterations_per_s": 200.0, "iterations_per_request": 80.0, "ms_per_iteration": 10.0, "busy_fraction": 0.75,
         "ms_per_busy_iteration": 7.5, "busy_ms_per_request": 600, "decode_tokens_per_iteration": 20.0,
-        "prefill_tokens_per_s": 600}}
+        "prefill_tokens_per_s": 600, "mixed_fraction": 0.25,
+        "ms_per_busy_iteration_by_phase": {"decode": 6.0, "mixed": 12.0}, "prefill_tokens_per_mixed_iteration": 12.0}}
 
 
 def test_breakdown_splits_a_request_into_calls_redis_and_the_rest():

@@ -23,7 +23,7 @@ def test_engine_stats_logger_counts_iterations_tokens_and_busy_time_but_not_wait
     from deployments import pool
 
     counted = []
-    monkeypatch.setattr(metrics, "inc", lambda name, value=1, **tags: counted.append((name, value)))
+    monkeypatch.setattr(metrics, "inc", lambda name, value=1, **tags: counted.append((name, value, tags.get("phase"))))
     monkeypatch.setattr(metrics, "set_gauge", lambda *args, **tags: None)
     clock = iter([10.0, 10.004, 10.010, 12.0, 12.005])
     logger = pool.engine_stats_logger("small", now=lambda: next(clock))(None)
@@ -38,7 +38,8 @@ def test_engine_stats_logger_counts_iterations_tokens_and_busy_time_but_not_wait
     iteration(2, 0, 2)              # 10.010: 6 ms busy; both requests finished, the engine waits
     iteration(1, 0, 0)              # 12.000: after a wait: not counted
     iteration(1, 0, 0)              # 12.005: 5 ms busy
-    busy = [value for name, value in counted if name == "glimprouter_engine_busy_seconds"]
+    busy = [value for name, value, _ in counted if name == "glimprouter_engine_busy_seconds"]
     assert busy == pytest.approx([0.004, 0.006, 0.005])
-    assert sum(value for name, value in counted if name == "glimprouter_engine_iterations") == 5
-    assert ("glimprouter_engine_tokens", 30) in counted
+    phases = [phase for name, _, phase in counted if name == "glimprouter_engine_iterations"]
+    assert phases == ["mixed", "decode", "decode", "decode", "decode"]  # only the first computed prefill tokens
+    assert ("glimprouter_engine_tokens", 30, None) in counted
