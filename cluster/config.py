@@ -80,6 +80,10 @@ class EngineSettings(StrictModel):
         "(those run piecewise, attention outside the graph), when unset."
     )
     enforce_eager: bool = Field(False, description="Skip compilation / CUDA graphs (faster start, slower steps).")
+    disable_custom_all_reduce: bool = Field(
+        False, description="GPU, tensor parallel only: all-reduce through NCCL instead of vLLM's custom all-reduce "
+        "(CUDA IPC between the GPUs), for hosts where that fails."
+    )
     stream_interval: int = Field(
         1, ge=1, le=1024, description="Tokens the engine buffers before a streamed step yields them (vLLM's "
         "stream_interval; the first token always goes at once). Above 1 it saves per-token work under load."

@@ -46,6 +46,7 @@ def engine_args(settings: PoolSettings) -> dict:
         "max_num_batched_tokens": eng.max_num_batched_tokens,
         "max_cudagraph_capture_size": eng.max_cudagraph_capture_size,
         "compilation_config": {"cudagraph_mode": eng.cudagraph_mode} if eng.cudagraph_mode else None,
+        "disable_custom_all_reduce": eng.disable_custom_all_reduce,
     }
     return {
         "model": resolve_model_dir(settings),

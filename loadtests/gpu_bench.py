@@ -79,7 +79,9 @@ def layout(name: str, steps: int, models_dir: Path, overrides: dict | None = Non
     small, large = data["pools"]["small"], data["pools"]["large"]
     if name == "tp2-32b-2gpu":
         large["model"]["path"] = "qwen2.5-32b"
-        large["engine"].update(tensor_parallel_size=2, gpu_memory_utilization=0.75, kv_cache_gib=20)
+        # NCCL all-reduce: with vLLM's custom one the lent H200 pair failed the engine's first pass
+        large["engine"].update(tensor_parallel_size=2, gpu_memory_utilization=0.75, kv_cache_gib=20,
+                               disable_custom_all_reduce=True)
         large["placement"]["num_gpus"] = 2
     for pool in data["pools"].values():
         for key in ("path", "tokenizer"):

@@ -97,11 +97,14 @@ def test_engine_args_pass_optional_engine_settings_only_where_set():
     args = engine_args(bench)
     assert args["model"].endswith("qwen2.5-14b") and args["load_format"] == "dummy"
     assert args["kv_cache_memory_bytes"] == 24 * 2**30  # a GPU pool: the KV cache by size
-    assert not {"max_num_batched_tokens", "max_cudagraph_capture_size", "compilation_config"} & set(args)  # vLLM's defaults
-    tuned = bench.model_copy(update={"engine": bench.engine.model_copy(
-        update={"max_num_batched_tokens": 512, "max_cudagraph_capture_size": 1024, "cudagraph_mode": "FULL"})})
+    defaults = {"max_num_batched_tokens", "max_cudagraph_capture_size", "compilation_config", "disable_custom_all_reduce"}
+    assert not defaults & set(args)  # vLLM's defaults
+    tuned = bench.model_copy(update={"engine": bench.engine.model_copy(update={
+        "max_num_batched_tokens": 512, "max_cudagraph_capture_size": 1024, "cudagraph_mode": "FULL",
+        "disable_custom_all_reduce": True})})
     tuned_args = engine_args(tuned)
     assert (tuned_args["max_num_batched_tokens"], tuned_args["max_cudagraph_capture_size"]) == (512, 1024)
+    assert tuned_args["disable_custom_all_reduce"] is True
     assert tuned_args["compilation_config"] == {"cudagraph_mode": "FULL"}
     on_cpu = bench.model_copy(update={"placement": bench.placement.model_copy(update={"num_gpus": 0})})
     assert "kv_cache_memory_bytes" not in engine_args(on_cpu)  # CPU: VLLM_CPU_KVCACHE_SPACE instead
