@@ -189,10 +189,14 @@ async def one_request(client: httpx.AsyncClient, model: str, seed: int, fields: 
     return {"id": rid, "seconds": time.perf_counter() - t0, "ttft": ttft, "usage": usage, "routing": routing}
 
 
-async def warm_up(client: httpx.AsyncClient, cfg: ClusterConfig) -> None:
-    """One request, then time for its metrics to be exported (so that they are not counted in the first level)."""
-    await one_request(client, cfg.name, 999, ARMS["stream"])
-    await asyncio.sleep(METRICS_LAG_S)
+async def warm_up(client: httpx.AsyncClient, cfg: ClusterConfig, concurrency: int = 1,
+                  lag_s: float = METRICS_LAG_S) -> None:
+    """``concurrency`` requests at once, then ``lag_s`` for their metrics to be exported (so that they are not
+    counted in the first level). At the load's largest concurrency this runs the engines' kernels at the batch shapes of
+    the levels before any is measured: after an engine compiled afresh, the first level of every start measured
+    so far had a time-to-first-token tail of 3-10 s that later levels did not have."""
+    await asyncio.gather(*(one_request(client, cfg.name, 999 + i, ARMS["stream"]) for i in range(concurrency)))
+    await asyncio.sleep(lag_s)
 
 
 def breakdown(result: dict, before: dict, after: dict) -> dict:
@@ -269,7 +273,7 @@ async def load(args) -> None:
     limits = httpx.Limits(max_connections=4096, max_keepalive_connections=4096)
     async with httpx.AsyncClient(base_url=base, headers={"Authorization": f"Bearer {key}"}, timeout=3600,
                                  limits=limits) as client:
-        await warm_up(client, cfg)
+        await warm_up(client, cfg, max(concurrency for _, concurrency in args.levels))
         seen = scrape(endpoints)
         for arm, concurrency in args.levels:
             n = max(2, args.rounds * concurrency)

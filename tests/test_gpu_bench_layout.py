@@ -11,7 +11,7 @@ import pytest
 
 from cluster.config import ConfigError, load_config
 from cluster.metrics import SPECS
-from loadtests.gpu_bench import (LAYOUTS, breakdown, engine_figures, layout, parse_levels, parse_override,
+from loadtests.gpu_bench import (LAYOUTS, breakdown, engine_figures, warm_up, layout, parse_levels, parse_override,
                                  steady_throughput, summarize, tag)
 
 
@@ -134,3 +134,29 @@ def test_breakdown_splits_a_request_into_calls_redis_and_the_rest():
     assert row["glimpse_s"] == 0.05 and row["small_steps_s"] == 3.0 and row["large_steps_s"] == 5.0
     assert abs(row["redis_s"] - 0.05) < 1e-9 and abs(row["router_http_rest_s"] - 0.9) < 1e-9
     assert (row["large_steps"], row["steps"]) == (1, 2)
+
+
+def test_warm_up_sends_its_requests_at_once():
+    import asyncio
+    import json
+    from types import SimpleNamespace
+
+    import httpx
+
+    in_flight, most = 0, 0
+
+    async def handler(request: httpx.Request) -> httpx.Response:
+        nonlocal in_flight, most
+        in_flight += 1
+        most = max(most, in_flight)
+        await asyncio.sleep(0.05)
+        in_flight -= 1
+        chunk = {"id": "r", "choices": [{"delta": {"content": "w1"}}], "usage": {}, "routing": {}}
+        return httpx.Response(200, text=f"data: {json.dumps(chunk)}\n\ndata: [DONE]\n\n")
+
+    async def run() -> None:
+        async with httpx.AsyncClient(transport=httpx.MockTransport(handler), base_url="http://bench") as client:
+            await warm_up(client, SimpleNamespace(name="glimprouter"), concurrency=5, lag_s=0)
+
+    asyncio.run(run())
+    assert most == 5
