@@ -11,12 +11,14 @@ GPU, and for tensor parallelism one more that owns both); ``--set`` overrides an
 field last (a lever under test), and the result file names it. The model folders have
 real Qwen2.5 shapes and random weights (``loadtests.gpu_models``), so the routing is forced (see the config)
 and every run says so. ``single`` breaks each request's time down from the system's own metrics; ``load``
-runs closed loops at fixed numbers of requests in flight (``--rounds`` requests per slot), for client arms
+warms up with one request per slot of its largest level, then runs closed loops at fixed numbers of requests
+in flight (``--rounds`` requests per slot), for client arms
 (``ARMS``: streamed, not streamed, streamed with fused glimpses or with glimpses in the step calls, and two
 streamed baselines by request policy: ``random`` routing, which takes no glimpse, and ``large`` only) on one
 running system; each level records throughput (over the level, and steady while every slot was busy),
 latency, TTFT, goodput, steps per request, prefix-cache hits, each pool's step and glimpse times, and each
-pool's engine iterations, busy time and tokens (from the pools' engine counters). Results go to
+pool's engine iterations, busy time (both also by phase: decode-only or mixed with prefill) and tokens (from
+the pools' engine counters). Results go to
 ``results/gpu/`` as JSON.
 """
 
