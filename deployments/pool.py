@@ -101,6 +101,17 @@ class BusyClock:
         return busy
 
 
+def iteration_phase(iteration_stats) -> str:
+    """``mixed`` for an engine iteration that computed prefill tokens, else ``decode``."""
+    return "mixed" if iteration_stats.prompt_token_stats.computed else "decode"
+
+
+def work_left(scheduler_stats, iteration_stats) -> bool:
+    """Whether the engine had work after an iteration: waiting requests, or running ones it did not finish."""
+    return scheduler_stats is not None and (scheduler_stats.num_waiting_reqs > 0 or
+                                            scheduler_stats.num_running_reqs > len(iteration_stats.finished_requests))
+
+
 def engine_stats_logger(role: str, now=time.monotonic):
     """A vLLM stat-logger factory that exports, per pool, the scheduler's waiting requests (queue depth) and, as
     counters (exact, where Ray exports a histogram's sum from its bucket midpoints), the engine's iterations and its
@@ -116,14 +127,12 @@ def engine_stats_logger(role: str, now=time.monotonic):
             if scheduler_stats is not None:
                 metrics.set_gauge("glimprouter_pool_queue_depth", scheduler_stats.num_waiting_reqs, pool=role)
             if iteration_stats is not None:
-                prefill = iteration_stats.prompt_token_stats.computed
-                phase = "mixed" if prefill else "decode"
+                phase = iteration_phase(iteration_stats)
                 metrics.inc("glimprouter_engine_iterations", pool=role, phase=phase)
-                left = scheduler_stats is not None and (scheduler_stats.num_waiting_reqs > 0 or
-                                                        scheduler_stats.num_running_reqs > len(iteration_stats.finished_requests))
-                if busy := self.clock.tick(now(), left):
+                if busy := self.clock.tick(now(), work_left(scheduler_stats, iteration_stats)):
                     metrics.inc("glimprouter_engine_busy_seconds", busy, pool=role, phase=phase)
-                for kind, tokens in (("decode", iteration_stats.num_generation_tokens), ("prefill", prefill)):
+                for kind, tokens in (("decode", iteration_stats.num_generation_tokens),
+                                     ("prefill", iteration_stats.prompt_token_stats.computed)):
                     if tokens:
                         metrics.inc("glimprouter_engine_tokens", tokens, pool=role, kind=kind)
 

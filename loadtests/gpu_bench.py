@@ -104,19 +104,25 @@ def layout(name: str, steps: int, models_dir: Path, overrides: dict | None = Non
     if name == "large-only-2gpu":
         small["autoscaling"].update(min_replicas=0, max_replicas=1, initial_replicas=0)
         data["router"]["policy"] = {"policy": "large_only"}
-    for dotted, value in (overrides or {}).items():
+    gpus = local_gpus()
+    nodes = [LocalNode({f"{role}_pool": float(n) for role, n in pools.items()}, tuple(gpus[i] for i in owned))
+             for pools, owned in hosts]
+    return with_overrides(data, overrides or {}, f"layout {name}"), nodes
+
+
+def with_overrides(data: dict, overrides: dict, what: str) -> ClusterConfig:
+    """The config ``data`` with ``{dotted.path: value}`` overrides set, validated (``what`` names it in the
+    error)."""
+    for dotted, value in overrides.items():
         *parents, leaf = dotted.split(".")
         node = data
         for key in parents:
             node = node.setdefault(key, {})
         node[leaf] = value
-    gpus = local_gpus()
-    nodes = [LocalNode({f"{role}_pool": float(n) for role, n in pools.items()}, tuple(gpus[i] for i in owned))
-             for pools, owned in hosts]
     try:
-        return ClusterConfig.model_validate(data), nodes
+        return ClusterConfig.model_validate(data)
     except ValidationError as exc:
-        raise ConfigError(f"layout {name}: invalid config\n{format_validation_error(exc)}") from exc
+        raise ConfigError(f"{what}: invalid config\n{format_validation_error(exc)}") from exc
 
 
 def prompt_text(seed: int, tokens: int = 200) -> str:

@@ -2,15 +2,18 @@
 iteration goes.
 
     python -m loadtests.small_engine_bench [--streams 32] [--seconds 20] [--glimpses lp20,plain,none,instep]
+                                           [--set pools.small.engine.cudagraph_mode=FULL ...]
 
 One vLLM engine configured as the GPU benchmark's small pool (``cluster/configs/gpu-bench.yaml``, random
 weights). ``--streams`` requests run at once; each writes steps of 96 tokens on its growing prompt (a
 200-token prompt, then each step and the delimiter appended, 16 steps a request), as the router's small steps
 do, and takes a glimpse before each step: ``lp20`` is the router's (one greedy token with its top-20
 log-probs), ``plain`` one greedy token without log-probs, ``none`` no glimpse, ``instep`` none but top-20
-log-probs on every step token (what ``glimpse_in_step`` asks of the engine). For each, after a warm-up,
-prints the engine's iterations per second, wall time per iteration and decode tokens per iteration (from
-vLLM's iteration stats) and the new requests per iteration.
+log-probs on every step token (what ``glimpse_in_step`` asks of the engine). ``--set`` overrides a field of
+the config (an engine setting under test). For each glimpse kind, after a warm-up, prints the engine's
+iterations per second, wall time per iteration, decode tokens and new requests per iteration, and, counted as
+the pools count them, its busy fraction and its time per busy iteration by phase (``mixed``: the iteration
+computed prefill tokens, so admitted a request; ``decode``: it did not).
 """
 
 from __future__ import annotations
@@ -20,10 +23,13 @@ import asyncio
 import random
 import time
 import uuid
+from collections import Counter
 from pathlib import Path
+from typing import NamedTuple
 
-from cluster.config import load_config
-from deployments.pool import engine_args
+from cluster.config import ConfigError, PoolSettings, load_config
+from deployments.pool import BusyClock, engine_args, iteration_phase, work_left
+from loadtests.gpu_bench import parse_override, with_overrides
 from loadtests.gpu_models import build_model, build_tokenizer
 
 STEP_TOKENS, STEPS, PROMPT_TOKENS = 96, 16, 200
@@ -31,11 +37,26 @@ DELIMITER_ID = 271  # a token standing for the step delimiter
 GLIMPSES = ("lp20", "plain", "none", "instep")
 
 
-class IterationCounter:
-    """Counts the engine's iterations, decode tokens and new requests (a vLLM stat logger's view)."""
+class Tally(NamedTuple):
+    """The engine's counts at one moment: iterations and busy seconds by phase, decode tokens, new requests."""
 
-    def __init__(self):
-        self.iterations = self.decode_tokens = self.requests = 0
+    iterations: Counter
+    busy_s: Counter
+    decode_tokens: int
+    requests: int
+
+
+class IterationCounter:
+    """Counts the engine's iterations and busy time by phase (as the pools do: ``BusyClock``), its decode tokens
+    and the new requests (a vLLM stat logger's view)."""
+
+    def __init__(self, now=time.monotonic):
+        self.iterations, self.busy_s = Counter(), Counter()
+        self.decode_tokens = self.requests = 0
+        self.clock, self.now = BusyClock(), now
+
+    def tally(self) -> Tally:
+        return Tally(Counter(self.iterations), Counter(self.busy_s), self.decode_tokens, self.requests)
 
     def logger_factory(self):
         from vllm.v1.metrics.loggers import StatLoggerBase
@@ -48,7 +69,10 @@ class IterationCounter:
 
             def record(self, scheduler_stats, iteration_stats, *args, **kwargs) -> None:
                 if iteration_stats is not None:
-                    counter.iterations += 1
+                    phase = iteration_phase(iteration_stats)
+                    counter.iterations[phase] += 1
+                    counter.busy_s[phase] += counter.clock.tick(counter.now(), work_left(scheduler_stats,
+                                                                                         iteration_stats))
                     counter.decode_tokens += iteration_stats.num_generation_tokens
 
             def log_engine_initialized(self) -> None:
@@ -80,34 +104,50 @@ async def run_stream(engine, counter: IterationCounter, glimpse: str, seed: int)
             prompt = prompt + list(last.outputs[0].token_ids) + [DELIMITER_ID]
 
 
-async def measure(engine, counter: IterationCounter, glimpse: str, streams: int, warmup_s: float, seconds: float) -> dict:
+async def measure(engine, counter: IterationCounter, glimpse: str, streams: int, warmup_s: float,
+                  seconds: float) -> dict:
     """The engine's figures over ``seconds`` after ``warmup_s`` of ``streams`` streams."""
     tasks = [asyncio.create_task(run_stream(engine, counter, glimpse, seed)) for seed in range(streams)]
     await asyncio.sleep(warmup_s)
-    start = (counter.iterations, counter.decode_tokens, counter.requests, time.perf_counter())
+    before, t0 = counter.tally(), time.perf_counter()
     await asyncio.sleep(seconds)
-    iterations, tokens, requests = (now - then for now, then in zip(
-        (counter.iterations, counter.decode_tokens, counter.requests), start))
-    wall = time.perf_counter() - start[3]
+    after, wall = counter.tally(), time.perf_counter() - t0
     for task in tasks:
         task.cancel()
     await asyncio.gather(*tasks, return_exceptions=True)
-    return {"glimpse": glimpse, "streams": streams, "iterations_per_s": round(iterations / wall, 1),
-            "ms_per_iteration": round(wall * 1e3 / max(iterations, 1), 2),
-            "decode_tokens_per_iteration": round(tokens / max(iterations, 1), 1),
-            "new_requests_per_iteration": round(requests / max(iterations, 1), 2)}
+    return {"glimpse": glimpse, "streams": streams, **figures(before, after, wall)}
+
+
+def figures(before: Tally, after: Tally, wall_s: float) -> dict:
+    """The engine's figures between two tallies ``wall_s`` apart."""
+    iterations, busy = after.iterations - before.iterations, after.busy_s - before.busy_s
+    count = max(sum(iterations.values()), 1)
+    return {"iterations_per_s": round(count / wall_s, 1),
+            "ms_per_iteration": round(wall_s * 1e3 / count, 2),
+            "decode_tokens_per_iteration": round((after.decode_tokens - before.decode_tokens) / count, 1),
+            "new_requests_per_iteration": round((after.requests - before.requests) / count, 2),
+            "busy_fraction": round(sum(busy.values()) / wall_s, 3),
+            "mixed_fraction": round(iterations["mixed"] / count, 3),
+            "ms_per_busy_iteration_by_phase": {phase: round(1e3 * busy[phase] / iterations[phase], 2)
+                                               for phase in ("decode", "mixed") if iterations[phase]}}
+
+
+def small_pool(overrides: dict) -> PoolSettings:
+    """The GPU benchmark's small pool, with ``{dotted.path: value}`` overrides of the whole config."""
+    data = load_config("gpu-bench").model_dump(mode="json", exclude_none=True)
+    return with_overrides(data, overrides, "small_engine_bench").pools.small
 
 
 async def main_async(args) -> None:
     from vllm.engine.arg_utils import AsyncEngineArgs
     from vllm.v1.engine.async_llm import AsyncLLM
 
-    small = load_config("gpu-bench").pools.small
+    small = small_pool(args.set)
     root = args.models.resolve()
     build_tokenizer(root)
     model = small.model.model_copy(update={"path": build_model(root, "qwen2.5-1.5b"), "tokenizer": str(root / "tokenizer")})
     counter = IterationCounter()
-    print("starting the small engine (CUDA graphs: about a minute)", flush=True)
+    print(f"starting the small engine (CUDA graphs: about a minute); overrides {args.set or 'none'}", flush=True)
     engine = AsyncLLM.from_engine_args(AsyncEngineArgs(**engine_args(small.model_copy(update={"model": model}))),
                                        stat_loggers=[counter.logger_factory()])
     try:
@@ -125,9 +165,16 @@ def main() -> None:
     parser.add_argument("--glimpses", type=lambda s: s.split(","), default=list(GLIMPSES),
                         help="comma-separated glimpse kinds: " + ", ".join(GLIMPSES))
     parser.add_argument("--models", type=Path, default=Path("models/bench"), help="where the model folders go")
+    parser.add_argument("--set", type=parse_override, action="append", default=[], metavar="PATH=VALUE",
+                        help="override a config field, e.g. pools.small.engine.cudagraph_mode=FULL")
     args = parser.parse_args()
     if unknown := set(args.glimpses) - set(GLIMPSES):
         parser.error(f"unknown glimpse kinds {sorted(unknown)}")
+    args.set = dict(args.set)
+    try:
+        small_pool(args.set)
+    except ConfigError as exc:
+        parser.error(str(exc))
     asyncio.run(main_async(args))
 
 
