@@ -201,8 +201,8 @@ async def warm_up(client: httpx.AsyncClient, cfg: ClusterConfig, concurrency: in
                   lag_s: float = METRICS_LAG_S) -> None:
     """``concurrency`` requests at once, then ``lag_s`` for their metrics to be exported (so that they are not
     counted in the first level). At the load's largest concurrency this runs the engines' kernels at the levels'
-    batch shapes before any level is measured: in every start measured so far whose engines had just compiled,
-    the first level had a time-to-first-token tail of 3-10 s that later levels did not have."""
+    batch shapes before any level is measured: in each start of the sixth GPU run whose engines had just
+    compiled, the first level had a time-to-first-token tail of 3-10 s that later levels did not have."""
     await asyncio.gather(*(one_request(client, cfg.name, 999 + i, ARMS["stream"]) for i in range(concurrency)))
     await asyncio.sleep(lag_s)
 
