@@ -101,9 +101,12 @@ class BusyClock:
         return busy
 
 
+PHASES = ("decode", "mixed")  # an engine iteration's phase: it computed prefill tokens (mixed) or not
+
+
 def iteration_phase(iteration_stats) -> str:
     """``mixed`` for an engine iteration that computed prefill tokens, else ``decode``."""
-    return "mixed" if iteration_stats.prompt_token_stats.computed else "decode"
+    return PHASES[bool(iteration_stats.prompt_token_stats.computed)]
 
 
 def work_left(scheduler_stats, iteration_stats) -> bool:

@@ -36,6 +36,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Mapping
 from pathlib import Path
 
 import httpx
@@ -43,6 +44,7 @@ from pydantic import ValidationError
 
 from cluster.config import ClusterConfig, ConfigError, format_validation_error, load_config
 from cluster.launcher import LocalNode, local_gpus
+from deployments.pool import PHASES
 from loadtests.gpu_models import SHAPES, build_model, build_tokenizer
 
 RESULTS = Path("results/gpu")
@@ -326,8 +328,8 @@ def engine_figures(cfg: ClusterConfig, moved: dict, wall_s: float, requests: int
         tokens = {kind: total(moved, SPECS["glimprouter_engine_tokens"].exported, pool=role, kind=kind)
                   for kind in ("decode", "prefill")}
         replicas = pool.autoscaling.max_replicas
-        mixed = total(moved, SPECS["glimprouter_engine_iterations"].exported, pool=role, phase="mixed")
-        mixed_busy_s = total(moved, SPECS["glimprouter_engine_busy_seconds"].exported, pool=role, phase="mixed")
+        by_phase = [{phase: total(moved, SPECS[name].exported, pool=role, phase=phase) for phase in PHASES}
+                    for name in ("glimprouter_engine_iterations", "glimprouter_engine_busy_seconds")]
         figures[role] = {"iterations_per_s": round(iterations / wall_s, 1),
                          "iterations_per_request": round(iterations / requests, 1),
                          "ms_per_iteration": round(1e3 * wall_s * replicas / iterations, 2),
@@ -336,13 +338,18 @@ def engine_figures(cfg: ClusterConfig, moved: dict, wall_s: float, requests: int
                          "busy_ms_per_request": round(1e3 * busy_s / requests),
                          "decode_tokens_per_iteration": round(tokens["decode"] / iterations, 1),
                          "prefill_tokens_per_s": round(tokens["prefill"] / wall_s),
-                         "mixed_fraction": round(mixed / iterations, 3),
-                         "ms_per_busy_iteration_by_phase": {
-                             phase: round(1e3 * phase_busy_s / count, 2) for phase, phase_busy_s, count in
-                             (("decode", busy_s - mixed_busy_s, iterations - mixed), ("mixed", mixed_busy_s, mixed))
-                             if count},
-                         "prefill_tokens_per_mixed_iteration": round(tokens["prefill"] / mixed, 1) if mixed else 0.0}
+                         **phase_figures(*by_phase),
+                         "prefill_tokens_per_mixed_iteration":
+                             round(tokens["prefill"] / by_phase[0]["mixed"], 1) if by_phase[0]["mixed"] else 0.0}
     return figures
+
+
+def phase_figures(iterations: Mapping[str, float], busy_s: Mapping[str, float]) -> dict:
+    """From an engine's iterations and busy seconds by phase (see ``deployments.pool.PHASES``): the share of
+    mixed iterations and the time per busy iteration of each phase."""
+    return {"mixed_fraction": round(iterations["mixed"] / max(sum(iterations.values()), 1), 3),
+            "ms_per_busy_iteration_by_phase": {phase: round(1e3 * busy_s[phase] / iterations[phase], 2)
+                                               for phase in PHASES if iterations[phase]}}
 
 
 def percentile(values: list[float], q: float) -> float:

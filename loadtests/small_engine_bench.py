@@ -29,7 +29,7 @@ from typing import NamedTuple
 
 from cluster.config import ConfigError, PoolSettings, load_config
 from deployments.pool import BusyClock, engine_args, iteration_phase, work_left
-from loadtests.gpu_bench import parse_override, with_overrides
+from loadtests.gpu_bench import parse_override, phase_figures, with_overrides
 from loadtests.gpu_models import build_model, build_tokenizer
 
 STEP_TOKENS, STEPS, PROMPT_TOKENS = 96, 16, 200
@@ -127,9 +127,7 @@ def figures(before: Tally, after: Tally, wall_s: float) -> dict:
             "decode_tokens_per_iteration": round((after.decode_tokens - before.decode_tokens) / count, 1),
             "new_requests_per_iteration": round((after.requests - before.requests) / count, 2),
             "busy_fraction": round(sum(busy.values()) / wall_s, 3),
-            "mixed_fraction": round(iterations["mixed"] / count, 3),
-            "ms_per_busy_iteration_by_phase": {phase: round(1e3 * busy[phase] / iterations[phase], 2)
-                                               for phase in ("decode", "mixed") if iterations[phase]}}
+            **phase_figures(iterations, busy)}
 
 
 def small_pool(overrides: dict) -> PoolSettings:

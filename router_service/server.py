@@ -41,7 +41,8 @@ log = logging.getLogger("ray.serve")
 app = FastAPI(title="GlimpRouter", description="Step-level collaborative inference, OpenAI-compatible.",
               docs_url=None, redoc_url=None, openapi_url=None)
 install_error_handlers(app)
-POLICY_OVERRIDES = tuple(k for k in RoutingOverrides.model_fields if k in PolicySettings.model_fields)  # a request's policy fields
+# the policy fields a request may set for itself
+POLICY_OVERRIDES = tuple(k for k in RoutingOverrides.model_fields if k in PolicySettings.model_fields)
 
 
 def _reject_constant(name: str):
