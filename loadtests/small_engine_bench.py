@@ -2,7 +2,7 @@
 iteration goes.
 
     python -m loadtests.small_engine_bench [--streams 32] [--seconds 20] [--glimpses lp20,plain,none,instep]
-                                           [--set pools.small.engine.cudagraph_mode=FULL ...]
+                                           [--set pools.small.engine.cudagraph_mode=PIECEWISE ...]
 
 One vLLM engine configured as the GPU benchmark's small pool (``cluster/configs/gpu-bench.yaml``, random
 weights). ``--streams`` requests run at once; each writes steps of 96 tokens on its growing prompt (a
@@ -164,7 +164,7 @@ def main() -> None:
                         help="comma-separated glimpse kinds: " + ", ".join(GLIMPSES))
     parser.add_argument("--models", type=Path, default=Path("models/bench"), help="where the model folders go")
     parser.add_argument("--set", type=parse_override, action="append", default=[], metavar="PATH=VALUE",
-                        help="override a config field, e.g. pools.small.engine.cudagraph_mode=FULL")
+                        help="override a config field, e.g. pools.small.engine.cudagraph_mode=PIECEWISE")
     args = parser.parse_args()
     if unknown := set(args.glimpses) - set(GLIMPSES):
         parser.error(f"unknown glimpse kinds {sorted(unknown)}")
