@@ -100,6 +100,10 @@ class BusyClock:
         self.last, self.active = now, active_after
         return busy
 
+    def iteration(self, now: float, scheduler_stats, iteration_stats) -> tuple[str, float]:
+        """From vLLM's stats of the iteration that ended at ``now``: its phase and the busy seconds to add."""
+        return iteration_phase(iteration_stats), self.tick(now, work_left(scheduler_stats, iteration_stats))
+
 
 PHASES = ("decode", "mixed")  # an engine iteration's phase: it computed prefill tokens (mixed) or not
 
@@ -130,9 +134,9 @@ def engine_stats_logger(role: str, now=time.monotonic):
             if scheduler_stats is not None:
                 metrics.set_gauge("glimprouter_pool_queue_depth", scheduler_stats.num_waiting_reqs, pool=role)
             if iteration_stats is not None:
-                phase = iteration_phase(iteration_stats)
+                phase, busy = self.clock.iteration(now(), scheduler_stats, iteration_stats)
                 metrics.inc("glimprouter_engine_iterations", pool=role, phase=phase)
-                if busy := self.clock.tick(now(), work_left(scheduler_stats, iteration_stats)):
+                if busy:
                     metrics.inc("glimprouter_engine_busy_seconds", busy, pool=role, phase=phase)
                 for kind, tokens in (("decode", iteration_stats.num_generation_tokens),
                                      ("prefill", iteration_stats.prompt_token_stats.computed)):

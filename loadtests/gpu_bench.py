@@ -12,13 +12,12 @@ field last (a lever under test), and the result file names it. The model folders
 real Qwen2.5 shapes and random weights (``loadtests.gpu_models``), so the routing is forced (see the config)
 and every run says so. ``single`` breaks each request's time down from the system's own metrics; ``load``
 warms up with one request per slot of its largest level, then runs closed loops at fixed numbers of requests
-in flight (``--rounds`` requests per slot), for client arms
-(``ARMS``: streamed, not streamed, streamed with fused glimpses or with glimpses in the step calls, and two
-streamed baselines by request policy: ``random`` routing, which takes no glimpse, and ``large`` only) on one
-running system; each level records throughput (over the level, and steady while every slot was busy),
-latency, TTFT, goodput, steps per request, prefix-cache hits, each pool's step and glimpse times, and each
-pool's engine iterations, busy time (both also by phase: decode-only or mixed with prefill) and tokens (from
-the pools' engine counters). Results go to
+in flight (``--rounds`` requests per slot), for client arms (``ARMS``: streamed, not streamed, streamed with
+fused glimpses or with glimpses in the step calls, and two streamed baselines by request policy: ``random``
+routing, which takes no glimpse, and ``large`` only) on one running system; each level records throughput
+(over the level, and steady while every slot was busy), latency, TTFT, goodput, steps per request,
+prefix-cache hits, each pool's step and glimpse times, and each pool's engine iterations, busy time (both also
+by phase: decode-only or mixed with prefill) and tokens (from the pools' engine counters). Results go to
 ``results/gpu/`` as JSON.
 """
 
@@ -328,8 +327,9 @@ def engine_figures(cfg: ClusterConfig, moved: dict, wall_s: float, requests: int
         tokens = {kind: total(moved, SPECS["glimprouter_engine_tokens"].exported, pool=role, kind=kind)
                   for kind in ("decode", "prefill")}
         replicas = pool.autoscaling.max_replicas
-        by_phase = [{phase: total(moved, SPECS[name].exported, pool=role, phase=phase) for phase in PHASES}
-                    for name in ("glimprouter_engine_iterations", "glimprouter_engine_busy_seconds")]
+        phase_iterations, phase_busy_s = (
+            {phase: total(moved, SPECS[name].exported, pool=role, phase=phase) for phase in PHASES}
+            for name in ("glimprouter_engine_iterations", "glimprouter_engine_busy_seconds"))
         figures[role] = {"iterations_per_s": round(iterations / wall_s, 1),
                          "iterations_per_request": round(iterations / requests, 1),
                          "ms_per_iteration": round(1e3 * wall_s * replicas / iterations, 2),
@@ -338,9 +338,9 @@ def engine_figures(cfg: ClusterConfig, moved: dict, wall_s: float, requests: int
                          "busy_ms_per_request": round(1e3 * busy_s / requests),
                          "decode_tokens_per_iteration": round(tokens["decode"] / iterations, 1),
                          "prefill_tokens_per_s": round(tokens["prefill"] / wall_s),
-                         **phase_figures(*by_phase),
-                         "prefill_tokens_per_mixed_iteration":
-                             round(tokens["prefill"] / by_phase[0]["mixed"], 1) if by_phase[0]["mixed"] else 0.0}
+                         **phase_figures(phase_iterations, phase_busy_s),
+                         "prefill_tokens_per_mixed_iteration": round(tokens["prefill"] / phase_iterations["mixed"], 1)
+                                                               if phase_iterations["mixed"] else 0.0}
     return figures
 
 

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 from cluster.config import ConfigError, PoolSettings, load_config
-from deployments.pool import BusyClock, engine_args, iteration_phase, work_left
+from deployments.pool import BusyClock, engine_args
 from loadtests.gpu_bench import parse_override, phase_figures, with_overrides
 from loadtests.gpu_models import build_model, build_tokenizer
 
@@ -69,10 +69,9 @@ class IterationCounter:
 
             def record(self, scheduler_stats, iteration_stats, *args, **kwargs) -> None:
                 if iteration_stats is not None:
-                    phase = iteration_phase(iteration_stats)
+                    phase, busy = counter.clock.iteration(counter.now(), scheduler_stats, iteration_stats)
                     counter.iterations[phase] += 1
-                    counter.busy_s[phase] += counter.clock.tick(counter.now(), work_left(scheduler_stats,
-                                                                                         iteration_stats))
+                    counter.busy_s[phase] += busy
                     counter.decode_tokens += iteration_stats.num_generation_tokens
 
             def log_engine_initialized(self) -> None:
@@ -140,7 +139,7 @@ async def main_async(args) -> None:
     from vllm.engine.arg_utils import AsyncEngineArgs
     from vllm.v1.engine.async_llm import AsyncLLM
 
-    small = small_pool(args.set)
+    small = args.small
     root = args.models.resolve()
     build_tokenizer(root)
     model = small.model.model_copy(update={"path": build_model(root, "qwen2.5-1.5b"), "tokenizer": str(root / "tokenizer")})
@@ -170,7 +169,7 @@ def main() -> None:
         parser.error(f"unknown glimpse kinds {sorted(unknown)}")
     args.set = dict(args.set)
     try:
-        small_pool(args.set)
+        args.small = small_pool(args.set)
     except ConfigError as exc:
         parser.error(str(exc))
     asyncio.run(main_async(args))

@@ -4,15 +4,19 @@ as many replicas of a pool per node as it advertises units) and its per-level fi
 from __future__ import annotations
 
 import argparse
+import asyncio
+import json
 from collections import Counter
 from pathlib import Path
+from types import SimpleNamespace
 
+import httpx
 import pytest
 
 from cluster.config import ConfigError, load_config
 from cluster.metrics import SPECS
-from loadtests.gpu_bench import (LAYOUTS, breakdown, engine_figures, warm_up, layout, parse_levels, parse_override,
-                                 steady_throughput, summarize, tag)
+from loadtests.gpu_bench import (LAYOUTS, breakdown, engine_figures, layout, parse_levels, parse_override,
+                                 steady_throughput, summarize, tag, warm_up)
 
 
 @pytest.mark.parametrize("name", list(LAYOUTS))
@@ -137,12 +141,6 @@ def test_breakdown_splits_a_request_into_calls_redis_and_the_rest():
 
 
 def test_warm_up_sends_its_requests_at_once():
-    import asyncio
-    import json
-    from types import SimpleNamespace
-
-    import httpx
-
     in_flight, most = 0, 0
 
     async def handler(request: httpx.Request) -> httpx.Response:
