@@ -89,6 +89,12 @@ def panels() -> list[dict]:
                (rate("glimprouter_engine_busy_seconds", "pool"), "busy engines {{pool}}")],
               "Scheduler iterations per second, the decode (batch) and prefill tokens each iteration computed, and "
               "how many of the pool's engines were iterating (busy seconds per second)."),
+        panel("Engine request time by pool, call and part", "s",
+              [(f'{rate("glimprouter_engine_request_seconds", "pool, call, part")} / ignoring(part) group_left '
+                f'{rate("glimprouter_engine_requests", "pool, call")}', "{{part}} {{call}} {{pool}}")],
+              "Mean time of an engine request (glimpse or generate) that ran to its end: queued, running (first "
+              "scheduled to last token) and total (arrival to last output in the engine's front end); the total "
+              "less the other two is the way into and out of the engine core."),
         panel("Output tokens/s by tenant and pool", "short",
               [(rate("glimprouter_tokens", "tenant, pool"), "{{tenant}} {{pool}}")]),
         panel("Tau offset (nats)", "short",

@@ -73,6 +73,13 @@ SPECS = {
         MetricSpec("glimprouter_engine_tokens", "counter",
                    "Tokens a pool's engines computed: decode (generated) and prefill (prompt tokens not cached).",
                    ("pool", "kind")),
+        MetricSpec("glimprouter_engine_requests", "counter",
+                   "Engine requests that ran to their end (a stop or their token limit), by call: glimpse (one "
+                   "token) or generate (a step or final answer).", ("pool", "call")),
+        MetricSpec("glimprouter_engine_request_seconds", "counter",
+                   "Seconds of those engine requests, summed, by part: queued (waiting to be scheduled), running "
+                   "(first scheduled to last token), total (arrival to last output in the engine's front end).",
+                   ("pool", "call", "part")),
         MetricSpec("glimprouter_tau_offset_nats", "gauge",
                    "What the load-aware controller adds to each request's tau (router replica).", ()),
         MetricSpec("glimprouter_tau_changes", "counter", "Tau controller changes, by direction (up, down).",

@@ -119,12 +119,28 @@ def work_left(scheduler_stats, iteration_stats) -> bool:
                                             scheduler_stats.num_running_reqs > len(iteration_stats.finished_requests))
 
 
+CALLS = ("glimpse", "generate")  # an engine request: a glimpse (one token), or a step or final answer
+REQUEST_PARTS = ("queued", "running", "total")
+
+
+def request_times(finished) -> tuple[str, dict[str, float]]:
+    """A finished engine request's kind (see ``CALLS``) and its seconds: ``queued`` (waiting to be scheduled),
+    ``running`` (first scheduled to last token) and ``total`` (from its arrival in the engine's front end to its
+    last output there; the rest of it is the way in and out of the engine core)."""
+    times = dict(zip(REQUEST_PARTS, (finished.queued_time, finished.inference_time, finished.e2e_latency)))
+    return CALLS[finished.max_tokens_param != 1], times
+
+
 def engine_stats_logger(role: str, now=time.monotonic):
     """A vLLM stat-logger factory that exports, per pool, the scheduler's waiting requests (queue depth) and, as
     counters (exact, where Ray exports a histogram's sum from its bucket midpoints), the engine's iterations and its
     busy time (see ``BusyClock``; ``now`` reads the clock), both by phase (``mixed``: the iteration computed
-    prefill tokens, else ``decode``), and the decode and prefill tokens its iterations computed."""
+    prefill tokens, else ``decode``), the decode and prefill tokens its iterations computed, and the requests that
+    ran to their end (a stop or their token limit) with their times (see ``request_times``)."""
+    from vllm.v1.engine import FinishReason
     from vllm.v1.metrics.loggers import StatLoggerBase
+
+    ran_to_end = (FinishReason.STOP, FinishReason.LENGTH)
 
     class EngineStatsLogger(StatLoggerBase):
         def __init__(self, vllm_config, engine_index: int = 0):
@@ -142,6 +158,14 @@ def engine_stats_logger(role: str, now=time.monotonic):
                                      ("prefill", iteration_stats.prompt_token_stats.computed)):
                     if tokens:
                         metrics.inc("glimprouter_engine_tokens", tokens, pool=role, kind=kind)
+                for finished in iteration_stats.finished_requests:
+                    if finished.finish_reason in ran_to_end:
+                        call, times = request_times(finished)
+                        metrics.inc("glimprouter_engine_requests", pool=role, call=call)
+                        for part, seconds in times.items():
+                            if seconds > 0:  # a Ray counter takes only positive increments
+                                metrics.inc("glimprouter_engine_request_seconds", seconds, pool=role, call=call,
+                                            part=part)
 
         def log_engine_initialized(self) -> None:
             pass

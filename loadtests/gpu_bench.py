@@ -17,7 +17,8 @@ fused glimpses or with glimpses in the step calls, and two streamed baselines by
 routing, which takes no glimpse, and ``large`` only) on one running system; each level records throughput
 (over the level, and steady while every slot was busy), latency, TTFT, goodput, steps per request,
 prefix-cache hits, each pool's step and glimpse times, and each pool's engine iterations, busy time (both also
-by phase: decode-only or mixed with prefill) and tokens (from the pools' engine counters). Results go to
+by phase: decode-only or mixed with prefill), tokens, and its requests' time queued, running and in all by call
+(from the pools' engine counters; the router's mean time of the same calls beside them). Results go to
 ``results/gpu/`` as JSON.
 """
 
@@ -42,8 +43,10 @@ import httpx
 from pydantic import ValidationError
 
 from cluster.config import ClusterConfig, ConfigError, format_validation_error, load_config
-from cluster.launcher import LocalNode, local_gpus
-from deployments.pool import PHASES
+from cluster.launcher import HEAD_METRICS_PORT, LocalNode, local_gpus
+from cluster.metrics import SPECS
+from cluster.operators import delta, scrape, total
+from deployments.pool import CALLS, PHASES, REQUEST_PARTS
 from loadtests.gpu_models import SHAPES, build_model, build_tokenizer
 
 RESULTS = Path("results/gpu")
@@ -212,8 +215,6 @@ def breakdown(result: dict, before: dict, after: dict) -> dict:
     """Where one request's time went: the pool calls as the router timed them (glimpses, small and large steps,
     the final answer), Redis (the router's round trips; Ray exports a histogram's sum from its bucket midpoints,
     so this one is approximate) and the rest (router, Serve proxy, HTTP, client)."""
-    from cluster.operators import delta, total
-
     steps = result["routing"]["steps"]
     calls = {"glimpse_s": sum(s["glimpse_ms"] for s in steps) / 1e3,
              **{f"{p}_steps_s": sum(s["step_ms"] for s in steps if s["pool"] == p) / 1e3 for p in ("small", "large")},
@@ -225,9 +226,6 @@ def breakdown(result: dict, before: dict, after: dict) -> dict:
 
 
 async def single(args) -> None:
-    from cluster.launcher import HEAD_METRICS_PORT
-    from cluster.operators import scrape
-
     cfg, nodes = layout(args.layout, args.steps, args.models, args.set)
     base, key = await start(cfg, nodes)
     endpoints = [f"http://127.0.0.1:{HEAD_METRICS_PORT + i}/metrics" for i in range(len(nodes))]
@@ -270,9 +268,6 @@ def mps_daemon(enabled: bool):
 
 
 async def load(args) -> None:
-    from cluster.launcher import HEAD_METRICS_PORT
-    from cluster.operators import delta, scrape
-
     cfg, nodes = layout(args.layout, args.steps, args.models, args.set)
     base, key = await start(cfg, nodes)
     endpoints = [f"http://127.0.0.1:{HEAD_METRICS_PORT + i}/metrics" for i in range(len(nodes))]
@@ -314,10 +309,7 @@ def engine_figures(cfg: ClusterConfig, moved: dict, wall_s: float, requests: int
     iteration (idle time left out) and busy time per request (engines that share a GPU overlap), decode tokens
     per iteration (the batch) and prefill tokens per second; then the iterations that computed prefill tokens
     (``mixed``) apart from the decode-only ones: their share, time per busy iteration of each, and prefill tokens
-    per mixed iteration."""
-    from cluster.metrics import SPECS
-    from cluster.operators import total
-
+    per mixed iteration; and the engine requests by call (``call_figures``)."""
     figures = {}
     for role, pool in cfg.pools.items():
         iterations = total(moved, SPECS["glimprouter_engine_iterations"].exported, pool=role)
@@ -340,7 +332,23 @@ def engine_figures(cfg: ClusterConfig, moved: dict, wall_s: float, requests: int
                          "prefill_tokens_per_s": round(tokens["prefill"] / wall_s),
                          **phase_figures(phase_iterations, phase_busy_s),
                          "prefill_tokens_per_mixed_iteration": round(tokens["prefill"] / phase_iterations["mixed"], 1)
-                                                               if phase_iterations["mixed"] else 0.0}
+                                                               if phase_iterations["mixed"] else 0.0,
+                         "calls": call_figures(moved, role)}
+    return figures
+
+
+def call_figures(moved: dict, role: str) -> dict:
+    """A pool's engine requests over a level by call (``deployments.pool.CALLS``): how many ran to their end, and
+    the mean milliseconds of each part of one (``deployments.pool.request_times``), with ``outside``: the total
+    less queued and running, the way into and out of the engine core."""
+    figures = {}
+    for call in CALLS:
+        if not (requests := total(moved, SPECS["glimprouter_engine_requests"].exported, pool=role, call=call)):
+            continue
+        ms = {part: round(1e3 * total(moved, SPECS["glimprouter_engine_request_seconds"].exported, pool=role,
+                                      call=call, part=part) / requests, 1) for part in REQUEST_PARTS}
+        figures[call] = {"requests": round(requests), "ms": {**ms, "outside": round(ms["total"] - ms["queued"]
+                                                                                     - ms["running"], 1)}}
     return figures
 
 
@@ -386,6 +394,10 @@ def summarize(concurrency: int, results: list[dict], wall: float, bound_s: float
                         if (ms := [s["step_ms"] for s in steps if s["pool"] == p])},
         "glimpse_ms_p50": {kind: round(statistics.median(ms), 1) for kind, fused in (("call", False), ("fused", True))
                            if (ms := [s["glimpse_ms"] for s in steps if s["glimpse_fused"] is fused and s["glimpse_ms"]])},
+        # against the engines' own times of the same calls (``call_figures``): the rest is Serve and the replicas
+        "call_ms_mean": {call: round(statistics.fmean(ms), 1) for call, ms in (
+            ("glimpse", [s["glimpse_ms"] for s in steps if not s["glimpse_fused"] and s["glimpse_ms"]]),
+            *((f"{p}_step", [s["step_ms"] for s in steps if s["pool"] == p]) for p in ("small", "large"))) if ms},
         "cache_hit": {p: round(sum(r["usage"]["per_pool"][p]["cached_prompt_tokens"] for r in results) /
                                max(1, sum(r["usage"]["per_pool"][p]["prompt_tokens"] for r in results)), 3)
                       for p in ("small", "large")},

@@ -136,3 +136,11 @@ def test_every_metric_is_exported_and_moves(local_cluster):
             operators.total(before, engine_tokens, pool=pool, kind="prefill")
     assert operators.total(after, engine_tokens, pool="large", kind="decode") > \
         operators.total(before, engine_tokens, pool="large", kind="decode")
+    requests, seconds = (SPECS[name].exported for name in ("glimprouter_engine_requests",
+                                                          "glimprouter_engine_request_seconds"))
+    for pool, call in (("small", "glimpse"), ("large", "generate")):  # the glimpses' calls, the steps' calls
+        assert operators.total(after, requests, pool=pool, call=call) > operators.total(before, requests, pool=pool,
+                                                                                         call=call)
+        moved = {part: operators.total(after, seconds, pool=pool, call=call, part=part) -
+                 operators.total(before, seconds, pool=pool, call=call, part=part) for part in ("running", "total")}
+        assert moved["total"] > moved["running"] > 0  # a request's whole time in the engine holds its run

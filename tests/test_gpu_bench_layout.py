@@ -92,6 +92,7 @@ def test_level_summary_splits_step_and_glimpse_times_by_pool_and_kind():
     level = summarize(1, [result], 10.0, 30.0)
     assert level["step_ms_p50"] == {"small": 400, "large": 900}
     assert level["glimpse_ms_p50"] == {"call": 25, "fused": 9}
+    assert level["call_ms_mean"] == {"glimpse": 25, "small_step": 400, "large_step": 900}  # separate glimpses only
     assert level["large_fraction"] == 0.25
     assert level["steady_rps"] is None  # one request: no window with every slot busy
     assert summarize(2, [result, short], 10.0, 30.0)["steps_per_request"] == 3
@@ -122,11 +123,18 @@ def test_engine_figures_come_from_the_pools_engine_counters(monkeypatch):
              (busy, decode): 18.0, (busy, mixed): 12.0,  # of the two engines' 40 s
              (tokens, frozenset({("pool", "small"), ("kind", "decode")})): 80_000.0,
              (tokens, frozenset({("pool", "small"), ("kind", "prefill")})): 12_000.0}
+    requests, seconds = (SPECS[name].exported for name in ("glimprouter_engine_requests",
+                                                          "glimprouter_engine_request_seconds"))
+    glimpses = frozenset({("pool", "small"), ("call", "glimpse")})
+    moved.update({(requests, glimpses): 400.0, **{(seconds, glimpses | {("part", part)}): value for part, value in
+                                                  (("queued", 2.0), ("running", 6.0), ("total", 20.0))}})
     assert engine_figures(cfg, moved, 20.0, requests=50) == {"small": {
         "iterations_per_s": 200.0, "iterations_per_request": 80.0, "ms_per_iteration": 10.0, "busy_fraction": 0.75,
         "ms_per_busy_iteration": 7.5, "busy_ms_per_request": 600, "decode_tokens_per_iteration": 20.0,
         "prefill_tokens_per_s": 600, "mixed_fraction": 0.25,
-        "ms_per_busy_iteration_by_phase": {"decode": 6.0, "mixed": 12.0}, "prefill_tokens_per_mixed_iteration": 12.0}}
+        "ms_per_busy_iteration_by_phase": {"decode": 6.0, "mixed": 12.0}, "prefill_tokens_per_mixed_iteration": 12.0,
+        # no step ran to its end in this level: only glimpses
+        "calls": {"glimpse": {"requests": 400, "ms": {"queued": 5.0, "running": 15.0, "total": 50.0, "outside": 30.0}}}}}
 
 
 def test_breakdown_splits_a_request_into_calls_redis_and_the_rest():

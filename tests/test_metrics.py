@@ -1,6 +1,7 @@
 """Metrics: the router's sliding large-step fraction; the pools' engine counters."""
 
 from collections import deque
+from types import SimpleNamespace
 from unittest import mock
 
 import pytest
@@ -17,9 +18,15 @@ def test_large_fraction_is_the_share_of_large_steps_in_the_last_window():
     gauge.assert_called_with("glimprouter_large_step_fraction", 1 / 3)
 
 
-def test_engine_stats_logger_counts_iterations_tokens_and_busy_time_but_not_waits(monkeypatch):
-    from types import SimpleNamespace
+def finished(max_tokens=96, reason="length", queued=0.002, running=0.010, total=0.030):
+    """vLLM's stats of a finished engine request."""
+    from vllm.v1.engine import FinishReason
 
+    return SimpleNamespace(max_tokens_param=max_tokens, finish_reason=FinishReason[reason.upper()],
+                           queued_time=queued, inference_time=running, e2e_latency=total)
+
+
+def test_engine_stats_logger_counts_iterations_tokens_and_busy_time_but_not_waits(monkeypatch):
     from deployments import pool
 
     counted = []
@@ -28,9 +35,9 @@ def test_engine_stats_logger_counts_iterations_tokens_and_busy_time_but_not_wait
     clock = iter([10.0, 10.004, 10.010, 12.0, 12.005])
     logger = pool.engine_stats_logger("small", now=lambda: next(clock))(None)
 
-    def iteration(running, waiting, finished, decode=2, prefill=0):
+    def iteration(running, waiting, done, decode=2, prefill=0):
         stats = SimpleNamespace(num_generation_tokens=decode, prompt_token_stats=SimpleNamespace(computed=prefill),
-                                finished_requests=[object()] * finished)
+                                finished_requests=[finished()] * done)
         logger.record(SimpleNamespace(num_running_reqs=running, num_waiting_reqs=waiting), stats)
 
     iteration(2, 0, 0, prefill=30)  # 10.000: the first end, nothing before it to count
@@ -43,3 +50,24 @@ def test_engine_stats_logger_counts_iterations_tokens_and_busy_time_but_not_wait
     phases = [phase for name, _, phase in counted if name == "glimprouter_engine_iterations"]
     assert phases == ["mixed", "decode", "decode", "decode", "decode"]  # only the first computed prefill tokens
     assert ("glimprouter_engine_tokens", 30, None) in counted
+
+
+def test_engine_stats_logger_times_the_requests_that_ran_to_their_end_by_call(monkeypatch):
+    from deployments import pool
+
+    counted = []
+    monkeypatch.setattr(metrics, "inc", lambda name, value=1, **tags: counted.append((name, value, tags)))
+    monkeypatch.setattr(metrics, "set_gauge", lambda *args, **tags: None)
+    logger = pool.engine_stats_logger("small", now=lambda: 1.0)(None)
+
+    stats = SimpleNamespace(num_generation_tokens=0, prompt_token_stats=SimpleNamespace(computed=0), finished_requests=[
+        finished(1),                               # a glimpse
+        finished(96, "stop", queued=0.0),          # a step that stopped at its delimiter, never waited
+        finished(96, "abort", running=-0.5)])      # a cancelled step: not timed
+    logger.record(None, stats)
+    requests = [tags for name, _, tags in counted if name == "glimprouter_engine_requests"]
+    assert requests == [{"pool": "small", "call": "glimpse"}, {"pool": "small", "call": "generate"}]
+    seconds = {(tags["call"], tags["part"]): value for name, value, tags in counted
+               if name == "glimprouter_engine_request_seconds"}
+    assert seconds == {("glimpse", "queued"): 0.002, ("glimpse", "running"): 0.010, ("glimpse", "total"): 0.030,
+                       ("generate", "running"): 0.010, ("generate", "total"): 0.030}  # no zero increment
