@@ -4,6 +4,7 @@ driven through the HTTP API.
     python -m loadtests.gpu_bench single [--layout one-gpu] [--requests 3] [--set PATH=VALUE ...]
     python -m loadtests.gpu_bench load --layout shared-2gpu --levels stream:1,stream:64,fused:64 [--steps 16] [--mps]
     python -m loadtests.gpu_bench plot results/gpu/load-*.json
+    python -m loadtests.gpu_bench compare results/gpu/load-routed-2gpu.json results/gpu/load-large-only-2gpu.json
 
 Settings come from ``cluster/configs/gpu-bench.yaml``; ``--layout`` patches its placement and replicas and
 starts local Ray nodes, each owning its GPUs and advertising the pools it hosts (see ``LAYOUTS``: a node per
@@ -437,6 +438,51 @@ def plot(args) -> None:
     print(f"wrote {args.out}")
 
 
+def at_equal_p95(curve: list[dict], p95_s: float, key: str) -> float | None:
+    """The throughput ``key`` of a curve (levels of one arm) where its p95 latency is ``p95_s``: linear between
+    neighbouring levels (in order of requests in flight) whose p95s enclose it; None outside the curve."""
+    points = [(lv["p95_s"], lv.get(key)) for lv in sorted(curve, key=lambda lv: lv["concurrency"])]
+    for (p1, t1), (p2, t2) in zip(points, points[1:] or points):
+        if min(p1, p2) <= p95_s <= max(p1, p2) and None not in (t1, t2):
+            return t1 if p1 == p2 else t1 + (t2 - t1) * (p95_s - p1) / (p2 - p1)
+    return None
+
+
+def mean_of(levels: list[dict], key: str) -> float | None:
+    """The mean of ``key`` over ``levels``; None when there are none or one lacks it (older result files)."""
+    values = [lv.get(key) for lv in levels]
+    return statistics.fmean(values) if values and None not in values else None
+
+
+def comparisons(routed: dict, baseline: dict) -> list[dict]:
+    """Each arm of a routed result file against a baseline file (levels at the same number in flight averaged):
+    throughput ratios, over the level and steady, at equal requests in flight and at the baseline's p95."""
+    rows = []
+    for arm in dict.fromkeys(lv.get("arm", "stream") for lv in routed["levels"]):
+        curve = [lv for lv in routed["levels"] if lv.get("arm", "stream") == arm]
+        for n in sorted({lv["concurrency"] for lv in baseline["levels"]}):
+            base = [lv for lv in baseline["levels"] if lv["concurrency"] == n]
+            same = [lv for lv in curve if lv["concurrency"] == n]
+            p95_s = mean_of(base, "p95_s")
+            row = {"arm": arm, "in_flight": n, "p95_s": mean_of(same, "p95_s"), "baseline_p95_s": p95_s}
+            for key in ("throughput_rps", "steady_rps"):
+                if (reference := mean_of(base, key)) is None:
+                    continue
+                row[f"{key}_ratio"] = None if (equal := mean_of(same, key)) is None else equal / reference
+                row[f"{key}_ratio_at_equal_p95"] = None if (at := at_equal_p95(curve, p95_s, key)) is None \
+                    else at / reference
+            rows.append({key: round(value, 3) if isinstance(value, float) else value for key, value in row.items()})
+    return rows
+
+
+def compare(args) -> None:
+    """Print ``comparisons`` of a routed result file against a baseline one, one JSON line each."""
+    routed, baseline = (json.loads(Path(path).read_text()) for path in (args.routed, args.baseline))
+    print(f"{routed['layout']} against {baseline['layout']}, {routed['steps']} and {baseline['steps']} steps")
+    for row in comparisons(routed, baseline):
+        print(json.dumps(row))
+
+
 def parse_override(text: str) -> tuple[str, object]:
     """``dotted.path=value`` (the value parsed as YAML) as a (path, value) pair."""
     import yaml
@@ -482,9 +528,12 @@ def main() -> None:
     p = sub.add_parser("plot")
     p.add_argument("files", nargs="+")
     p.add_argument("--out", default=str(RESULTS / "load.png"))
+    p = sub.add_parser("compare", help="a routed result file against a baseline one (ratios, also at equal p95)")
+    p.add_argument("routed")
+    p.add_argument("baseline")
     args = parser.parse_args()
-    if args.command == "plot":
-        plot(args)
+    if args.command in ("plot", "compare"):
+        {"plot": plot, "compare": compare}[args.command](args)
         return
     args.set = dict(args.set)
     build_tokenizer(args.models)

@@ -15,7 +15,7 @@ import pytest
 
 from cluster.config import ConfigError, load_config
 from cluster.metrics import SPECS
-from loadtests.gpu_bench import (LAYOUTS, breakdown, engine_figures, layout, parse_levels, parse_override,
+from loadtests.gpu_bench import (LAYOUTS, at_equal_p95, breakdown, comparisons, engine_figures, layout, parse_levels, parse_override,
                                  steady_throughput, summarize, tag, warm_up)
 
 
@@ -166,3 +166,25 @@ def test_warm_up_sends_its_requests_at_once():
 
     asyncio.run(run())
     assert most == 5
+
+
+def test_comparisons_give_ratios_at_equal_in_flight_and_at_the_baselines_p95():
+    def level(arm, n, rps, p95, steady=None):
+        return {"arm": arm, "concurrency": n, "throughput_rps": rps, "p95_s": p95, "steady_rps": steady}
+
+    routed = {"levels": [level("stream", 64, 3.0, 20.0, 3.2), level("stream", 96, 4.0, 30.0, 4.4)]}
+    # two baseline levels at 64 in flight (averaged: 2.0 req/s, p95 25 s), one at 32 whose p95 the curve lacks
+    baseline = {"levels": [level("stream", 64, 1.9, 24.0, 2.0), level("stream", 64, 2.1, 26.0, 2.0),
+                           level("stream", 32, 1.2, 15.0, 1.3)]}
+    assert at_equal_p95(routed["levels"], 25.0, "throughput_rps") == 3.5  # halfway from 20 s to 30 s
+    assert at_equal_p95(routed["levels"], 15.0, "throughput_rps") is None  # no extrapolation
+    rows = comparisons(routed, baseline)
+    assert rows == [
+        {"arm": "stream", "in_flight": 32, "p95_s": None, "baseline_p95_s": 15.0,
+         "throughput_rps_ratio": None, "throughput_rps_ratio_at_equal_p95": None,
+         "steady_rps_ratio": None, "steady_rps_ratio_at_equal_p95": None},
+        {"arm": "stream", "in_flight": 64, "p95_s": 20.0, "baseline_p95_s": 25.0,
+         "throughput_rps_ratio": 1.5, "throughput_rps_ratio_at_equal_p95": 1.75,
+         "steady_rps_ratio": 1.6, "steady_rps_ratio_at_equal_p95": 1.9}]
+    older = {"levels": [{key: value for key, value in lv.items() if key != "steady_rps"} for lv in baseline["levels"]]}
+    assert "steady_rps_ratio" not in comparisons(routed, older)[1]  # a file without steady throughput
