@@ -15,8 +15,8 @@ import pytest
 
 from cluster.config import ConfigError, load_config
 from cluster.metrics import SPECS
-from loadtests.gpu_bench import (LAYOUTS, at_equal_p95, breakdown, comparisons, engine_figures, layout, parse_levels, parse_override,
-                                 steady_throughput, summarize, tag, warm_up)
+from loadtests.gpu_bench import (LAYOUTS, at_equal_p95, breakdown, comparisons, engine_figures, layout, parse_levels,
+                                 parse_override, steady_throughput, summarize, tag, warm_up)
 
 
 @pytest.mark.parametrize("name", list(LAYOUTS))
@@ -134,7 +134,8 @@ def test_engine_figures_come_from_the_pools_engine_counters(monkeypatch):
         "prefill_tokens_per_s": 600, "mixed_fraction": 0.25,
         "ms_per_busy_iteration_by_phase": {"decode": 6.0, "mixed": 12.0}, "prefill_tokens_per_mixed_iteration": 12.0,
         # no step ran to its end in this level: only glimpses
-        "calls": {"glimpse": {"requests": 400, "ms": {"queued": 5.0, "running": 15.0, "total": 50.0, "outside": 30.0}}}}}
+        "calls": {"glimpse": {"requests": 400,
+                              "ms": {"queued": 5.0, "running": 15.0, "total": 50.0, "outside": 30.0}}}}}
 
 
 def test_breakdown_splits_a_request_into_calls_redis_and_the_rest():
