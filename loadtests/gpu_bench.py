@@ -19,7 +19,7 @@ routing, which takes no glimpse, and ``large`` only) on one running system; each
 (over the level, and steady while every slot was busy), latency, TTFT, goodput, steps per request,
 prefix-cache hits, each pool's step and glimpse times, and each pool's engine iterations, busy time (both also
 by phase: decode-only or mixed with prefill), tokens, and its requests' time queued, running and in all by call
-(from the pools' engine counters; the router's mean time of the same calls beside them). Results go to
+(from the pools' engine counters; the router's mean time of each kind of call beside them). Results go to
 ``results/gpu/`` as JSON.
 """
 
@@ -395,7 +395,8 @@ def summarize(concurrency: int, results: list[dict], wall: float, bound_s: float
                         if (ms := [s["step_ms"] for s in steps if s["pool"] == p])},
         "glimpse_ms_p50": {kind: round(statistics.median(ms), 1) for kind, fused in (("call", False), ("fused", True))
                            if (ms := [s["glimpse_ms"] for s in steps if s["glimpse_fused"] is fused and s["glimpse_ms"]])},
-        # against the engines' own times of the same calls (``call_figures``): the rest is Serve and the replicas
+        # beside the engines' own times of their calls (``call_figures``; they also count fused glimpses as
+        # glimpses and the large pool's final answers as its calls): the rest is Serve and the replicas
         "call_ms_mean": {call: round(statistics.fmean(ms), 1) for call, ms in (
             ("glimpse", [s["glimpse_ms"] for s in steps if not s["glimpse_fused"] and s["glimpse_ms"]]),
             *((f"{p}_step", [s["step_ms"] for s in steps if s["pool"] == p]) for p in ("small", "large"))) if ms},
@@ -422,10 +423,9 @@ def plot(args) -> None:
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
     for path in args.files:
         data = json.loads(Path(path).read_text())
-        arms = dict.fromkeys(lv.get("arm", "stream") for lv in data["levels"])
-        for arm in arms:
-            levels = [lv for lv in data["levels"] if lv.get("arm", "stream") == arm]
-            x, label = [lv["concurrency"] for lv in levels], f"{data['layout']}{', MPS' if data.get('mps') else ''} ({arm})"
+        for arm, levels in by_arm(data["levels"]).items():
+            x = [lv["concurrency"] for lv in levels]
+            label = f"{data['layout']}{', MPS' if data.get('mps') else ''} ({arm})"
             ax1.plot(x, [lv["throughput_rps"] for lv in levels], marker="o", label=label)
             ax2.plot(x, [lv["p95_s"] for lv in levels], marker="o", label=label)
     ax1.set(xlabel="requests in flight", ylabel="requests/s", title="throughput")
@@ -438,11 +438,19 @@ def plot(args) -> None:
     print(f"wrote {args.out}")
 
 
+def by_arm(levels: list[dict]) -> dict[str, list[dict]]:
+    """A result file's levels grouped by client arm, in order of first appearance (files without arms: stream)."""
+    arms: dict[str, list[dict]] = {}
+    for level in levels:
+        arms.setdefault(level.get("arm", "stream"), []).append(level)
+    return arms
+
+
 def at_equal_p95(curve: list[dict], p95_s: float, key: str) -> float | None:
     """The throughput ``key`` of a curve (levels of one arm) where its p95 latency is ``p95_s``: linear between
     neighbouring levels (in order of requests in flight) whose p95s enclose it; None outside the curve."""
     points = [(lv["p95_s"], lv.get(key)) for lv in sorted(curve, key=lambda lv: lv["concurrency"])]
-    for (p1, t1), (p2, t2) in zip(points, points[1:] or points):
+    for (p1, t1), (p2, t2) in zip(points, points[1:] or points):  # a one-level curve: only at its own p95
         if min(p1, p2) <= p95_s <= max(p1, p2) and None not in (t1, t2):
             return t1 if p1 == p2 else t1 + (t2 - t1) * (p95_s - p1) / (p2 - p1)
     return None
@@ -458,8 +466,7 @@ def comparisons(routed: dict, baseline: dict) -> list[dict]:
     """Each arm of a routed result file against a baseline file (levels at the same number in flight averaged):
     throughput ratios, over the level and steady, at equal requests in flight and at the baseline's p95."""
     rows = []
-    for arm in dict.fromkeys(lv.get("arm", "stream") for lv in routed["levels"]):
-        curve = [lv for lv in routed["levels"] if lv.get("arm", "stream") == arm]
+    for arm, curve in by_arm(routed["levels"]).items():
         for n in sorted({lv["concurrency"] for lv in baseline["levels"]}):
             base = [lv for lv in baseline["levels"] if lv["concurrency"] == n]
             same = [lv for lv in curve if lv["concurrency"] == n]
