@@ -4,7 +4,7 @@ driven through the HTTP API.
     python -m loadtests.gpu_bench single [--layout one-gpu] [--requests 3] [--set PATH=VALUE ...]
     python -m loadtests.gpu_bench load --layout shared-2gpu --levels stream:1,stream:64,fused:64 [--steps 16] [--mps]
     python -m loadtests.gpu_bench plot results/gpu/load-*.json
-    python -m loadtests.gpu_bench compare results/gpu/load-routed-2gpu.json results/gpu/load-large-only-2gpu.json
+    python -m loadtests.gpu_bench compare results/gpu/routed-*.json --baseline results/gpu/large-only-*.json
 
 Settings come from ``cluster/configs/gpu-bench.yaml``; ``--layout`` patches its placement and replicas and
 starts local Ray nodes, each owning its GPUs and advertising the pools it hosts (see ``LAYOUTS``: a node per
@@ -414,20 +414,26 @@ def save(folder: Path, name: str, data: dict) -> None:
 
 
 def plot(args) -> None:
-    """Throughput and p95 latency against requests in flight, one line per layout and arm."""
+    """Throughput (steady dashed) and p95 latency against requests in flight, one line per layout and arm: the
+    files of one layout pooled (several starts), levels at the same number in flight averaged."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+    curves: dict[str, list[dict]] = {}
     for path in args.files:
         data = json.loads(Path(path).read_text())
         for arm, levels in by_arm(data["levels"]).items():
-            x = [lv["concurrency"] for lv in levels]
-            label = f"{data['layout']}{', MPS' if data.get('mps') else ''} ({arm})"
-            ax1.plot(x, [lv["throughput_rps"] for lv in levels], marker="o", label=label)
-            ax2.plot(x, [lv["p95_s"] for lv in levels], marker="o", label=label)
+            curves.setdefault(f"{data['layout']}{', MPS' if data.get('mps') else ''} ({arm})", []).extend(levels)
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+    for label, curve in curves.items():
+        points = by_in_flight(curve)
+        x = [n for n, _ in points]
+        (line,) = ax1.plot(x, [mean_of(levels, "throughput_rps") for _, levels in points], marker="o", label=label)
+        if None not in (steady := [mean_of(levels, "steady_rps") for _, levels in points]):
+            ax1.plot(x, steady, marker="x", linestyle="--", color=line.get_color(), label=f"{label}, steady")
+        ax2.plot(x, [mean_of(levels, "p95_s") for _, levels in points], marker="o", label=label)
     ax1.set(xlabel="requests in flight", ylabel="requests/s", title="throughput")
     ax2.set(xlabel="requests in flight", ylabel="seconds", title="p95 request latency")
     for ax in (ax1, ax2):
@@ -446,11 +452,19 @@ def by_arm(levels: list[dict]) -> dict[str, list[dict]]:
     return arms
 
 
+def by_in_flight(curve: list[dict]) -> list[tuple[int, list[dict]]]:
+    """A curve's levels grouped by requests in flight, in order (several starts' levels at one number together)."""
+    groups: dict[int, list[dict]] = {}
+    for level in curve:
+        groups.setdefault(level["concurrency"], []).append(level)
+    return sorted(groups.items())
+
+
 def at_equal_p95(curve: list[dict], p95_s: float, key: str) -> float | None:
-    """The throughput ``key`` of a curve (levels of one arm) where its p95 latency is ``p95_s``: linear between
-    neighbouring levels (in order of requests in flight) whose p95s enclose it; None outside the curve."""
-    points = [(lv["p95_s"], lv.get(key)) for lv in sorted(curve, key=lambda lv: lv["concurrency"])]
-    for (p1, t1), (p2, t2) in zip(points, points[1:] or points):  # a one-level curve: only at its own p95
+    """The throughput ``key`` of a curve (levels of one arm, those at the same number in flight averaged) where its
+    p95 latency is ``p95_s``: linear between neighbouring points whose p95s enclose it; None outside the curve."""
+    points = [(mean_of(levels, "p95_s"), mean_of(levels, key)) for _, levels in by_in_flight(curve)]
+    for (p1, t1), (p2, t2) in zip(points, points[1:] or points):  # a one-point curve: only at its own p95
         if min(p1, p2) <= p95_s <= max(p1, p2) and None not in (t1, t2):
             return t1 if p1 == p2 else t1 + (t2 - t1) * (p95_s - p1) / (p2 - p1)
     return None
@@ -467,8 +481,7 @@ def comparisons(routed: dict, baseline: dict) -> list[dict]:
     throughput ratios, over the level and steady, at equal requests in flight and at the baseline's p95."""
     rows = []
     for arm, curve in by_arm(routed["levels"]).items():
-        for n in sorted({lv["concurrency"] for lv in baseline["levels"]}):
-            base = [lv for lv in baseline["levels"] if lv["concurrency"] == n]
+        for n, base in by_in_flight(baseline["levels"]):
             same = [lv for lv in curve if lv["concurrency"] == n]
             p95_s = mean_of(base, "p95_s")
             row = {"arm": arm, "in_flight": n, "p95_s": mean_of(same, "p95_s"), "baseline_p95_s": p95_s}
@@ -482,9 +495,17 @@ def comparisons(routed: dict, baseline: dict) -> list[dict]:
     return rows
 
 
+def merged(paths: list[str]) -> dict:
+    """Result files of one layout and request shape (e.g. several starts) as one, their levels together."""
+    files = [json.loads(Path(path).read_text()) for path in paths]
+    if len({(f["layout"], f["steps"]) for f in files}) > 1:
+        raise SystemExit(f"gpu_bench compare: {', '.join(paths)} differ in layout or steps; compare like with like")
+    return {**files[0], "levels": [level for f in files for level in f["levels"]]}
+
+
 def compare(args) -> None:
-    """Print ``comparisons`` of a routed result file against a baseline one, one JSON line each."""
-    routed, baseline = (json.loads(Path(path).read_text()) for path in (args.routed, args.baseline))
+    """Print ``comparisons`` of routed result files against baseline ones, one JSON line each."""
+    routed, baseline = merged(args.routed), merged(args.baseline)
     print(f"{routed['layout']} against {baseline['layout']}, {routed['steps']} and {baseline['steps']} steps")
     for row in comparisons(routed, baseline):
         print(json.dumps(row))
@@ -535,9 +556,9 @@ def main() -> None:
     p = sub.add_parser("plot")
     p.add_argument("files", nargs="+")
     p.add_argument("--out", default=str(RESULTS / "load.png"))
-    p = sub.add_parser("compare", help="a routed result file against a baseline one (ratios, also at equal p95)")
-    p.add_argument("routed")
-    p.add_argument("baseline")
+    p = sub.add_parser("compare", help="routed result files against baseline ones (ratios, also at equal p95)")
+    p.add_argument("routed", nargs="+", help="routed result files (one layout; several starts pool their levels)")
+    p.add_argument("--baseline", nargs="+", required=True, help="baseline result files (one layout)")
     args = parser.parse_args()
     if args.command in ("plot", "compare"):
         {"plot": plot, "compare": compare}[args.command](args)

@@ -15,8 +15,8 @@ import pytest
 
 from cluster.config import ConfigError, load_config
 from cluster.metrics import SPECS
-from loadtests.gpu_bench import (LAYOUTS, at_equal_p95, breakdown, comparisons, engine_figures, layout, parse_levels,
-                                 parse_override, steady_throughput, summarize, tag, warm_up)
+from loadtests.gpu_bench import (LAYOUTS, at_equal_p95, breakdown, comparisons, engine_figures, layout, merged,
+                                 parse_levels, parse_override, steady_throughput, summarize, tag, warm_up)
 
 
 @pytest.mark.parametrize("name", list(LAYOUTS))
@@ -179,6 +179,8 @@ def test_comparisons_give_ratios_at_equal_in_flight_and_at_the_baselines_p95():
                            level("stream", 32, 1.2, 15.0, 1.3)]}
     assert at_equal_p95(routed["levels"], 25.0, "throughput_rps") == 3.5  # halfway from 20 s to 30 s
     assert at_equal_p95(routed["levels"], 15.0, "throughput_rps") is None  # no extrapolation
+    two_starts = [level("stream", 64, 2.8, 18.0), level("stream", 64, 3.2, 22.0), routed["levels"][1]]
+    assert at_equal_p95(two_starts, 25.0, "throughput_rps") == 3.5  # the two at 64 in flight averaged first
     rows = comparisons(routed, baseline)
     assert rows == [
         {"arm": "stream", "in_flight": 32, "p95_s": None, "baseline_p95_s": 15.0,
@@ -189,3 +191,17 @@ def test_comparisons_give_ratios_at_equal_in_flight_and_at_the_baselines_p95():
          "steady_rps_ratio": 1.6, "steady_rps_ratio_at_equal_p95": 1.9}]
     older = {"levels": [{key: value for key, value in lv.items() if key != "steady_rps"} for lv in baseline["levels"]]}
     assert "steady_rps_ratio" not in comparisons(routed, older)[1]  # a file without steady throughput
+
+
+def test_compare_pools_the_levels_of_several_starts_and_refuses_unlike_files(tmp_path):
+    def write(name, layout, steps, levels):
+        (tmp_path / name).write_text(json.dumps({"layout": layout, "steps": steps, "levels": levels}))
+        return str(tmp_path / name)
+
+    first = write("a.json", "routed-2gpu", 24, [{"concurrency": 64}])
+    second = write("b.json", "routed-2gpu", 24, [{"concurrency": 96}])
+    assert merged([first, second]) == {"layout": "routed-2gpu", "steps": 24,
+                                       "levels": [{"concurrency": 64}, {"concurrency": 96}]}
+    other_shape = write("c.json", "routed-2gpu", 16, [])
+    with pytest.raises(SystemExit, match="differ in layout or steps"):
+        merged([first, other_shape])
