@@ -414,8 +414,8 @@ def save(folder: Path, name: str, data: dict) -> None:
 
 
 def plot(args) -> None:
-    """Throughput (steady dashed) and p95 latency against requests in flight, one line per layout and arm: the
-    files of one layout pooled (several starts), levels at the same number in flight averaged."""
+    """Throughput (steady dashed) and p95 latency against requests in flight, one line per setup and arm: the
+    files of one setup pooled (several starts), levels at the same number in flight averaged."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -425,7 +425,9 @@ def plot(args) -> None:
     for path in args.files:
         data = json.loads(Path(path).read_text())
         for arm, levels in by_arm(data["levels"]).items():
-            curves.setdefault(f"{data['layout']}{', MPS' if data.get('mps') else ''} ({arm})", []).extend(levels)
+            overrides = [f"{path.rsplit('.', 1)[-1]}={value}" for path, value in data.get("overrides", {}).items()]
+            setup = ", ".join([data["layout"], *(["MPS"] if data.get("mps") else []), *overrides])
+            curves.setdefault(f"{setup} ({arm})", []).extend(levels)
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
     for label, curve in curves.items():
         points = by_in_flight(curve)
@@ -437,7 +439,7 @@ def plot(args) -> None:
     ax1.set(xlabel="requests in flight", ylabel="requests/s", title="throughput")
     ax2.set(xlabel="requests in flight", ylabel="seconds", title="p95 request latency")
     for ax in (ax1, ax2):
-        ax.legend()
+        ax.legend(fontsize="small")
         ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(args.out, dpi=120)
@@ -496,10 +498,11 @@ def comparisons(routed: dict, baseline: dict) -> list[dict]:
 
 
 def merged(paths: list[str]) -> dict:
-    """Result files of one layout and request shape (e.g. several starts) as one, their levels together."""
+    """Result files of one setup (layout, steps, MPS and overrides; e.g. several starts) as one, levels together."""
     files = [json.loads(Path(path).read_text()) for path in paths]
-    if len({(f["layout"], f["steps"]) for f in files}) > 1:
-        raise SystemExit(f"gpu_bench compare: {', '.join(paths)} differ in layout or steps; compare like with like")
+    setups = {json.dumps([f["layout"], f["steps"], f.get("mps"), f.get("overrides")], sort_keys=True) for f in files}
+    if len(setups) > 1:
+        raise SystemExit(f"gpu_bench compare: {', '.join(paths)} differ in layout, steps, MPS or overrides")
     return {**files[0], "levels": [level for f in files for level in f["levels"]]}
 
 

@@ -179,8 +179,8 @@ def test_comparisons_give_ratios_at_equal_in_flight_and_at_the_baselines_p95():
                            level("stream", 32, 1.2, 15.0, 1.3)]}
     assert at_equal_p95(routed["levels"], 25.0, "throughput_rps") == 3.5  # halfway from 20 s to 30 s
     assert at_equal_p95(routed["levels"], 15.0, "throughput_rps") is None  # no extrapolation
-    two_starts = [level("stream", 64, 2.8, 18.0), level("stream", 64, 3.2, 22.0), routed["levels"][1]]
-    assert at_equal_p95(two_starts, 25.0, "throughput_rps") == 3.5  # the two at 64 in flight averaged first
+    two_starts = [level("stream", 64, 2.6, 18.0), level("stream", 64, 3.4, 22.0), routed["levels"][1]]
+    assert at_equal_p95(two_starts, 25.0, "throughput_rps") == 3.5  # the two at 64 averaged first (not 3.625)
     rows = comparisons(routed, baseline)
     assert rows == [
         {"arm": "stream", "in_flight": 32, "p95_s": None, "baseline_p95_s": 15.0,
@@ -194,14 +194,13 @@ def test_comparisons_give_ratios_at_equal_in_flight_and_at_the_baselines_p95():
 
 
 def test_compare_pools_the_levels_of_several_starts_and_refuses_unlike_files(tmp_path):
-    def write(name, layout, steps, levels):
-        (tmp_path / name).write_text(json.dumps({"layout": layout, "steps": steps, "levels": levels}))
+    def write(name, levels, steps=24, overrides=None):
+        data = {"layout": "routed-2gpu", "steps": steps, "mps": False, "overrides": overrides or {}, "levels": levels}
+        (tmp_path / name).write_text(json.dumps(data))
         return str(tmp_path / name)
 
-    first = write("a.json", "routed-2gpu", 24, [{"concurrency": 64}])
-    second = write("b.json", "routed-2gpu", 24, [{"concurrency": 96}])
-    assert merged([first, second]) == {"layout": "routed-2gpu", "steps": 24,
-                                       "levels": [{"concurrency": 64}, {"concurrency": 96}]}
-    other_shape = write("c.json", "routed-2gpu", 16, [])
-    with pytest.raises(SystemExit, match="differ in layout or steps"):
-        merged([first, other_shape])
+    first, second = write("a.json", [{"concurrency": 64}]), write("b.json", [{"concurrency": 96}])
+    assert merged([first, second])["levels"] == [{"concurrency": 64}, {"concurrency": 96}]
+    for unlike in (write("c.json", [], steps=16), write("d.json", [], overrides={"pools.small.engine.x": 1})):
+        with pytest.raises(SystemExit, match="differ in layout, steps, MPS or overrides"):
+            merged([first, unlike])
