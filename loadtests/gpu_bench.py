@@ -414,7 +414,7 @@ def save(folder: Path, name: str, data: dict) -> None:
 
 
 def plot(args) -> None:
-    """Throughput (steady dashed) and p95 latency against requests in flight, one line per setup and arm: the
+    """Throughput (steady dashed) and p95 latency against requests in flight, one line per ``setup`` and arm: the
     files of one setup pooled (several starts), levels at the same number in flight averaged."""
     import matplotlib
 
@@ -425,9 +425,7 @@ def plot(args) -> None:
     for path in args.files:
         data = json.loads(Path(path).read_text())
         for arm, levels in by_arm(data["levels"]).items():
-            overrides = [f"{path.rsplit('.', 1)[-1]}={value}" for path, value in data.get("overrides", {}).items()]
-            setup = ", ".join([data["layout"], *(["MPS"] if data.get("mps") else []), *overrides])
-            curves.setdefault(f"{setup} ({arm})", []).extend(levels)
+            curves.setdefault(f"{setup(data)} ({arm})", []).extend(levels)
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
     for label, curve in curves.items():
         points = by_in_flight(curve)
@@ -439,11 +437,19 @@ def plot(args) -> None:
     ax1.set(xlabel="requests in flight", ylabel="requests/s", title="throughput")
     ax2.set(xlabel="requests in flight", ylabel="seconds", title="p95 request latency")
     for ax in (ax1, ax2):
-        ax.legend(fontsize="small")
         ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(args.out, dpi=120)
+    # one legend for both panels, below them (a line's p95 has its throughput line's colour)
+    fig.legend(*ax1.get_legend_handles_labels(), loc="upper center", bbox_to_anchor=(0.5, 0), fontsize="small")
+    fig.savefig(args.out, dpi=120, bbox_inches="tight")
     print(f"wrote {args.out}")
+
+
+def setup(result: dict) -> str:
+    """What a result file ran: its layout, steps a request, MPS and ``--set`` overrides (older files lack the last)."""
+    overrides = [f"{path}={value}" for path, value in (result.get("overrides") or {}).items()]
+    mps = ["MPS"] if result.get("mps") else []
+    return ", ".join([result["layout"], f"{result['steps']} steps", *mps, *overrides])
 
 
 def by_arm(levels: list[dict]) -> dict[str, list[dict]]:
@@ -483,8 +489,9 @@ def comparisons(routed: dict, baseline: dict) -> list[dict]:
     throughput ratios, over the level and steady, at equal requests in flight and at the baseline's p95."""
     rows = []
     for arm, curve in by_arm(routed["levels"]).items():
+        routed_at = dict(by_in_flight(curve))
         for n, base in by_in_flight(baseline["levels"]):
-            same = [lv for lv in curve if lv["concurrency"] == n]
+            same = routed_at.get(n, [])
             p95_s = mean_of(base, "p95_s")
             row = {"arm": arm, "in_flight": n, "p95_s": mean_of(same, "p95_s"), "baseline_p95_s": p95_s}
             for key in ("throughput_rps", "steady_rps"):
@@ -498,18 +505,17 @@ def comparisons(routed: dict, baseline: dict) -> list[dict]:
 
 
 def merged(paths: list[str]) -> dict:
-    """Result files of one setup (layout, steps, MPS and overrides; e.g. several starts) as one, levels together."""
+    """Result files of one ``setup`` (e.g. several starts) as one, their levels together."""
     files = [json.loads(Path(path).read_text()) for path in paths]
-    setups = {json.dumps([f["layout"], f["steps"], f.get("mps"), f.get("overrides")], sort_keys=True) for f in files}
-    if len(setups) > 1:
-        raise SystemExit(f"gpu_bench compare: {', '.join(paths)} differ in layout, steps, MPS or overrides")
+    if len(setups := {setup(f) for f in files}) > 1:
+        raise SystemExit(f"gpu_bench compare: the files ran different setups: {'; '.join(sorted(setups))}")
     return {**files[0], "levels": [level for f in files for level in f["levels"]]}
 
 
 def compare(args) -> None:
     """Print ``comparisons`` of routed result files against baseline ones, one JSON line each."""
     routed, baseline = merged(args.routed), merged(args.baseline)
-    print(f"{routed['layout']} against {baseline['layout']}, {routed['steps']} and {baseline['steps']} steps")
+    print(f"{setup(routed)} against {setup(baseline)}")
     for row in comparisons(routed, baseline):
         print(json.dumps(row))
 
@@ -560,8 +566,8 @@ def main() -> None:
     p.add_argument("files", nargs="+")
     p.add_argument("--out", default=str(RESULTS / "load.png"))
     p = sub.add_parser("compare", help="routed result files against baseline ones (ratios, also at equal p95)")
-    p.add_argument("routed", nargs="+", help="routed result files (one layout; several starts pool their levels)")
-    p.add_argument("--baseline", nargs="+", required=True, help="baseline result files (one layout)")
+    p.add_argument("routed", nargs="+", help="routed result files of one setup (several starts pool their levels)")
+    p.add_argument("--baseline", nargs="+", required=True, help="baseline result files of one setup")
     args = parser.parse_args()
     if args.command in ("plot", "compare"):
         {"plot": plot, "compare": compare}[args.command](args)

@@ -202,5 +202,5 @@ def test_compare_pools_the_levels_of_several_starts_and_refuses_unlike_files(tmp
     first, second = write("a.json", [{"concurrency": 64}]), write("b.json", [{"concurrency": 96}])
     assert merged([first, second])["levels"] == [{"concurrency": 64}, {"concurrency": 96}]
     for unlike in (write("c.json", [], steps=16), write("d.json", [], overrides={"pools.small.engine.x": 1})):
-        with pytest.raises(SystemExit, match="differ in layout, steps, MPS or overrides"):
+        with pytest.raises(SystemExit, match="ran different setups: routed-2gpu, "):
             merged([first, unlike])
