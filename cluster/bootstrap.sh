@@ -28,7 +28,7 @@ setup() {
     touch "$stamp"
   fi
   step "converting the embedded models (once; cached)"
-  "$VENV/bin/python" -m cluster.models
+  "$VENV/bin/python" -m cluster.ops.models
 }
 
 export PATH="$PWD/$VENV/bin:$PATH"

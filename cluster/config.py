@@ -7,6 +7,7 @@ fields (``PolicySettings``) and feed the Ray Serve / KubeRay renderers.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Literal
 
@@ -184,6 +185,10 @@ class RedisSettings(StrictModel):
     url: str = Field("redis://127.0.0.1:6379/0", pattern=r"^(redis|rediss|unix)://", description="Redis URL; REDIS_URL overrides it.")
     request_ttl_s: int = Field(86_400, ge=60, le=30 * 86_400, description="How long a request's state is kept.")
     socket_timeout_s: float = Field(2.0, gt=0, le=60, description="Per-command timeout; an outage gives 503, not a hang.")
+
+    def effective_url(self) -> str:
+        """The URL in force: the REDIS_URL environment variable overrides the config."""
+        return os.environ.get("REDIS_URL", self.url)
 
 
 class PolicySettings(StrictModel):

@@ -15,26 +15,10 @@ from ray import serve
 
 from cluster import metrics
 from cluster.config import PoolSettings
+from cluster.topology import engine_env, model_dir, tokenizer_dir
 from deployments.protocol import Glimpse, NextGlimpse, Prompt, StepChunk, StepSampling
 
 log = logging.getLogger("ray.serve")
-
-
-ENGINE_MARKER = "GLIMP_POOL_ENGINE"  # set in every engine process, so the launcher can find leftovers
-
-
-def engine_env(settings: PoolSettings) -> dict[str, str]:
-    """Environment variables the engine process needs (CPU KV cache and thread binding; no hub access
-    for local models)."""
-    env = {"TOKENIZERS_PARALLELISM": "false", ENGINE_MARKER: "1"}
-    if settings.model.embedded or settings.model.load_format == "dummy":
-        env["HF_HUB_OFFLINE"] = "1"
-    if settings.engine.kv_cache_gib is not None:
-        env["VLLM_CPU_NUM_OF_RESERVED_CPU"] = "0"
-        env["VLLM_CPU_KVCACHE_SPACE"] = str(settings.engine.kv_cache_gib)
-    if settings.engine.cpu_threads_bind is not None:
-        env["VLLM_CPU_OMP_THREADS_BIND"] = settings.engine.cpu_threads_bind
-    return env
 
 
 def engine_args(settings: PoolSettings) -> dict:
@@ -49,8 +33,8 @@ def engine_args(settings: PoolSettings) -> dict:
         "disable_custom_all_reduce": eng.disable_custom_all_reduce,
     }
     return {
-        "model": resolve_model_dir(settings),
-        "tokenizer": resolve_tokenizer_dir(settings),
+        "model": model_dir(settings),
+        "tokenizer": tokenizer_dir(settings),
         "served_model_name": settings.model.name,
         "load_format": settings.model.load_format,
         "dtype": eng.dtype,
@@ -64,25 +48,6 @@ def engine_args(settings: PoolSettings) -> dict:
         "disable_log_stats": False,
         **{key: value for key, value in optional.items() if value},
     }
-
-
-def actor_options(settings: PoolSettings) -> dict:
-    """A pool replica's Ray actor options: its placement and its engine's environment."""
-    return {**settings.placement.ray_actor_options(), "runtime_env": {"env_vars": engine_env(settings)}}
-
-
-def resolve_model_dir(settings: PoolSettings) -> str:
-    """The folder (or hub id) vLLM loads: embedded models are converted into the cache on first use."""
-    if settings.model.embedded:
-        from cluster.models import ensure_embedded_model
-
-        return str(ensure_embedded_model(settings.model.embedded))
-    return str(settings.model.path)
-
-
-def resolve_tokenizer_dir(settings: PoolSettings) -> str:
-    """The tokenizer folder: the configured one, else the model's."""
-    return settings.model.tokenizer or resolve_model_dir(settings)
 
 
 class BusyClock:
@@ -196,7 +161,7 @@ def _first_token_glimpse(output, top_k: int) -> Glimpse:
 
 
 class ModelPool:
-    """A replica of one pool. Deployed as ``SmallPool`` or ``LargePool`` by the builder."""
+    """A replica of one pool. Deployed under its role's name in ``cluster/topology.py`` by the builder."""
 
     def __init__(self, role: str, settings: PoolSettings):
         for key, value in engine_env(settings).items():
@@ -207,6 +172,9 @@ class ModelPool:
 
         self.role = role
         self.replica = serve.get_replica_context().replica_id.unique_id
+        if settings.model.embedded and not os.path.isdir(model_dir(settings)):
+            raise RuntimeError(f"embedded model {settings.model.embedded!r} is not converted at {model_dir(settings)}: "
+                               "run `python -m cluster.ops.models` (the launcher does) before the pools start")
         args = AsyncEngineArgs(**engine_args(settings))
         log.info("%s pool replica %s: starting vLLM engine for %s", role, self.replica, args.model)
         self.engine = AsyncLLM.from_engine_args(args, stat_loggers=[RayPrometheusStatLogger, engine_stats_logger(role)])

@@ -22,8 +22,8 @@ import httpx
 import yaml
 
 from cluster.config import load_config
-from cluster.launcher import RUN_DIR
-from loadtests.problems import problems
+from cluster.ops.launcher import RUN_DIR
+from cluster.ops.problems import problems
 
 
 

@@ -20,7 +20,7 @@ from pathlib import Path
 import httpx
 
 from cluster.config import load_config
-from loadtests.problems import problems
+from cluster.ops.problems import problems
 
 TAUS = [0.5, 0.75, 1.0, 1.25, 1.5, 2.0]
 

@@ -44,9 +44,9 @@ import httpx
 from pydantic import ValidationError
 
 from cluster.config import ClusterConfig, ConfigError, format_validation_error, load_config
-from cluster.launcher import HEAD_METRICS_PORT, LocalNode, local_gpus
+from cluster.ops.launcher import HEAD_METRICS_PORT, LocalNode, local_gpus
 from cluster.metrics import SPECS
-from cluster.operators import delta, scrape, total
+from cluster.ops.operators import delta, scrape, total
 from deployments.pool import CALLS, PHASES, REQUEST_PARTS
 from loadtests.gpu_models import SHAPES, build_model, build_tokenizer
 
@@ -156,7 +156,7 @@ async def bench_key(cfg: ClusterConfig) -> str:
 
 async def start(cfg: ClusterConfig, nodes: list[LocalNode]) -> tuple[str, str]:
     """Bring the system up for ``cfg`` on ``nodes`` (blocking while the engines start); returns (base URL, key)."""
-    from cluster import launcher
+    from cluster.ops import launcher
 
     subprocess.run([sys.executable, "-m", "cluster", "down"], check=False)
     os.environ.update(DEVICE_ENV)

@@ -29,7 +29,7 @@ import requests
 from locust import User, events, task
 
 from loadtests import metrics
-from loadtests.problems import problems
+from cluster.ops.problems import problems
 
 PROMPTS = problems(200)
 _users, _requests = itertools.count(), itertools.count()

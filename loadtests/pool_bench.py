@@ -13,6 +13,7 @@ import asyncio
 import os
 import time
 
+from cluster.topology import DEPLOYMENT_NAMES
 from deployments.protocol import StepSampling
 
 PROMPT = "<|im_start|>user\nTell me a long story about a lighthouse keeper.<|im_end|>\n<|im_start|>assistant\n"
@@ -27,7 +28,7 @@ async def one(handle, tokens: int, seed: int) -> int:
 async def bench(app: str, tokens: int, batch: int) -> None:
     from ray import serve
 
-    for role, name in (("small", "SmallPool"), ("large", "LargePool")):
+    for role, name in DEPLOYMENT_NAMES.items():
         handle = serve.get_deployment_handle(name, app_name=app)
         await one(handle, 4, 0)  # warm-up
         t0 = time.perf_counter()

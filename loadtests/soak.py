@@ -20,7 +20,7 @@ from pathlib import Path
 
 import psutil
 
-from cluster.operators import serve_details
+from cluster.ops.operators import serve_details
 
 
 def replica_memory(app: str) -> dict[str, float]:

@@ -12,8 +12,12 @@ from __future__ import annotations
 import json
 import time
 from dataclasses import asdict, dataclass, field
+from typing import Literal
 
 import redis.asyncio as aioredis
+from pydantic import Field
+
+from cluster.config import PolicySettings, StepSettings, StrictModel
 
 RUNNING, FINISHED, FAILED, CANCELLED = "running", "finished", "failed", "cancelled"
 
@@ -69,6 +73,23 @@ class RequestNotFound(KeyError):
     """No such request for this tenant (or it expired)."""
 
 
+class StoredRequest(StrictModel):
+    """A request as stored at admission: all a router replica needs to run it, or to resume it after another
+    replica died."""
+
+    endpoint: Literal["chat", "completions"] = Field(description="The endpoint it came to.")
+    model: str = Field(description="The model name the client asked for.")
+    messages: list[dict] = Field(description="The chat messages (a completion's prompt is one user message).")
+    policy: PolicySettings = Field(description="The routing policy in force: router < tenant < request.")
+    steps: StepSettings = Field(description="The step loop's limits and sampling defaults in force.")
+    temperature: float = Field(description="Sampling temperature of every step and of the answer.")
+    top_p: float = Field(description="Nucleus sampling of every step and of the answer.")
+    seed: int | None = Field(None, description="The client's seed (step i samples with seed + i).")
+    stream: bool = Field(False, description="Whether the client asked for a stream.")
+    include_usage: bool = Field(False, description="Stream a usage chunk at the end.")
+    prompt_tokens: int = Field(0, ge=0, description="Tokens of the rendered prompt.")
+
+
 @dataclass
 class StepRecord:
     """One complete step as kept in Redis and returned in a response's ``routing``."""
@@ -97,7 +118,7 @@ class RequestState:
 
     request_id: str
     tenant: str
-    request: dict
+    request: StoredRequest
     status: str
     owner: str
     lease_until: float
@@ -112,6 +133,7 @@ class RequestState:
         out = asdict(self)
         out.pop("lease_until")
         out.pop("owner")
+        out["request"] = self.request.model_dump(mode="json")
         return out
 
 
@@ -132,11 +154,11 @@ class RequestStateStore:
         base = f"{self.namespace}:t:{tenant}:req:{request_id}"
         return base, base + ":steps"
 
-    async def create(self, tenant: str, request_id: str, request: dict, owner: str) -> None:
+    async def create(self, tenant: str, request_id: str, request: StoredRequest, owner: str) -> None:
         """Record a new running request owned by ``owner``, with its TTL, in one atomic script."""
         key, _ = self._keys(tenant, request_id)
         now = time.time()
-        if await self._create(keys=[key], args=[json.dumps(request), owner, now + self.lease_s, now, self.ttl_s]) < 0:
+        if await self._create(keys=[key], args=[request.model_dump_json(), owner, now + self.lease_s, now, self.ttl_s]) < 0:
             raise StateConflict(f"request {request_id} already exists")
 
     async def append_step(self, tenant: str, request_id: str, owner: str, step: StepRecord, glimpsed: bool) -> int:
@@ -185,7 +207,7 @@ class RequestStateStore:
             raise RequestNotFound(request_id)
         f = {k.decode() if isinstance(k, bytes) else k: v.decode() if isinstance(v, bytes) else v for k, v in fields.items()}
         return RequestState(
-            request_id=request_id, tenant=tenant, request=json.loads(f["request"]), status=f.get("status", RUNNING),
+            request_id=request_id, tenant=tenant, request=StoredRequest.model_validate_json(f["request"]), status=f.get("status", RUNNING),
             owner=f.get("owner", ""), lease_until=float(f.get("lease_until", 0)), created_at=float(f.get("created_at", 0)),
             steps=[StepRecord.from_json(s) for s in raw_steps],
             final=json.loads(f["final"]) if "final" in f else None, error=f.get("error"), glimpses=int(f.get("glimpses", 0)),

@@ -7,7 +7,7 @@ import socket
 
 import pytest
 
-from cluster.redis_server import start_local_redis
+from cluster.ops.redis_server import start_local_redis
 
 
 def _free_port() -> int:
@@ -50,9 +50,7 @@ class LocalCluster:
         self.config, self.base_url, self.admin_key = config, base_url, admin_key
 
     def redis_url(self) -> str:
-        from cluster.redis_server import redis_url
-
-        return redis_url(self.config.redis.url)
+        return self.config.redis.effective_url()
 
     def new_tenant(self, name: str, **settings) -> str:
         """Create (or recreate) a tenant with generous limits unless given; returns its key."""
@@ -94,7 +92,7 @@ def local_cluster():
     import ray
 
     from cluster.config import load_config
-    from cluster.launcher import RUN_DIR
+    from cluster.ops.launcher import RUN_DIR
 
     config_path = os.environ.get("GLIMP_TEST_CONFIG", "local")
     config = load_config(config_path)

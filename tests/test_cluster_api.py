@@ -42,7 +42,7 @@ def reference_loop(local_cluster, question: str, tau: float, budget: int, step_m
     """Greedy GlimpRouter with the pools' handles and the models' own tokenizers: [(pool, step text)]."""
     from transformers import AutoTokenizer
 
-    from cluster.models import ensure_embedded_model
+    from cluster.ops.models import ensure_embedded_model
 
     cfg = local_cluster.config
     toks = {r: AutoTokenizer.from_pretrained(str(ensure_embedded_model(p.model.embedded))) for r, p in cfg.pools.items()}

@@ -9,7 +9,7 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import pytest
 
-from cluster import operators
+from cluster.ops import operators
 from cluster.metrics import SPECS
 
 pytestmark = pytest.mark.cluster
@@ -61,7 +61,7 @@ def test_scaling_one_pool_changes_only_that_pool_and_autoscales_it(local_cluster
     key = local_cluster.new_tenant("burst", max_concurrent_requests=16)
     scale = ["scale", "small", "--min", "1", "--max", "2", "--target-ongoing", "1", "--upscale-delay", "1",
              "--downscale-delay", "5"]
-    from cluster.cli import main
+    from cluster.ops.cli import main
 
     try:
         assert main(scale) == 0

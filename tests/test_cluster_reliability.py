@@ -17,11 +17,11 @@ import schemathesis
 from hypothesis import HealthCheck, settings
 from schemathesis.generation import GenerationMode
 
-from cluster import operators
-from cluster.launcher import RUN_DIR
+from cluster.ops import operators
+from cluster.ops.launcher import RUN_DIR
 from cluster.metrics import SPECS
-from cluster.redis_server import ping, start_local_redis
-from router_service.server import app
+from cluster.ops.redis_server import ping, start_local_redis
+from router_service.api import app
 
 pytestmark = pytest.mark.cluster
 SMALL = {"token_budget": 24, "step_max_tokens": 8, "max_tokens": 8, "temperature": 0}
@@ -217,7 +217,7 @@ def test_small_pool_replica_killed_mid_step_is_retried_and_the_request_completes
     """With two small replicas, the one writing a request's step (the affinity router's pick for its id)
     dies mid-step: the router sends the step again to the other and the request finishes. (A step that
     was already streaming to the client cannot be sent again: that request ends with a retryable 503.)"""
-    from cluster.cli import main
+    from cluster.ops.cli import main
     from deployments.affinity import rendezvous_pick
 
     key = local_cluster.new_tenant("pool-kill")

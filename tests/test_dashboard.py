@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import re
 
-from cluster.dashboard import OUTPUT, dashboard
+from cluster.ops.dashboard import OUTPUT, dashboard
 from cluster.metrics import SPECS
 
 BOARD = dashboard()
@@ -13,7 +13,7 @@ TARGETS = [t for p in BOARD["panels"] for t in p["targets"]]
 
 
 def test_committed_file_is_fresh():
-    assert json.loads(OUTPUT.read_text()) == BOARD, "stale: run `python -m cluster.dashboard`"
+    assert json.loads(OUTPUT.read_text()) == BOARD, "stale: run `python -m cluster.ops.dashboard`"
 
 
 def test_every_metric_has_a_panel():

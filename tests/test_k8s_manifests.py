@@ -24,7 +24,8 @@ from ray.autoscaler._private.kuberay.autoscaling_config import _get_ray_resource
 from ray.autoscaler._private.kuberay.utils import parse_quantity
 from ray.serve.schema import ServeDeploySchema
 
-from cluster import render
+from cluster import topology
+from cluster.ops import render
 from cluster.config import ClusterConfig, load_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -169,14 +170,14 @@ def test_wrong_core_fields_fail_validation(overlay):
 def test_generated_files_are_fresh(overlay):
     path, _ = overlay
     assert (path / render.OUTPUT_FILE).read_text() == render.render_overlay(path), (
-        f"{path / render.OUTPUT_FILE} is stale: run `python -m cluster.render k8s {path.relative_to(ROOT)}`"
+        f"{path / render.OUTPUT_FILE} is stale: run `python -m cluster.ops.render k8s {path.relative_to(ROOT)}`"
     )
 
 
 def test_serve_config_is_valid_and_carries_the_config_tree(overlay):
     path, docs = overlay
     app = serve_app(ray_service(docs))
-    assert (app["import_path"], app["route_prefix"]) == (render.BUILDER, "/")
+    assert (app["import_path"], app["route_prefix"]) == (topology.BUILDER, "/")
     assert [d["name"] for d in app["deployments"]] == ["SmallPool", "LargePool", "Router"]
     assert ClusterConfig.model_validate(app["args"]["config"]) == render.load_overlay(path)[1]
 
@@ -203,7 +204,7 @@ def test_pool_replicas_fit_their_worker_pods(overlay):
     for role, pool in cfg.pools.items():
         group = groups[f"{role}-pool"]
         pod = _get_ray_resources_from_group_spec(group, is_head=False)
-        options = demands[render.DEPLOYMENTS[role]]["ray_actor_options"]
+        options = demands[topology.DEPLOYMENT_NAMES[role]]["ray_actor_options"]
         demand = {"CPU": options["num_cpus"], "GPU": options["num_gpus"], **options.get("resources", {})}
         if "accelerator_type" in options:
             demand[f"accelerator_type:{options['accelerator_type']}"] = 0.001

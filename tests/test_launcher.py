@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from cluster.launcher import message_summary, progress_line
+from cluster.ops.launcher import message_summary, progress_line
 
 START_FAILED = """The deployment failed to start 1 times in a row. See controller logs for details. Error:
 Traceback (most recent call last):

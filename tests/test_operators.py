@@ -4,7 +4,7 @@ import math
 
 import pytest
 
-from cluster.operators import delta, fractions, quantile, scaled_config, tau_for_fraction, total
+from cluster.ops.operators import delta, fractions, quantile, scaled_config, tau_for_fraction, total
 
 
 def hist(name: str, pool: str, counts: dict[float, float]) -> dict:
@@ -36,7 +36,7 @@ def test_delta_and_total_over_labels():
 DETAILS = {
     "proxy_location": "EveryNode", "http_options": {"host": "127.0.0.1", "port": 8000},
     "applications": {"glimprouter": {"deployed_app_config": {
-        "name": "glimprouter", "import_path": "deployments.builder:app_builder", "args": {"config": {"x": 1}},
+        "name": "glimprouter", "import_path": "cluster.ops.builder:app_builder", "args": {"config": {"x": 1}},
         "deployments": [
             {"name": "SmallPool", "autoscaling_config": {"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 8}},
             {"name": "LargePool", "autoscaling_config": {"min_replicas": 1, "max_replicas": 1, "target_ongoing_requests": 8}},

@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from cluster.cli import main
-from cluster.plan import fraction_at_tau, pool_demand, replicas_needed
+from cluster.ops.cli import main
+from cluster.ops.plan import fraction_at_tau, pool_demand, replicas_needed
 
 BASE = ["plan", "--rate", "2", "--steps", "10", "--step-tokens", "100", "--final-tokens", "50",
         "--small-tps", "500", "--large-tps", "100"]

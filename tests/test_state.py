@@ -7,11 +7,25 @@ import asyncio
 import pytest
 import redis.asyncio as aioredis
 
-from router_service.state import CANCELLED, FINISHED, RequestNotFound, RequestStateStore, StateConflict, StepRecord
+from cluster.config import PolicySettings, StepSettings
+from router_service.state import (
+    CANCELLED,
+    FINISHED,
+    RequestNotFound,
+    RequestStateStore,
+    StateConflict,
+    StepRecord,
+    StoredRequest,
+)
 
 pytestmark = pytest.mark.redis
 T = "acme"
 KEY = f"glimp:t:{T}:req:r1"
+
+
+def req(model: str = "m") -> StoredRequest:
+    return StoredRequest(endpoint="chat", model=model, messages=[{"role": "user", "content": "hi"}],
+                         policy=PolicySettings(), steps=StepSettings(), temperature=0.0, top_p=1.0)
 
 
 def rec(index: int, pool: str = "small", tokens: int = 3, text: str | None = None) -> StepRecord:
@@ -26,7 +40,7 @@ async def store(redis_client):
 @pytest.fixture
 async def started(store):
     """Request r1 owned by 'a', with step 0 appended."""
-    await store.create(T, "r1", {"model": "m"}, owner="a")
+    await store.create(T, "r1", req("m"), owner="a")
     assert await store.append_step(T, "r1", "a", rec(0), glimpsed=True) == 1
     return store
 
@@ -35,7 +49,7 @@ async def test_round_trip(started, redis_client):
     assert await started.append_step(T, "r1", "a", rec(1, "large", tokens=7), glimpsed=False) == 2
     await started.finish(T, "r1", "a", {"text": "42"})
     state = await started.get(T, "r1")
-    assert (state.request, state.status, state.owner, state.final, state.error) == ({"model": "m"}, FINISHED, "a", {"text": "42"}, None)
+    assert (state.request, state.status, state.owner, state.final, state.error) == (req("m"), FINISHED, "a", {"text": "42"}, None)
     assert state.steps == [rec(0), rec(1, "large", tokens=7)]
     assert state.glimpses == 1
     counters = await redis_client.hmget(KEY, "steps_small", "steps_large", "output_tokens_small", "output_tokens_large")
@@ -53,14 +67,14 @@ async def test_append_refused_leaves_steps(started, owner, index):
 
 async def test_duplicate_create_refused(started):
     with pytest.raises(StateConflict):
-        await started.create(T, "r1", {"model": "other"}, owner="b")
+        await started.create(T, "r1", req("other"), owner="b")
     state = await started.get(T, "r1")
-    assert (state.request, state.owner, state.steps) == ({"model": "m"}, "a", [rec(0)])
+    assert (state.request, state.owner, state.steps) == (req("m"), "a", [rec(0)])
 
 
 async def test_claim_waits_for_lease(redis_client):
     store = RequestStateStore(redis_client, ttl_s=600, lease_s=0.2)
-    await store.create(T, "r1", {}, owner="a")
+    await store.create(T, "r1", req(), owner="a")
     with pytest.raises(StateConflict):
         await store.claim(T, "r1", "b")
     await store.claim(T, "r1", "a")  # the owner renews
@@ -95,12 +109,12 @@ async def test_ttl_on_both_keys(started, redis_client):
 async def test_tenant_isolation(started):
     with pytest.raises(RequestNotFound):
         await started.get("other", "r1")
-    await started.create(T, "r2", {}, owner="a")
-    await started.create("other", "r1", {"model": "theirs"}, owner="z")
+    await started.create(T, "r2", req(), owner="a")
+    await started.create("other", "r1", req("theirs"), owner="z")
     assert sorted(await started.list_ids(T)) == ["r1", "r2"]
     assert await started.list_ids("other") == ["r1"]
     assert await started.list_ids("nobody") == []
-    assert (await started.get(T, "r1")).request == {"model": "m"}
+    assert (await started.get(T, "r1")).request == req("m")
     assert (await started.get("other", "r1")).steps == []
 
 

@@ -23,9 +23,9 @@ from pathlib import Path
 
 from cluster.config import load_config
 from cluster.metrics import SPECS
+from cluster.topology import DEPLOYMENT_NAMES
 
 DASHBOARD = os.environ.get("RAY_DASHBOARD_ADDRESS", "http://127.0.0.1:8265")
-POOL_DEPLOYMENTS = {"small": "SmallPool", "large": "LargePool"}
 
 # ---- metrics: scrape and read -----------------------------------------------------------------------------
 
@@ -103,10 +103,10 @@ def pool_status(details: dict, app: str, before: Samples, after: Samples, window
     """One row per pool: replicas, load, step rate, large fraction, step latency quantiles."""
     deployments = details["applications"][app]["deployments"]
     moved = delta(after, before)
-    steps = {pool: total(moved, SPECS["glimprouter_steps"].exported, pool=pool) for pool in POOL_DEPLOYMENTS}
+    steps = {pool: total(moved, SPECS["glimprouter_steps"].exported, pool=pool) for pool in DEPLOYMENT_NAMES}
     all_steps = sum(steps.values())
     rows = []
-    for pool, name in POOL_DEPLOYMENTS.items():
+    for pool, name in DEPLOYMENT_NAMES.items():
         dep = deployments[name]
         running = sum(1 for r in dep["replicas"] if r["state"] == "RUNNING")
         latency = SPECS["glimprouter_step_latency_seconds"].exported
@@ -163,7 +163,7 @@ def scaled_config(details: dict, app: str, pool: str, changes: dict) -> dict:
     config = copy.deepcopy({"proxy_location": details["proxy_location"], "http_options": details["http_options"],
                             "applications": [a["deployed_app_config"] for a in details["applications"].values()]})
     target = next(a for a in config["applications"] if a["name"] == app)
-    deployment = next(d for d in target["deployments"] if d["name"] == POOL_DEPLOYMENTS[pool])
+    deployment = next(d for d in target["deployments"] if d["name"] == DEPLOYMENT_NAMES[pool])
     bounds = {**deployment.get("autoscaling_config", {}), **changes}
     if not bounds.get("min_replicas", 1) <= bounds.get("max_replicas", 1):
         raise ValueError(f"min_replicas {bounds['min_replicas']} is above max_replicas {bounds['max_replicas']}")
@@ -190,7 +190,7 @@ def cmd_scale(args) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     ServeSubmissionClient(DASHBOARD).deploy_applications(config)
-    print(f"{POOL_DEPLOYMENTS[args.pool]}: autoscaling {json.dumps(changes)} applied live "
+    print(f"{DEPLOYMENT_NAMES[args.pool]}: autoscaling {json.dumps(changes)} applied live "
           f"(keep it by setting pools.{args.pool}.autoscaling in your config)")
     return 0
 
@@ -224,7 +224,7 @@ def sample_entropies(base_url: str, key: str, model: str, prompts: list[str], se
 
 
 def cmd_calibrate(args) -> int:
-    from loadtests.problems import problems
+    from cluster.ops.problems import problems
 
     cfg = load_config(args.config)
     key = args.key or os.environ.get("GLIMP_API_KEY") or (Path("run") / "demo.key").read_text().strip()
@@ -251,7 +251,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_status)
     p = subparsers.add_parser("scale", help="change one pool's autoscaling bounds live")
-    p.add_argument("pool", choices=sorted(POOL_DEPLOYMENTS))
+    p.add_argument("pool", choices=sorted(DEPLOYMENT_NAMES))
     p.add_argument("--app", default=app)
     p.add_argument("--min", type=int, help="min_replicas")
     p.add_argument("--max", type=int, help="max_replicas")

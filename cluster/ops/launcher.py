@@ -19,8 +19,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cluster.config import ClusterConfig
-from cluster.models import ensure_embedded_model
-from cluster.redis_server import redis_url, start_local_redis
+from cluster.topology import ENGINE_MARKER
+from cluster.ops.models import ensure_embedded_model
+from cluster.ops.redis_server import start_local_redis
 
 RUN_DIR = Path(os.environ.get("GLIMP_RUN_DIR", "run"))
 RAY = [sys.executable, "-m", "ray.scripts.scripts"]  # this interpreter's Ray CLI, whatever PATH says
@@ -96,7 +97,7 @@ def deploy(cfg: ClusterConfig, timeout_s: float = 900) -> None:
     from ray import serve
     from ray.dashboard.modules.serve.sdk import ServeSubmissionClient
 
-    from cluster.render import serve_config
+    from cluster.ops.render import serve_config
 
     ray.init(address="auto", logging_level="ERROR", log_to_driver=False)
     say(f"deploying application '{cfg.name}' (pools start their vLLM engines; this takes a few minutes on CPU)")
@@ -168,7 +169,7 @@ def up(cfg: ClusterConfig, num_cpus: int = 8, nodes: list[LocalNode] | None = No
     for _, pool in cfg.pools.items():
         if pool.model.embedded:
             say(f"model {pool.model.embedded}: {ensure_embedded_model(pool.model.embedded)}")
-    url = redis_url(cfg.redis.url)
+    url = cfg.redis.effective_url()
     proc = start_local_redis(url, RUN_DIR / "redis")
     if proc is not None:
         (RUN_DIR / "redis.pid").write_text(str(proc.pid))
@@ -207,7 +208,6 @@ def kill_engine_processes() -> int:
     are separate processes; a replica killed by Ray leaves them behind). They carry ``ENGINE_MARKER``."""
     import psutil
 
-    from deployments.pool import ENGINE_MARKER
 
     killed = 0
     for proc in psutil.process_iter(["pid"]):

@@ -68,7 +68,3 @@ def start_local_redis(url: str, run_dir: Path, wait_s: float = 10.0) -> subproce
     proc.terminate()
     raise RedisStartError(f"redis-server did not answer at {url} within {wait_s:.0f} s")
 
-
-def redis_url(configured: str) -> str:
-    """The URL in force: the REDIS_URL environment variable overrides the config."""
-    return os.environ.get("REDIS_URL", configured)

@@ -1,7 +1,7 @@
 """``tenants`` commands of the operators' CLI: create tenants, manage their API keys, read their usage.
 
 The main CLI calls ``register(subparsers)``; each parsed command carries ``func(args) -> exit code``.
-Standalone: ``python -m cluster.tenants_cli tenants create acme --rpm 120``.
+Standalone: ``python -m cluster.ops.tenants_cli tenants create acme --rpm 120``.
 A new key's plaintext is printed once, on stdout; listings show key prefixes only.
 """
 
@@ -170,8 +170,8 @@ def run(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Standalone entry point: ``python -m cluster.tenants_cli tenants ...``."""
-    parser = argparse.ArgumentParser(prog="python -m cluster.tenants_cli", description=__doc__.splitlines()[0])
+    """Standalone entry point: ``python -m cluster.ops.tenants_cli tenants ...``."""
+    parser = argparse.ArgumentParser(prog="python -m cluster.ops.tenants_cli", description=__doc__.splitlines()[0])
     register(parser.add_subparsers(dest="command", required=True))
     args = parser.parse_args(argv)
     return args.func(args)

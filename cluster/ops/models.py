@@ -17,6 +17,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from cluster.topology import model_cache_dir
+
 log = logging.getLogger(__name__)
 
 # Gemma 3 270M is a base model: its GGUF carries no chat template, so we supply Gemma's turn format.
@@ -73,11 +75,6 @@ EMBEDDED_MODELS: dict[str, EmbeddedModel] = {
 }
 
 
-def default_cache_dir() -> Path:
-    """Where converted models live: $GLIMP_MODEL_CACHE, else ~/.cache/glimprouter/models."""
-    return Path(os.environ.get("GLIMP_MODEL_CACHE", Path.home() / ".cache" / "glimprouter" / "models"))
-
-
 def _progress(message: str) -> None:
     print(f"[models] {message}", file=sys.stderr, flush=True)
 
@@ -87,7 +84,7 @@ def ensure_embedded_model(name: str, cache_dir: Path | None = None) -> Path:
     if name not in EMBEDDED_MODELS:
         raise ModelSourceError(f"unknown embedded model {name!r}; known: {sorted(EMBEDDED_MODELS)}")
     spec = EMBEDDED_MODELS[name]
-    target = (cache_dir or default_cache_dir()) / name
+    target = (cache_dir or model_cache_dir()) / name
     if (target / "DONE").exists():
         return target
     _convert(spec, target)
@@ -149,7 +146,7 @@ def _set_add_bos(folder: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m cluster.models [NAME ...]``: convert the embedded models (all by default)."""
+    """``python -m cluster.ops.models [NAME ...]``: convert the embedded models (all by default)."""
     names = (argv if argv is not None else sys.argv[1:]) or sorted(EMBEDDED_MODELS)
     for name in names:
         print(ensure_embedded_model(name))

@@ -8,7 +8,7 @@ import os
 import sys
 import time
 
-from cluster import operators, plan, render, tenants_cli
+from cluster.ops import operators, plan, render, tenants_cli
 from cluster.config import ConfigError, load_config
 
 SAMPLE_PROMPT = "A farmer has 17 sheep. All but 9 run away. How many sheep are left? Think step by step."
@@ -68,7 +68,7 @@ def ensure_demo_key(cfg, run_dir) -> str:
 
 
 def cmd_up(args) -> int:
-    from cluster import launcher
+    from cluster.ops import launcher
 
     cfg = load_config(args.config)
     start = time.time()
@@ -82,7 +82,7 @@ def cmd_up(args) -> int:
 
 
 def cmd_down(args) -> int:
-    from cluster import launcher
+    from cluster.ops import launcher
 
     launcher.down()
     return 0

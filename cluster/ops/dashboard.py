@@ -1,6 +1,6 @@
 """The Grafana dashboard of the system, built from the metric names of ``cluster.metrics``.
 
-``python -m cluster.dashboard`` writes it to ``cluster/grafana-dashboard.json`` (committed; import it in
+``python -m cluster.ops.dashboard`` writes it to ``cluster/grafana-dashboard.json`` (committed; import it in
 Grafana and pick the Prometheus data source that scrapes the Ray nodes). tests/test_dashboard.py checks
 that the file is fresh and that every metric of ``SPECS`` has a panel.
 """
@@ -12,7 +12,7 @@ from pathlib import Path
 
 from cluster.metrics import SPECS
 
-OUTPUT = Path(__file__).parent / "grafana-dashboard.json"
+OUTPUT = Path(__file__).parents[1] / "grafana-dashboard.json"
 DATASOURCE = {"type": "prometheus", "uid": "${datasource}"}
 WINDOW = "[$__rate_interval]"
 # vLLM's Ray stat logger replaces ':' by '_' in its names (vllm:num_requests_waiting -> vllm_num_requests_waiting).

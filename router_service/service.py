@@ -1,0 +1,308 @@
+"""One request from admission to finish: authenticate, settle its settings, admit, store, drive the step loop
+(each complete step recorded once: state, tokens and metrics from the same event), finish, meter.
+
+The service knows nothing of HTTP: the routes (``router_service/api.py``) translate a request into a call here
+and the events back into a response. Its errors are ``APIError`` (an OpenAI error with its status) and
+``RateLimited`` (a 429 the API gives its headers).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass
+
+from pydantic import ValidationError
+from ray.exceptions import RayError
+from ray.serve.exceptions import RayServeException
+from redis.exceptions import RedisError
+
+from cluster import metrics
+from cluster.config import ClusterConfig, PolicySettings, PoolRole, StepSettings
+from router_service import responses
+from router_service.api_models import RoutingOverrides
+from router_service.errors import APIError, validation_error
+from router_service.loop import AnswerDone, LoopEvent, LoopRequest, PoolClient, StepDone, StepLoop
+from router_service.policy import needs_glimpse
+from router_service.prompts import PromptRenderer
+from router_service.state import (
+    CANCELLED,
+    FAILED,
+    FINISHED,
+    RequestNotFound,
+    RequestStateStore,
+    StateConflict,
+    StepRecord,
+    StoredRequest,
+)
+from router_service.tau_control import TauController
+from router_service.tenancy import Admission, Tenant, TenantSettings, TenantStore, is_admin_key
+
+log = logging.getLogger("ray.serve")
+# the policy fields a request may set for itself
+POLICY_OVERRIDES = tuple(k for k in RoutingOverrides.model_fields if k in PolicySettings.model_fields)
+POOL_ERRORS = (RayError, RayServeException)  # a pool call that failed after its retry
+CONTEXT_MARGIN_TOKENS = 16  # room for the answer's template tokens beyond the budget
+
+
+@dataclass
+class Run:
+    """A request admitted and stored, ready to drive: ``done`` holds the steps complete before this run."""
+
+    tenant: Tenant
+    loop: LoopRequest
+    stored: StoredRequest
+    done: list[StepRecord]
+    admission: Admission
+
+
+@dataclass(frozen=True)
+class Finished:
+    """The request's end, after its ``AnswerDone``: every step and the usage recorded for the tenant."""
+
+    answer: AnswerDone
+    steps: list[StepRecord]
+    usage: dict
+
+
+async def redis_call(awaitable):
+    """Await a Redis-backed call: outages become 503, missing requests 404, lease conflicts 409."""
+    try:
+        return await awaitable
+    except RequestNotFound as exc:
+        raise APIError(404, f"request {exc.args[0]} not found", code="request_not_found") from None
+    except StateConflict as exc:
+        raise APIError(409, str(exc), code="conflict") from None
+    except (RedisError, OSError) as exc:
+        raise APIError(503, f"state store unavailable ({type(exc).__name__}); retry later",
+                       code="redis_unavailable", headers={"Retry-After": "1"}) from None
+
+
+class RequestService:
+    """Requests of one router replica (``replica`` names it as the owner of the requests it runs)."""
+
+    def __init__(self, cfg: ClusterConfig, redis, pools: Mapping[PoolRole, PoolClient],
+                 renderers: Mapping[PoolRole, PromptRenderer], replica: str):
+        self.cfg, self.replica, self.pools, self.renderers = cfg, replica, pools, renderers
+        self.store = RequestStateStore(redis, ttl_s=cfg.redis.request_ttl_s, lease_s=cfg.router.lease_s)
+        self.tenants = TenantStore(redis)
+        self.admin = Tenant(name="admin", settings=TenantSettings(
+            policy=cfg.router.policy, max_token_budget=cfg.router.steps.token_budget,
+            requests_per_minute=1_000_000, max_concurrent_requests=100_000))
+        control = cfg.router.tau_controller
+        self.tau_controller = TauController(control) if control.enabled else None
+        self.loop = StepLoop(pools, renderers, self.tau_controller)
+        self.large_fraction = metrics.LargeFraction()
+        self._background: list[asyncio.Task] = []
+
+    def start_background(self) -> None:
+        """Start the replica's background tasks (the tau controller) once, in the running event loop."""
+        if self.tau_controller is not None and not self._background:
+            self._background.append(asyncio.create_task(self._control_tau()))
+
+    # ---- reads ----------------------------------------------------------------------------------------
+
+    async def authenticate(self, key: str) -> Tenant:
+        """The tenant of an API key (the admin key is a tenant of its own); 401 for any other key."""
+        if is_admin_key(key):
+            return self.admin
+        tenant = await redis_call(self.tenants.authenticate(key))
+        if tenant is None:
+            raise APIError(401, "invalid API key", code="invalid_api_key")
+        return tenant
+
+    async def trace(self, tenant: Tenant, request_id: str) -> dict:
+        """The whole trace of one of the tenant's requests (404 for anyone else's)."""
+        return (await redis_call(self.store.get(tenant.name, request_id))).trace()
+
+    async def request_ids(self, tenant: Tenant) -> list[str]:
+        """Ids of the tenant's own requests."""
+        return await redis_call(self.store.list_ids(tenant.name))
+
+    async def tenant_usage(self, name: str, day: str | None) -> dict:
+        """A tenant's usage per pool for one UTC day."""
+        if await redis_call(self.tenants.get_tenant(name)) is None:
+            raise APIError(404, f"tenant {name!r} not found", code="tenant_not_found")
+        try:
+            return await redis_call(self.tenants.usage(name, day))
+        except ValueError:
+            raise APIError(400, f"day must be YYYY-MM-DD, not {day!r}", param="day") from None
+
+    # ---- a request's start ----------------------------------------------------------------------------
+
+    async def start(self, tenant: Tenant, body, endpoint: str) -> Run:
+        """Settle a validated body's settings, admit it and store it as a running request owned here."""
+        if body.model != self.cfg.name or not tenant.settings.allows_model(body.model):
+            raise APIError(404, f"model {body.model!r} does not exist or you have no access to it", param="model",
+                           code="model_not_found")
+        policy, steps = self._settings(tenant, body)
+        messages = body.chat()
+        stored = StoredRequest(
+            endpoint=endpoint, model=body.model, messages=messages, policy=policy, steps=steps,
+            temperature=body.temperature if body.temperature is not None else steps.temperature,
+            top_p=body.top_p if body.top_p is not None else steps.top_p, seed=body.seed, stream=body.stream,
+            include_usage=bool(body.stream_options and body.stream_options.include_usage),
+            prompt_tokens=self._check_context(messages, steps),
+        )
+        request_id = ("chatcmpl-" if endpoint == "chat" else "cmpl-") + uuid.uuid4().hex
+        admission = await redis_call(self.tenants.admit(tenant, request_id))
+        try:
+            await redis_call(self.store.create(tenant.name, request_id, stored, self.replica))
+        except BaseException:
+            await self.tenants.release(tenant, request_id)
+            raise
+        return Run(tenant, self._loop_request(tenant, request_id, stored, stored.stream), stored, [], admission)
+
+    async def resume(self, tenant: Tenant, request_id: str, stream: bool) -> Run:
+        """Take over a running request whose owner died, from its last complete step."""
+        await redis_call(self.store.claim(tenant.name, request_id, self.replica))
+        state = await redis_call(self.store.get(tenant.name, request_id))
+        admission = await redis_call(self.tenants.admit(tenant, request_id))
+        return Run(tenant, self._loop_request(tenant, request_id, state.request, stream), state.request, state.steps,
+                   admission)
+
+    @staticmethod
+    def _loop_request(tenant: Tenant, request_id: str, stored: StoredRequest, stream: bool) -> LoopRequest:
+        return LoopRequest(request_id, stored.messages, stored.policy, stored.steps, stored.temperature,
+                           stored.top_p, stored.seed, stream, (tenant.settings.tau_floor, tenant.settings.tau_ceiling))
+
+    def _settings(self, tenant: Tenant, body) -> tuple[PolicySettings, StepSettings]:
+        """The request's policy and step limits: router defaults < tenant defaults < request fields."""
+        overrides = {k: v for k in POLICY_OVERRIDES if (v := getattr(body, k)) is not None}
+        try:  # each field is valid alone (the body's model); together they may not be
+            policy = PolicySettings.model_validate({**tenant.settings.policy.model_dump(), **overrides})
+        except ValidationError as exc:
+            raise validation_error(exc, status=400) from None
+        base = self.cfg.router.steps
+        limit = tenant.settings.max_token_budget
+        budget = body.token_budget or min(base.token_budget, limit)
+        if budget > limit:
+            raise APIError(400, f"token_budget {budget} exceeds this key's limit of {limit}", param="token_budget",
+                           code="budget_too_large")
+        steps = base.model_copy(update={
+            "token_budget": budget,
+            "step_max_tokens": body.step_max_tokens or base.step_max_tokens,
+            "final_max_tokens": body.final_max_tokens() or base.final_max_tokens,
+        })
+        return policy, steps
+
+    def _check_context(self, messages: list[dict], steps: StepSettings) -> int:
+        """The prompt's tokens; 400 if the prompt, a full budget of steps and the answer cannot fit a pool."""
+        prompt_tokens = 0
+        for role, pool in self.cfg.pools.items():
+            try:
+                n = len(self.renderers[role].step_prompt(messages, [], steps.delimiter))
+            except Exception as exc:  # a template that cannot render these messages
+                raise APIError(400, f"messages cannot be rendered by the {role} model's chat template: {exc}",
+                               param="messages") from None
+            if n + steps.token_budget + steps.final_max_tokens + CONTEXT_MARGIN_TOKENS > pool.engine.max_model_len:
+                raise APIError(400, f"prompt ({n} tokens) plus token_budget and max_tokens exceed the {role} model's "
+                               f"context of {pool.engine.max_model_len} tokens", param="messages",
+                               code="context_length_exceeded")
+            prompt_tokens = n
+        return prompt_tokens
+
+    # ---- driving it -----------------------------------------------------------------------------------
+
+    async def events(self, run: Run) -> AsyncIterator[LoopEvent | Finished]:
+        """The loop's events, then one ``Finished``. Every complete step is stored (with its tokens charged and
+        its metrics) before the next begins; the request's end (finished, failed, cancelled) is stored; the
+        admission is released at the end, whatever happened."""
+        tenant, req, rid = run.tenant, run.loop, run.loop.request_id
+        steps = list(run.done)
+        start, outcome = time.perf_counter(), FAILED
+        try:
+            async for event in self.loop.run(req, run.done):
+                if isinstance(event, StepDone):
+                    await self._record_step(tenant, rid, event)
+                    steps.append(event.record)
+                    yield event
+                elif isinstance(event, AnswerDone):
+                    usage = await self._finish(run, steps, event)
+                    outcome = FINISHED
+                    yield event
+                    yield Finished(event, steps, usage)
+                else:
+                    yield event
+        except (asyncio.CancelledError, GeneratorExit):
+            outcome = CANCELLED
+            await self._end_quietly(tenant.name, rid, CANCELLED, "client disconnected")
+            raise
+        except POOL_ERRORS as exc:
+            await self._end_quietly(tenant.name, rid, FAILED, f"pool unavailable: {type(exc).__name__}")
+            raise APIError(503, "a model pool is unavailable; retry, or resume the request", code="pool_unavailable",
+                           headers={"Retry-After": "2"}) from None
+        except APIError as exc:
+            if exc.status != 409:
+                await self._end_quietly(tenant.name, rid, FAILED, exc.message)
+            raise
+        except Exception as exc:
+            await self._end_quietly(tenant.name, rid, FAILED, f"internal error: {type(exc).__name__}")
+            raise
+        finally:
+            metrics.inc("glimprouter_requests", tenant=tenant.name, policy=req.policy.policy, outcome=outcome)
+            metrics.observe("glimprouter_request_latency_seconds", time.perf_counter() - start,
+                            policy=req.policy.policy)
+            await asyncio.shield(self._release(tenant, rid))
+
+    async def _record_step(self, tenant: Tenant, rid: str, event: StepDone) -> None:
+        """Store one complete step, charge its tokens, renew the admission (one round trip), then its metrics."""
+        step = event.record
+        with metrics.timed("glimprouter_redis_latency_seconds", op="append_step"):
+            await redis_call(asyncio.gather(
+                self.store.append_step(tenant.name, rid, self.replica, step, event.glimpsed),
+                self.tenants.charge_tokens(tenant, step.pool, step.output_tokens),
+                self.tenants.heartbeat(tenant, rid)))
+        metrics.inc("glimprouter_steps", tenant=tenant.name, pool=step.pool)
+        metrics.inc("glimprouter_tokens", step.output_tokens, tenant=tenant.name, pool=step.pool)
+        metrics.observe("glimprouter_step_latency_seconds", step.step_ms / 1e3, pool=step.pool)
+        if event.glimpsed:
+            metrics.inc("glimprouter_glimpses", tenant=tenant.name)
+            metrics.observe("glimprouter_glimpse_latency_seconds", step.glimpse_ms / 1e3)
+        if step.entropy is not None:
+            metrics.observe("glimprouter_first_token_entropy_nats", step.entropy)
+        self.large_fraction.record(step.pool)
+
+    async def _finish(self, run: Run, steps: list[StepRecord], answer: AnswerDone) -> dict:
+        """Store the final answer, charge its tokens and record the request's usage (one round trip); returns
+        the response's usage. glimprouter glimpses before every step."""
+        tenant, rid = run.tenant, run.loop.request_id
+        glimpses = len(steps) if needs_glimpse(run.loop.policy) else 0
+        usage = responses.usage(steps, answer, run.stored.prompt_tokens, glimpses)
+        final = {"text": answer.text, "pool": answer.pool, "output_tokens": answer.output_tokens,
+                 "prompt_tokens": answer.prompt_tokens, "finish_reason": answer.finish_reason, "ms": answer.ms}
+        meters = [self.tenants.record_usage(
+            tenant, pool, requests=int(pool == answer.pool),
+            prompt_tokens=usage["prompt_tokens"] if pool == answer.pool else 0,
+            output_tokens=counts["completion_tokens"], steps=counts["steps"], glimpses=counts.get("glimpses", 0))
+            for pool, counts in usage["per_pool"].items()]
+        with metrics.timed("glimprouter_redis_latency_seconds", op="finish"):
+            await redis_call(asyncio.gather(
+                self.tenants.charge_tokens(tenant, answer.pool, answer.output_tokens),
+                self.store.finish(tenant.name, rid, self.replica, final), *meters))
+        metrics.inc("glimprouter_tokens", answer.output_tokens, tenant=tenant.name, pool=answer.pool)
+        return usage
+
+    async def _end_quietly(self, tenant: str, rid: str, status: str, why: str) -> None:
+        try:
+            await asyncio.shield(self.store.fail(tenant, rid, self.replica, status, why))
+        except (StateConflict, RedisError, OSError):
+            log.warning("request %s: could not record status %s", rid, status)
+
+    async def _release(self, tenant: Tenant, rid: str) -> None:
+        try:
+            await self.tenants.release(tenant, rid)
+        except (RedisError, OSError):
+            log.warning("request %s: could not release its admission", rid)
+
+    async def _control_tau(self) -> None:
+        """Sample the large pool's in-flight calls every interval and let the controller move tau."""
+        while True:
+            await asyncio.sleep(self.tau_controller.settings.interval_s)
+            direction = self.tau_controller.update(self.pools["large"].in_flight)
+            if direction:
+                metrics.inc("glimprouter_tau_changes", direction=direction)
+            metrics.set_gauge("glimprouter_tau_offset_nats", self.tau_controller.offset)
