@@ -1,4 +1,4 @@
-"""Locust users sending chat completions to GlimpRouter as several tenants (GitHub issue 7).
+"""Locust users sending chat completions to GlimpRouter as several tenants.
 
     locust -f loadtests/locustfile.py --headless --host http://127.0.0.1:8000 -u 4 -r 4 -t 60s \\
         --policy glimprouter --tau 1.0 --stream mixed --token-budget 96 --step-max-tokens 32 [--arrival-rate 0.5]

@@ -33,3 +33,41 @@ def test_adding_or_removing_a_replica_moves_few_keys():
     assert 120 <= len(moved) <= 280  # ~1/5 of the keys
     shrunk = picks(["r0", "r1", "r2"])
     assert all(shrunk[key] == before[key] for key in KEYS if before[key] != "r3")  # only r3's keys move
+
+
+class Replica:
+    def __init__(self, rid: str):
+        self.replica_id = type("ReplicaID", (), {"unique_id": rid})()
+
+
+class Pending:
+    def __init__(self, **kwargs):
+        self.kwargs = kwargs
+
+
+async def choose(replicas, pending, monkeypatch):
+    """PrefixAffinityRouter's ranking over ``replicas``, its power-of-two fallback replaced by a fixed one."""
+    from ray.serve._private.request_router.pow_2_router import PowerOfTwoChoicesRequestRouter
+
+    from deployments.affinity import PrefixAffinityRouter
+
+    async def fallback(self, candidates, pending_request=None):
+        return [[candidates[-1]]]
+
+    monkeypatch.setattr(PowerOfTwoChoicesRequestRouter, "choose_replicas", fallback)
+    router = PrefixAffinityRouter.__new__(PrefixAffinityRouter)  # no Serve controller: only the ranking runs
+    return await router.choose_replicas(replicas, pending)
+
+
+async def test_router_sends_a_keyed_call_to_the_key_s_replica_first(monkeypatch):
+    replicas = [Replica(r) for r in REPLICAS]
+    for key in ("req-1", "req-2", "req-3"):
+        ranked = await choose(replicas, Pending(affinity_key=key), monkeypatch)
+        assert ranked[0][0].replica_id.unique_id == rendezvous_pick(key, REPLICAS)
+        assert ranked[1:] == [[replicas[-1]]]  # then the load-based choice
+
+
+async def test_router_routes_unkeyed_calls_by_load_alone(monkeypatch):
+    replicas = [Replica(r) for r in REPLICAS]
+    assert await choose(replicas, Pending(), monkeypatch) == [[replicas[-1]]]
+    assert await choose(replicas, None, monkeypatch) == [[replicas[-1]]]

@@ -295,7 +295,7 @@ def test_router_replica_killed_mid_request_resumes_from_last_step(local_cluster,
             response = httpx.post(f"{local_cluster.base_url}/v1/requests/{rid}/resume", headers=headers, timeout=300)
             if response.status_code == 200:
                 break
-            assert response.status_code in (409, 503, 500), response.text
+            assert response.status_code in (409, 503), response.text
         except httpx.TransportError:
             pass
         assert time.time() < deadline, "resume never succeeded"

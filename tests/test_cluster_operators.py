@@ -1,4 +1,4 @@
-"""Issue 5 on the real local cluster: node-pool placement, metrics, live scaling and autoscaling of one pool,
+"""On the real local cluster: node-pool placement, metrics, live scaling and autoscaling of one pool,
 and the load-aware tau controller."""
 
 from __future__ import annotations
@@ -107,9 +107,9 @@ def test_tau_controller_sends_fewer_steps_to_a_queued_large_pool(local_cluster):
 
 
 def test_every_metric_is_exported_and_moves(local_cluster):
-    """Runs after the tau controller's test, which moved ``glimprouter_tau_changes``; every other counter
-    and histogram but the retries after a replica died (tests/test_cluster_reliability.py) moves with two
-    requests here, and every gauge is exported."""
+    """Every counter and histogram moves with two requests here, and every gauge is exported, whatever ran
+    before: but the two that only faults move, each asserted by its own test (``glimprouter_tau_changes`` by the
+    tau controller's, ``glimprouter_pool_retries`` by tests/test_cluster_reliability.py's pool kill)."""
     key = local_cluster.new_tenant("metrics-check")
     endpoints = operators.metrics_endpoints()
     before = operators.scrape(endpoints)

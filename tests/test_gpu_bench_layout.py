@@ -47,7 +47,7 @@ def test_tensor_parallel_layout_spans_both_gpus_with_the_32b_shape(monkeypatch):
     cfg, nodes = layout("tp2-32b-2gpu", 16, Path("models/bench"))
     large = dict(cfg.pools.items())["large"]
     assert large.engine.tensor_parallel_size == 2 and large.placement.num_gpus == 2
-    assert large.engine.disable_custom_all_reduce  # NCCL all-reduce: vLLM's custom one failed on the lent GPUs
+    assert large.engine.disable_custom_all_reduce  # NCCL all-reduce: vLLM's custom one failed on an H200 pair
     assert Path(large.model.path).name == "qwen2.5-32b"
     assert [(node.resources, node.gpus) for node in nodes] == [
         ({"small_pool": 1.0}, ("2",)), ({"small_pool": 1.0}, ("3",)), ({"large_pool": 1.0}, ("2", "3"))]

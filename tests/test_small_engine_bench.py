@@ -1,4 +1,4 @@
-"""The small-engine benchmark's counting and settings (the engine itself runs on the device machine)."""
+"""The small-engine benchmark's counting and settings (the engine itself runs on a GPU machine)."""
 
 from __future__ import annotations
 
