@@ -29,6 +29,7 @@ import requests
 from locust import User, events, task
 
 from loadtests import metrics
+from loadtests.keys import api_keys
 from cluster.ops.problems import problems
 
 PROMPTS = problems(200)
@@ -50,18 +51,6 @@ def _arguments(parser):
     parser.add_argument("--model", default="glimprouter")
 
 
-def api_keys() -> list[str]:
-    """Tenant keys from ``GLIMP_API_KEYS`` or the file named by ``GLIMP_KEYS_FILE`` (none if neither is set)."""
-    if os.environ.get("GLIMP_API_KEYS"):
-        raw = os.environ["GLIMP_API_KEYS"].split(",")
-    elif os.environ.get("GLIMP_KEYS_FILE"):
-        with open(os.environ["GLIMP_KEYS_FILE"]) as f:
-            raw = f.read().splitlines()
-    else:
-        raw = []
-    return [k.strip() for k in raw if k.strip()]
-
-
 @events.init.add_listener
 def _init(**_):
     # Locust's --run-time timer counts from gevent's cached loop clock, which a slow start (seconds on a
@@ -69,7 +58,7 @@ def _init(**_):
     gevent.get_hub().loop.update_now()
     keys.extend(api_keys())
     if not keys:
-        logging.error("no API keys: set GLIMP_API_KEYS (comma-separated) or GLIMP_KEYS_FILE (one key a line)")
+        logging.error("no API keys: set GLIMP_API_KEYS (comma-separated) or GLIMP_KEYS_FILE (keys one a line, or `tenants create --json` output)")
         raise SystemExit(2)
 
 

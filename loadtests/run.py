@@ -7,7 +7,7 @@ A scenario is a policy with optional ``key=value`` overrides (tau, stream, token
 arrival_rate), e.g. ``glimprouter:tau=1.0,stream=true``. Per scenario NAME it writes Locust's CSVs
 (``NAME_stats.csv``, ``NAME_stats_history.csv`` with every entry, ``NAME_failures.csv``) and ``NAME.html``
 under ``--out``, then ``latency.png`` (p50/p95 of successful requests over time, Locust's rolling
-10 s window) and a table. Keys: ``--keys-file`` (one a line), else ``GLIMP_API_KEYS`` from the environment.
+10 s window) and a table. Keys: ``--keys-file`` (one a line, or what ``tenants create --json`` prints), else ``GLIMP_API_KEYS`` from the environment.
 """
 
 from __future__ import annotations
@@ -20,10 +20,12 @@ import sys
 from pathlib import Path
 
 from loadtests import metrics
+from loadtests.keys import api_keys
 
 LOCUSTFILE = Path(__file__).with_name("locustfile.py")
 REQUEST = ("POST", "/v1/chat/completions")
 SCENARIO_KEYS = {"tau", "stream", "token_budget", "step_max_tokens", "arrival_rate"}
+MOSTLY_FAILED = 0.5  # a scenario with more failed requests than this fraction (or none at all) fails the run
 COLUMNS = ["requests", "failures", "req/s", "p50 ms", "p95 ms", "p50 TTFT ms", "large %", "small tok/s", "large tok/s"]
 
 
@@ -131,19 +133,26 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--token-budget", type=int)
     parser.add_argument("--step-max-tokens", type=int)
     parser.add_argument("--model", default="glimprouter")
-    parser.add_argument("--keys-file", type=Path, help="tenant keys, one a line (else GLIMP_API_KEYS)")
+    parser.add_argument("--keys-file", type=Path,
+                        help="tenant keys, one a line or `tenants create --json` output (else GLIMP_API_KEYS)")
     parser.add_argument("--out", type=Path, default=Path("results"))
-    parser.add_argument("--fail-on-errors", action="store_true", help="exit 1 if any request failed")
+    parser.add_argument("--fail-on-errors", action="store_true",
+                        help="exit 1 if any request failed (it exits 1 anyway when a scenario's requests mostly fail)")
     opts = parser.parse_args(argv)
     try:
         scenarios = [parse_scenario(spec) for spec in opts.scenario]
     except ValueError as exc:
         parser.error(str(exc))
-    opts.out.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ)
     if opts.keys_file:  # the locustfile prefers GLIMP_API_KEYS to the file
         env.pop("GLIMP_API_KEYS", None)
         env["GLIMP_KEYS_FILE"] = str(opts.keys_file.resolve())
+    try:
+        if not api_keys(env):
+            parser.error("no API keys: give --keys-file or set GLIMP_API_KEYS")
+    except (OSError, ValueError) as exc:
+        parser.error(f"--keys-file: {exc}")
+    opts.out.mkdir(parents=True, exist_ok=True)
 
     summaries, histories = {}, {}
     for name, scenario_args in scenarios:
@@ -158,6 +167,12 @@ def main(argv: list[str] | None = None) -> int:
     plot(histories, opts.out / "latency.png")
     print(table(summaries))
     print(f"results in {opts.out}/ (latency.png, <scenario>.html, <scenario>_stats*.csv)")
+    mostly_failed = [name for name, row in summaries.items() if not row["requests"]
+                     or row["failures"] > MOSTLY_FAILED * row["requests"]]
+    if mostly_failed:
+        print(f"scenarios whose requests mostly failed: {', '.join(mostly_failed)} (see <scenario>_failures.csv)",
+              file=sys.stderr)
+        return 1
     failed = any(row["failures"] for row in summaries.values())
     return 1 if opts.fail_on_errors and failed else 0
 
