@@ -17,6 +17,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationIn
 CONFIG_DIR = Path(__file__).parent / "configs"
 PoolRole = Literal["small", "large"]
 PolicyName = Literal["glimprouter", "large_only", "small_only", "random", "forced_fraction"]
+PriorityClass = Literal["interactive", "standard", "batch"]
+PRIORITY_CLASSES: tuple[PriorityClass, ...] = ("interactive", "standard", "batch")  # highest first
 
 
 class StrictModel(BaseModel):
@@ -207,6 +209,11 @@ class PolicySettings(StrictModel):
         "its top-k log-probs (the raw distribution, as the greedy glimpse's): one small-pool call per small step instead "
         "of two. When the step goes to the large pool, the small call is cancelled after that token."
     )
+    max_large_fraction: float | None = Field(
+        None, ge=0, le=1, description="glimprouter: a large-step budget. The router steers the tenant's tau from the "
+        "entropies of its own recent glimpses so that about this fraction of its steps (the ones of highest entropy) "
+        "go to the large pool; `tau` is the starting point until enough glimpses are seen. None: tau alone decides."
+    )
 
     @field_validator("glimpse_in_step")
     @classmethod
@@ -231,7 +238,8 @@ class StepSettings(StrictModel):
 
 class TauControllerSettings(StrictModel):
     """Load-aware tau (beyond the paper): while the large pool's queue is long, tau rises so fewer steps go
-    there; it falls back as the queue drains. Off by default: the paper's fixed tau is the reference."""
+    there, for the lowest priority class with running requests first; it falls back as the queue drains, for the
+    highest class first. Off by default: the paper's fixed tau is the reference."""
 
     enabled: bool = Field(False, description="Adjust tau by the large pool's queue.")
     queue_high: int = Field(8, ge=1, le=100_000, description="Large-pool calls in flight (per router replica) above which tau rises.")
@@ -245,6 +253,50 @@ class TauControllerSettings(StrictModel):
         if self.queue_low >= self.queue_high:
             raise ValueError("queue_low must be below queue_high")
         return self
+
+
+class FairnessSettings(StrictModel):
+    """Fair shares at the step boundary (router/fairness.py): while a pool has more of this replica's calls in
+    flight than its concurrency, further glimpses and steps wait and are released by class, then by each
+    tenant's virtual token counter (tokens served / weight). Off by default: calls go first come, first served."""
+
+    enabled: bool = Field(False, description="Queue calls beyond each pool's concurrency and release them fairly.")
+    max_in_flight_small: int = Field(64, ge=1, le=100_000, description="Small-pool calls this router replica keeps "
+                                     "in flight at once; more wait in the fair queue.")
+    max_in_flight_large: int = Field(16, ge=1, le=100_000, description="Large-pool calls this router replica keeps "
+                                     "in flight at once; more wait in the fair queue.")
+    max_queue_depth: int = Field(64, ge=1, le=100_000, description="Waiting calls (both pools) at which admission "
+                                 "refuses even interactive requests (503 with Retry-After); admitted requests' "
+                                 "calls always queue.")
+    refuse_batch_at: float = Field(0.5, gt=0, le=1, description="Fraction of max_queue_depth at which batch "
+                                   "requests are refused.")
+    refuse_standard_at: float = Field(0.75, gt=0, le=1, description="Fraction of max_queue_depth at which standard "
+                                      "requests are refused.")
+    class_aging_s: float = Field(2.0, gt=0, le=3600, description="A waiting call moves up one class for each of "
+                                 "these seconds it waits, so no class starves.")
+    prefill_token_cost: float = Field(0.5, ge=0, le=10, description="What a prompt token not served from the prefix "
+                                      "cache counts in the virtual token counter, next to 1 for an output token.")
+
+    @model_validator(mode="after")
+    def _classes_ordered(self) -> FairnessSettings:
+        if self.refuse_batch_at > self.refuse_standard_at:
+            raise ValueError("refuse_batch_at must not exceed refuse_standard_at (lowest class refused first)")
+        return self
+
+    def max_in_flight(self, pool: PoolRole) -> int:
+        """The concurrency of ``pool``."""
+        return self.max_in_flight_large if pool == "large" else self.max_in_flight_small
+
+
+class LargeStepBudgetSettings(StrictModel):
+    """How the router holds a `max_large_fraction` (router_service/budgets.py)."""
+
+    window: int = Field(200, ge=10, le=100_000, description="Recent glimpse entropies of a tenant whose quantile "
+                        "gives its tau.")
+    min_samples: int = Field(20, ge=1, le=100_000, description="Glimpses seen before the quantile replaces the "
+                             "request's own tau.")
+    feedback_steps: float = Field(10.0, gt=0, le=10_000, description="Steps over which a shortfall or excess of "
+                                  "large steps is made up (the share's error feedback).")
 
 
 class RouterSettings(StrictModel):
@@ -261,6 +313,9 @@ class RouterSettings(StrictModel):
     policy: PolicySettings = Field(default_factory=PolicySettings, description="Default routing policy.")
     steps: StepSettings = Field(default_factory=StepSettings, description="Step loop constants.")
     tau_controller: TauControllerSettings = Field(default_factory=TauControllerSettings, description="Load-aware tau.")
+    fairness: FairnessSettings = Field(default_factory=FairnessSettings, description="Fair shares under saturation.")
+    large_step_budget: LargeStepBudgetSettings = Field(default_factory=LargeStepBudgetSettings,
+                                                       description="How large-step budgets are held.")
 
 
 class ClusterConfig(StrictModel):

@@ -23,13 +23,14 @@ def ratelimit_headers(state: RateLimitState) -> dict[str, str]:
     """The rate-limit headers of a response."""
     tight = min(POOLS, key=lambda p: state.remaining_tokens[p] / state.limit_tokens[p])
     reset = duration(state.reset_s)
+    reset_tokens = duration(state.reset_s if state.reset_tokens_s is None else state.reset_tokens_s)
     headers = {
         "x-ratelimit-limit-requests": str(state.limit_requests),
         "x-ratelimit-remaining-requests": str(state.remaining_requests),
         "x-ratelimit-reset-requests": reset,
         "x-ratelimit-limit-tokens": str(state.limit_tokens[tight]),
         "x-ratelimit-remaining-tokens": str(state.remaining_tokens[tight]),
-        "x-ratelimit-reset-tokens": reset,
+        "x-ratelimit-reset-tokens": reset_tokens,
     }
     for pool in POOLS:
         headers[f"x-ratelimit-limit-tokens-{pool}"] = str(state.limit_tokens[pool])

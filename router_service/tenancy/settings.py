@@ -5,8 +5,9 @@ Layout (``ns`` is the namespace, default ``glimp``)::
     {ns}:tenants                      set of tenant names
     {ns}:t:{tenant}:settings          TenantSettings as JSON
     {ns}:t:{tenant}:keys              hash  key prefix -> creation time
-    {ns}:t:{tenant}:rl:req:{window}   requests admitted in a rate-limit window
-    {ns}:t:{tenant}:rl:tok:{pool}:{window}  tokens charged to a pool in a window
+    {ns}:t:{tenant}:rl:req            sorted set  admission -> time (ms): the sliding window of requests
+    {ns}:t:{tenant}:rl:tok:{pool}     sorted set  charge "id:tokens" -> time (ms): the sliding window of tokens
+    {ns}:t:{tenant}:rl:tok:{pool}:sum tokens of that window's charges (kept with the set)
     {ns}:t:{tenant}:inflight          sorted set  request id -> expiry (ms)
     {ns}:t:{tenant}:usage:{day}:{pool}  hash of usage counters of one UTC day
     {ns}:t:{tenant}:req:...           request state (see ``TenantKeys.request_key_prefix``)
@@ -19,7 +20,7 @@ import re
 
 from pydantic import Field
 
-from cluster.config import PolicySettings, PoolRole, StrictModel
+from cluster.config import PRIORITY_CLASSES, PolicySettings, PoolRole, PriorityClass, StrictModel
 
 TENANT_NAME_RE = r"^[a-z0-9][a-z0-9_-]{0,62}$"
 POOLS: tuple[PoolRole, ...] = ("small", "large")
@@ -37,10 +38,19 @@ class TenantSettings(StrictModel):
     max_concurrent_requests: int = Field(8, ge=1, le=100_000, description="Requests of the tenant in flight at once.")
     tau_floor: float | None = Field(None, ge=0, le=10, description="Load-aware tau never goes below this (None: the request's tau).")
     tau_ceiling: float | None = Field(None, ge=0, le=10, description="Load-aware tau never goes above this (None: no ceiling).")
+    weight: float = Field(1.0, gt=0, le=1000, description="Fair share under saturation: each pool's tokens are shared "
+                          "among the active tenants in proportion to their weights.")
+    priority: PriorityClass = Field("standard", description="Class of the tenant's requests (interactive > standard > "
+                                    "batch) and the highest a request may ask for: under load, lower classes are "
+                                    "queued, their tau raised and their admissions refused first.")
 
     def allows_model(self, model: str) -> bool:
         """Whether the tenant may use ``model``."""
         return not self.allowed_models or model in self.allowed_models
+
+    def allows_priority(self, priority: PriorityClass) -> bool:
+        """Whether a request may ask for class ``priority`` (at most the tenant's own class)."""
+        return PRIORITY_CLASSES.index(priority) >= PRIORITY_CLASSES.index(self.priority)
 
     def tokens_per_minute(self, pool: PoolRole) -> int:
         """The token limit of ``pool``."""
