@@ -82,6 +82,8 @@ SPECS = {
                    ("pool", "call", "part")),
         MetricSpec("glimprouter_tau_offset_nats", "gauge",
                    "What the load-aware controller adds to each request's tau (router replica).", ()),
+        MetricSpec("glimprouter_fair_queue_depth", "gauge",
+                   "Glimpses and steps waiting in the router replica's fair queue, by pool.", ("pool",)),
         MetricSpec("glimprouter_tau_changes", "counter", "Tau controller changes, by direction (up, down).",
                    ("direction",)),
     ]

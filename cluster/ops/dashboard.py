@@ -81,7 +81,8 @@ def panels() -> list[dict]:
         panel("Redis latency p95 by op", "s", [(quantile(0.95, "glimprouter_redis_latency_seconds", "op"), "{{op}}")]),
         panel("Pool ongoing requests and queue depth", "short",
               [(f'sum by (pool) ({series("glimprouter_pool_ongoing_requests")})', "ongoing {{pool}}"),
-               (f'sum by (pool) ({series("glimprouter_pool_queue_depth")})', "queued {{pool}}")]),
+               (f'sum by (pool) ({series("glimprouter_pool_queue_depth")})', "queued {{pool}}"),
+               (f'sum by (pool) ({series("glimprouter_fair_queue_depth")})', "router fair queue {{pool}}")]),
         panel("Engine iterations/s, tokens per iteration and busy engines by pool", "short",
               [(rate("glimprouter_engine_iterations", "pool"), "iterations/s {{pool}}"),
                (f'{rate("glimprouter_engine_tokens", "pool, kind")} / ignoring(kind) group_left '

@@ -1,0 +1,242 @@
+"""The fair dispatcher over gated fake pools: the order a saturated pool serves tenants in, weighted shares,
+no banked credit, classes (with aging), cancelled waiters, and the bounded queue's refusals."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from cluster.config import FairnessSettings
+from deployments.protocol import Glimpse, StepChunk, StepSampling
+from router_service.errors import APIError
+from router_service.fairness import FairShares, RunInfo, TenantRegistry
+
+SAMPLING = StepSampling(max_tokens=8, temperature=0.0, top_p=1.0, stop=["\n\n"])
+
+
+class GatedPool:
+    """A pool whose calls wait until the test opens them; records the order calls start in (by key)."""
+
+    def __init__(self, tokens: int = 10):
+        self.tokens, self.started, self.gates, self.closed = tokens, [], [], []
+
+    async def _gate(self, key: str) -> None:
+        gate = asyncio.Event()
+        self.started.append(key)
+        self.gates.append(gate)
+        await gate.wait()
+
+    async def glimpse(self, prompt, top_k, affinity_key):
+        await self._gate(affinity_key)
+        return Glimpse(1, "x", [0.0] * top_k, ["x"] * top_k, prompt_tokens=10, cached_tokens=10)
+
+    async def step(self, prompt, sampling, stream, affinity_key, next_glimpse=None, glimpse_top_k=None):
+        try:
+            yield StepChunk("first")
+            await self._gate(affinity_key)
+            yield StepChunk("text", done=True, prompt_tokens=10, cached_tokens=10, output_tokens=self.tokens)
+        except GeneratorExit:
+            self.closed.append(affinity_key)
+            raise
+
+    def open_next(self) -> None:
+        self.gates.pop(0).set()
+
+
+class Clock:
+    def __init__(self):
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def settings(**over) -> FairnessSettings:
+    return FairnessSettings(enabled=True, max_in_flight_small=1, max_in_flight_large=1, **over)
+
+
+async def settle() -> None:
+    for _ in range(20):
+        await asyncio.sleep(0)
+
+
+async def run_step(pool, key: str) -> None:
+    async for _ in pool.step([1], SAMPLING, False, key):
+        pass
+
+
+def registered(shares: FairShares, *runs: tuple[str, str, float, str]) -> None:
+    for rid, tenant, weight, priority in runs:
+        shares.register(rid, tenant, weight, priority)
+
+
+async def test_a_saturated_pool_serves_the_tenant_with_the_least_service_first():
+    inner, shares = GatedPool(), FairShares(settings(), clock=Clock())
+    pool = shares.wrap({"large": inner})["large"]
+    registered(shares, ("a1", "noisy", 1, "standard"), ("a2", "noisy", 1, "standard"), ("a3", "noisy", 1, "standard"),
+               ("b1", "quiet", 1, "standard"))
+    tasks = [asyncio.create_task(run_step(pool, key)) for key in ("a1", "a2", "a3")]
+    await settle()
+    tasks.append(asyncio.create_task(run_step(pool, "b1")))  # the quiet tenant arrives last
+    await settle()
+    assert inner.started == ["a1"] and pool.queued == 3 and pool.in_flight == 4
+    for _ in range(4):
+        inner.open_next()
+        await settle()
+    await asyncio.gather(*tasks)
+    assert inner.started == ["a1", "b1", "a2", "a3"]  # first come, first served would give a1 a2 a3 b1
+    assert pool.running == 0 and pool.queued == 0
+
+
+async def simulate(shares: FairShares, pool, inner: GatedPool, keys: list[str], calls: int) -> None:
+    """Each key sends step after step (always backlogged); the pool serves ``calls`` calls one at a time."""
+    stop = asyncio.Event()
+
+    async def user(key: str):
+        while not stop.is_set():
+            await run_step(pool, key)
+
+    tasks = [asyncio.create_task(user(key)) for key in keys]
+    await settle()
+    for _ in range(calls):
+        inner.open_next()
+        await settle()
+    stop.set()
+    while inner.gates:
+        inner.open_next()
+        await settle()
+    await asyncio.gather(*tasks)
+
+
+async def test_backlogged_tenants_share_the_pool_by_weight():
+    inner, shares = GatedPool(tokens=10), FairShares(settings(), clock=Clock())
+    pool = shares.wrap({"large": inner})["large"]
+    # the heavy tenant runs 8 requests at once, the light one 2; weights 3 and 1
+    keys = [f"h{i}" for i in range(8)] + ["l0", "l1"]
+    registered(shares, *((k, "heavy" if k[0] == "h" else "light", 3 if k[0] == "h" else 1, "standard") for k in keys))
+    await simulate(shares, pool, inner, keys, calls=400)
+    share = shares.shares("large")
+    assert share["heavy"] == pytest.approx(0.75, abs=0.075) and share["light"] == pytest.approx(0.25, abs=0.025)
+
+
+async def test_an_idle_tenant_cannot_bank_credit():
+    inner, shares = GatedPool(tokens=10), FairShares(settings(), clock=Clock())
+    pool = shares.wrap({"large": inner})["large"]
+    registered(shares, ("a1", "alone", 1, "standard"))
+    await simulate(shares, pool, inner, ["a1"], calls=50)  # served alone: its counter grows by 10 a call
+    assert pool.counters["alone"] == pytest.approx(pool.served["alone"]) and pool.served["alone"] >= 500
+    registered(shares, ("b1", "late", 1, "standard"))  # arrives after idling: lifted to the active minimum
+    assert pool.counters["late"] == pytest.approx(pool.counters["alone"])
+    before = dict(pool.served)
+    await simulate(shares, pool, inner, ["a1", "b1"], calls=40)
+    got = {t: pool.served[t] - before.get(t, 0) for t in ("alone", "late")}
+    assert abs(got["alone"] - got["late"]) <= 20  # they alternate: the late tenant did not take 50 calls in a row
+
+
+async def test_a_higher_class_goes_first_and_a_waiting_lower_class_ages_up():
+    clock = Clock()
+    inner, shares = GatedPool(), FairShares(settings(class_aging_s=1.0), clock=clock)
+    pool = shares.wrap({"large": inner})["large"]
+    registered(shares, ("x", "t0", 1, "standard"), ("b", "t1", 1, "batch"), ("s", "t2", 1, "standard"),
+               ("i", "t3", 1, "interactive"))
+    first = asyncio.create_task(run_step(pool, "x"))
+    await settle()
+    batch = asyncio.create_task(run_step(pool, "b"))
+    await settle()
+    clock.now = 1.5  # the batch call has waited 1.5 aging periods: it ranks as standard now
+    later = [asyncio.create_task(run_step(pool, key)) for key in ("s", "i")]
+    await settle()
+    for _ in range(4):
+        inner.open_next()
+        await settle()
+    await asyncio.gather(first, batch, *later)
+    assert inner.started == ["x", "i", "b", "s"]  # interactive first; the aged batch call before the later standard
+
+
+async def test_a_cancelled_waiter_leaves_the_queue_and_a_closed_step_closes_the_inner_call():
+    inner, shares = GatedPool(), FairShares(settings(), clock=Clock())
+    pool = shares.wrap({"small": inner})["small"]
+    running = asyncio.create_task(run_step(pool, "r1"))
+    await settle()
+    waiting = asyncio.create_task(run_step(pool, "r2"))
+    await settle()
+    assert pool.queued == 1
+    waiting.cancel()
+    await settle()
+    assert pool.queued == 0 and waiting.cancelled()
+    inner.open_next()
+    await running
+    assert pool.running == 0
+
+    call = pool.step([1], SAMPLING, True, "r3")
+    assert (await anext(call)).text == "first"
+    await call.aclose()  # the loop closes a glimpse-in-step call after its first token
+    assert inner.closed == ["r3"] and pool.running == 0
+
+
+async def test_glimpses_queue_like_steps():
+    inner, shares = GatedPool(), FairShares(settings(), clock=Clock())
+    pool = shares.wrap({"small": inner})["small"]
+    registered(shares, ("a", "t1", 1, "batch"), ("b", "t2", 1, "interactive"), ("c", "t3", 1, "standard"))
+    tasks = [asyncio.create_task(pool.glimpse([1], 20, key)) for key in ("a", "c", "b")]
+    await settle()
+    for _ in range(3):
+        inner.open_next()
+        await settle()
+    await asyncio.gather(*tasks)
+    assert inner.started == ["a", "b", "c"]
+
+
+async def test_the_bounded_queue_refuses_the_lowest_class_first_and_never_drops_an_admitted_call():
+    inner = GatedPool()
+    shares = FairShares(settings(max_queue_depth=4, refuse_batch_at=0.5, refuse_standard_at=0.75), clock=Clock())
+    pool = shares.wrap({"small": GatedPool(), "large": inner})["large"]
+    tasks = [asyncio.create_task(run_step(pool, f"r{i}")) for i in range(3)]  # one runs, two wait
+    await settle()
+    assert shares.queued() == 2
+    with pytest.raises(APIError) as info:
+        shares.check_admission("batch")
+    assert (info.value.status, info.value.code) == (503, "overloaded")
+    assert int(info.value.headers["Retry-After"]) >= 1
+    shares.check_admission("standard")  # 2 < 3 waiting: still admitted
+    tasks.append(asyncio.create_task(run_step(pool, "r3")))  # an admitted request's call queues past any depth
+    tasks.append(asyncio.create_task(run_step(pool, "r4")))
+    await settle()
+    with pytest.raises(APIError):
+        shares.check_admission("standard")
+    with pytest.raises(APIError):
+        shares.check_admission("interactive")
+    for _ in range(5):
+        inner.open_next()
+        await settle()
+    await asyncio.gather(*tasks)
+    assert sorted(inner.started) == [f"r{i}" for i in range(5)]  # every call ran
+    shares.check_admission("batch")
+
+
+def test_off_by_default_the_pools_are_not_wrapped_and_nothing_is_refused():
+    shares = FairShares(FairnessSettings())
+    pools = {"small": object(), "large": object()}
+    assert shares.wrap(pools) is pools
+    shares.check_admission("batch")
+
+
+def test_refusal_depths_are_ordered_by_class():
+    with pytest.raises(ValueError, match="refuse_batch_at"):
+        FairnessSettings(refuse_batch_at=0.9, refuse_standard_at=0.5)
+    shares = FairShares(settings(max_queue_depth=100))
+    assert shares.refusal_depth("batch") < shares.refusal_depth("standard") < shares.refusal_depth("interactive")
+
+
+def test_registry_tracks_active_tenants_and_classes():
+    registry, heard = TenantRegistry(), []
+    registry.listen(heard.append)
+    registry.register("r1", RunInfo("acme", 1.0, "batch"))
+    registry.register("r2", registry.of("r1"))
+    assert heard == ["acme"] and registry.active_classes() == {"batch"}
+    registry.unregister("r1")
+    assert registry.active_tenants() == {"acme"}
+    registry.unregister("r2")
+    registry.unregister("unknown")
+    assert registry.active_tenants() == set() and registry.of("r1").tenant == ""
