@@ -293,9 +293,9 @@ class LargeStepBudgetSettings(StrictModel):
 
     window: int = Field(200, ge=10, le=100_000, description="Recent glimpse entropies of a tenant whose quantile "
                         "gives its tau.")
-    min_samples: int = Field(20, ge=1, le=100_000, description="Glimpses seen before the quantile replaces the "
+    min_samples: int = Field(10, ge=1, le=100_000, description="Glimpses seen before the quantile replaces the "
                              "request's own tau.")
-    feedback_steps: float = Field(10.0, gt=0, le=10_000, description="Steps over which a shortfall or excess of "
+    feedback_steps: float = Field(4.0, gt=0, le=10_000, description="Steps over which a shortfall or excess of "
                                   "large steps is made up (the share's error feedback).")
 
 

@@ -6,7 +6,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from cluster.config import PolicyName
+from cluster.config import PolicyName, PriorityClass
 
 
 class APIModel(BaseModel):
@@ -50,6 +50,10 @@ class RoutingOverrides(APIModel):
     glimpse_in_step: bool | None = Field(None, description="Take each glimpse from the first token of a small step call.")
     token_budget: int | None = Field(None, ge=1, le=1_000_000, description="Most output tokens of all steps.")
     step_max_tokens: int | None = Field(None, ge=1, le=32_768, description="Most tokens of one step.")
+    max_large_fraction: float | None = Field(None, ge=0, le=1, description="glimprouter: large-step budget, the "
+                                             "share of steps the router sends to the large pool.")
+    priority: PriorityClass | None = Field(None, description="interactive, standard or batch: at most the key's "
+                                           "own class (its default).")
 
 
 class SamplingFields(RoutingOverrides):

@@ -11,8 +11,9 @@ from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 from typing import Protocol
 
-from cluster.config import PolicySettings, PoolRole, StepSettings
+from cluster.config import PolicySettings, PoolRole, PriorityClass, StepSettings
 from deployments.protocol import Glimpse, NextGlimpse, Prompt, StepChunk, StepSampling
+from router_service.budgets import LargeStepBudgets
 from router_service.policy import decide, needs_glimpse
 from router_service.prompts import THINK_CLOSE, PromptRenderer
 from router_service.state import StepRecord
@@ -41,6 +42,8 @@ class LoopRequest:
     seed: int | None
     stream: bool
     tau_bounds: tuple[float | None, float | None] = (None, None)  # the tenant's floor and ceiling of tau
+    tenant: str = ""  # whose request (large-step budgets are the tenant's)
+    priority: PriorityClass = "standard"  # its class (the tau controller's offset is the class's)
 
 
 @dataclass(frozen=True)
@@ -105,10 +108,11 @@ class StepLoop:
     """Runs requests over a small and a large pool."""
 
     def __init__(self, pools: Mapping[PoolRole, PoolClient], renderers: Mapping[PoolRole, PromptRenderer],
-                 tau_controller: TauController | None = None):
+                 tau_controller: TauController | None = None, budgets: LargeStepBudgets | None = None):
         self.pools = pools
         self.renderers = renderers
         self.tau_controller = tau_controller
+        self.budgets = budgets
 
     async def run(self, req: LoopRequest, done: list[StepRecord]) -> AsyncIterator[LoopEvent]:
         """Continue ``req`` after its complete steps ``done`` (empty for a new request).
@@ -140,7 +144,9 @@ class StepLoop:
                 prompts[pool] = self.renderers[pool].step_prompt(req.messages, texts, cfg.delimiter)
             return prompts[pool]
 
-        policy = self.tau_controller.apply(req.policy, *req.tau_bounds) if self.tau_controller else req.policy
+        # the tau in force: a large-step budget's (router_service/budgets.py), plus the class's load offset
+        policy = self.budgets.steer(req.tenant, req.request_id, req.policy) if self.budgets else req.policy
+        policy = self.tau_controller.apply(policy, *req.tau_bounds, req.priority) if self.tau_controller else policy
         glimpsed = needs_glimpse(policy)
         used = sum(s.output_tokens for s in steps)
         sampling = StepSampling(
@@ -161,6 +167,8 @@ class StepLoop:
             glimpse = await self.pools["small"].glimpse(prompt_for("small"), cfg.top_k, req.request_id)
             glimpse_ms, logprobs = (time.perf_counter() - t0) * 1e3, glimpse.top_logprobs
         decision = decide(policy, logprobs, req.request_id, index)
+        if self.budgets is not None:
+            self.budgets.observe(req.request_id, decision.entropy)
         if small_call is not None and decision.pool == "small":
             chunks = _continued(first, small_call)
         else:

@@ -24,7 +24,9 @@ from cluster import metrics
 from cluster.config import ClusterConfig, PolicySettings, PoolRole, StepSettings
 from router_service import responses
 from router_service.api_models import RoutingOverrides
+from router_service.budgets import LargeStepBudgets
 from router_service.errors import APIError, validation_error
+from router_service.fairness import FairShares
 from router_service.loop import AnswerDone, LoopEvent, LoopRequest, PoolClient, StepDone, StepLoop
 from router_service.policy import needs_glimpse
 from router_service.prompts import PromptRenderer
@@ -86,15 +88,19 @@ class RequestService:
 
     def __init__(self, cfg: ClusterConfig, redis, pools: Mapping[PoolRole, PoolClient],
                  renderers: Mapping[PoolRole, PromptRenderer], replica: str):
+        # tenants under saturation: the fair queue in front of the pools (when enabled), large-step budgets
+        self.fairness = FairShares(cfg.router.fairness)
+        self.budgets = LargeStepBudgets(cfg.router.large_step_budget)
+        pools = self.fairness.wrap(pools)
         self.cfg, self.replica, self.pools, self.renderers = cfg, replica, pools, renderers
         self.store = RequestStateStore(redis, ttl_s=cfg.redis.request_ttl_s, lease_s=cfg.router.lease_s)
         self.tenants = TenantStore(redis)
         self.admin = Tenant(name="admin", settings=TenantSettings(
             policy=cfg.router.policy, max_token_budget=cfg.router.steps.token_budget,
-            requests_per_minute=1_000_000, max_concurrent_requests=100_000))
+            requests_per_minute=1_000_000, max_concurrent_requests=100_000, priority="interactive"))
         control = cfg.router.tau_controller
         self.tau_controller = TauController(control) if control.enabled else None
-        self.loop = StepLoop(pools, renderers, self.tau_controller)
+        self.loop = StepLoop(pools, renderers, self.tau_controller, self.budgets)
         self.large_fraction = metrics.LargeFraction()
         self._background: list[asyncio.Task] = []
 
@@ -124,12 +130,14 @@ class RequestService:
 
     async def tenant_usage(self, name: str, day: str | None) -> dict:
         """A tenant's usage per pool for one UTC day."""
-        if await redis_call(self.tenants.get_tenant(name)) is None:
+        tenant = await redis_call(self.tenants.get_tenant(name))
+        if tenant is None:
             raise APIError(404, f"tenant {name!r} not found", code="tenant_not_found")
         try:
-            return await redis_call(self.tenants.usage(name, day))
+            usage = await redis_call(self.tenants.usage(name, day))
         except ValueError:
             raise APIError(400, f"day must be YYYY-MM-DD, not {day!r}", param="day") from None
+        return {**usage, "max_large_fraction": tenant.settings.policy.max_large_fraction}
 
     # ---- a request's start ----------------------------------------------------------------------------
 
@@ -139,21 +147,27 @@ class RequestService:
             raise APIError(404, f"model {body.model!r} does not exist or you have no access to it", param="model",
                            code="model_not_found")
         policy, steps = self._settings(tenant, body)
+        priority = body.priority or tenant.settings.priority
+        if not tenant.settings.allows_priority(priority):
+            raise APIError(400, f"priority {priority!r} is above this key's class {tenant.settings.priority!r}",
+                           param="priority", code="priority_not_allowed")
         messages = body.chat()
         stored = StoredRequest(
             endpoint=endpoint, model=body.model, messages=messages, policy=policy, steps=steps,
             temperature=body.temperature if body.temperature is not None else steps.temperature,
             top_p=body.top_p if body.top_p is not None else steps.top_p, seed=body.seed, stream=body.stream,
             include_usage=bool(body.stream_options and body.stream_options.include_usage),
-            prompt_tokens=self._check_context(messages, steps),
+            prompt_tokens=self._check_context(messages, steps), priority=priority,
         )
         request_id = ("chatcmpl-" if endpoint == "chat" else "cmpl-") + uuid.uuid4().hex
+        self.fairness.check_admission(priority)  # 503 while the fair queue is past this class's depth
         admission = await redis_call(self.tenants.admit(tenant, request_id))
         try:
             await redis_call(self.store.create(tenant.name, request_id, stored, self.replica))
         except BaseException:
             await self.tenants.release(tenant, request_id)
             raise
+        self.fairness.register(request_id, tenant.name, tenant.settings.weight, priority)
         return Run(tenant, self._loop_request(tenant, request_id, stored, stored.stream), stored, [], admission)
 
     async def resume(self, tenant: Tenant, request_id: str, stream: bool) -> Run:
@@ -161,13 +175,15 @@ class RequestService:
         await redis_call(self.store.claim(tenant.name, request_id, self.replica))
         state = await redis_call(self.store.get(tenant.name, request_id))
         admission = await redis_call(self.tenants.admit(tenant, request_id))
+        self.fairness.register(request_id, tenant.name, tenant.settings.weight, state.request.priority)
         return Run(tenant, self._loop_request(tenant, request_id, state.request, stream), state.request, state.steps,
                    admission)
 
     @staticmethod
     def _loop_request(tenant: Tenant, request_id: str, stored: StoredRequest, stream: bool) -> LoopRequest:
         return LoopRequest(request_id, stored.messages, stored.policy, stored.steps, stored.temperature,
-                           stored.top_p, stored.seed, stream, (tenant.settings.tau_floor, tenant.settings.tau_ceiling))
+                           stored.top_p, stored.seed, stream, (tenant.settings.tau_floor, tenant.settings.tau_ceiling),
+                           tenant.name, stored.priority)
 
     def _settings(self, tenant: Tenant, body) -> tuple[PolicySettings, StepSettings]:
         """The request's policy and step limits: router defaults < tenant defaults < request fields."""
@@ -246,6 +262,8 @@ class RequestService:
             metrics.inc("glimprouter_requests", tenant=tenant.name, policy=req.policy.policy, outcome=outcome)
             metrics.observe("glimprouter_request_latency_seconds", time.perf_counter() - start,
                             policy=req.policy.policy)
+            self.fairness.unregister(rid)
+            self.budgets.forget(rid)
             await asyncio.shield(self._release(tenant, rid))
 
     async def _record_step(self, tenant: Tenant, rid: str, event: StepDone) -> None:
@@ -302,7 +320,8 @@ class RequestService:
         """Sample the large pool's in-flight calls every interval and let the controller move tau."""
         while True:
             await asyncio.sleep(self.tau_controller.settings.interval_s)
-            direction = self.tau_controller.update(self.pools["large"].in_flight)
+            direction = self.tau_controller.update(self.pools["large"].in_flight,
+                                                   self.fairness.registry.active_classes())
             if direction:
                 metrics.inc("glimprouter_tau_changes", direction=direction)
             metrics.set_gauge("glimprouter_tau_offset_nats", self.tau_controller.offset)

@@ -17,7 +17,7 @@ from typing import Literal
 import redis.asyncio as aioredis
 from pydantic import Field
 
-from cluster.config import PolicySettings, StepSettings, StrictModel
+from cluster.config import PolicySettings, PriorityClass, StepSettings, StrictModel
 
 RUNNING, FINISHED, FAILED, CANCELLED = "running", "finished", "failed", "cancelled"
 
@@ -88,6 +88,7 @@ class StoredRequest(StrictModel):
     stream: bool = Field(False, description="Whether the client asked for a stream.")
     include_usage: bool = Field(False, description="Stream a usage chunk at the end.")
     prompt_tokens: int = Field(0, ge=0, description="Tokens of the rendered prompt.")
+    priority: PriorityClass = Field("standard", description="The request's class (at most its tenant's).")
 
 
 @dataclass

@@ -191,7 +191,8 @@ class RateLimiter(TenantKeys):
         )
 
     async def admit(self, tenant: Tenant, request_id: str) -> Admission:
-        """Let a request in, or raise RateLimited: requests per window, tokens per pool, concurrency (one atomic script)."""
+        """Let a request in, or raise RateLimited: requests and tokens per pool over the sliding window, concurrency
+        (one atomic script)."""
         s = tenant.settings
         args = [self.window_ms, request_id, s.requests_per_minute, s.tokens_per_minute_small,
                 s.tokens_per_minute_large, s.max_concurrent_requests, self.inflight_ttl_ms, uuid.uuid4().hex[:12]]
