@@ -167,3 +167,29 @@ async def test_an_overloaded_router_refuses_the_lowest_class_first_without_takin
     run = await svc.start(tenant, body(priority="standard"), "chat")
     [event async for event in svc.events(run)]
     assert (await svc.trace(tenant, run.loop.request_id))["status"] == "finished"
+
+
+def test_cli_sets_weight_class_and_budget(redis_url, capsys):
+    import json
+
+    import redis
+
+    from cluster.ops import tenants_cli
+
+    redis.Redis.from_url(redis_url).flushdb()
+
+    def cli(*argv: str) -> tuple[int, str]:
+        code = tenants_cli.main(["tenants", *argv, "--redis-url", redis_url])
+        return code, capsys.readouterr().out
+
+    code, _ = cli("create", "acme", "--weight", "3", "--priority", "batch", "--max-large-fraction", "0.25")
+    assert code == 0
+    settings = json.loads(cli("show", "acme", "--json")[1])["settings"]
+    assert (settings["weight"], settings["priority"], settings["policy"]["max_large_fraction"]) == (3.0, "batch", 0.25)
+    assert cli("set", "acme", "--priority", "interactive")[0] == 0
+    code, out = cli("list")
+    assert code == 0 and "interactive" in out and "3.0" in out
+    code, out = cli("usage", "acme")
+    assert code == 0 and "budget max_large_fraction 0.250" in out
+    with pytest.raises(SystemExit):
+        cli("set", "acme", "--priority", "urgent")

@@ -15,7 +15,7 @@ import sys
 from datetime import datetime, timezone
 from typing import get_args
 
-from cluster.config import PolicyName
+from cluster.config import PRIORITY_CLASSES, PolicyName
 from router_service.tenancy import USAGE_FIELDS, TenancyError, TenantSettings, TenantStore, key_prefix
 
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6390/0"
@@ -29,6 +29,8 @@ _LIMIT_OPTIONS = {
     "max_token_budget": "max_token_budget",
     "tau_floor": "tau_floor",
     "tau_ceiling": "tau_ceiling",
+    "weight": "weight",
+    "priority": "priority",
 }
 
 
@@ -50,6 +52,10 @@ def register(subparsers) -> argparse.ArgumentParser:
     limits.add_argument("--models", help="comma-separated allowed models ('' allows all)")
     limits.add_argument("--tau-floor", type=float, help="load-aware tau never below this")
     limits.add_argument("--tau-ceiling", type=float, help="load-aware tau never above this")
+    limits.add_argument("--weight", type=float, help="fair share under saturation (relative to other tenants)")
+    limits.add_argument("--priority", choices=PRIORITY_CLASSES, help="class of the tenant's requests and their ceiling")
+    limits.add_argument("--max-large-fraction", type=float,
+                        help="large-step budget: share of steps sent to the large pool (the tau steers to it)")
 
     group = subparsers.add_parser("tenants", help="manage tenants, API keys and usage")
     cmds = group.add_subparsers(dest="tenants_cmd", required=True)
@@ -74,7 +80,7 @@ def register(subparsers) -> argparse.ArgumentParser:
 def _changes(args) -> dict:
     """The settings given on the command line, as a partial settings dict."""
     changes = {field: getattr(args, opt) for opt, field in _LIMIT_OPTIONS.items() if getattr(args, opt) is not None}
-    policy = {k: getattr(args, k) for k in ("policy", "tau") if getattr(args, k) is not None}
+    policy = {k: getattr(args, k) for k in ("policy", "tau", "max_large_fraction") if getattr(args, k) is not None}
     if policy:
         changes["policy"] = policy
     if args.models is not None:
@@ -107,9 +113,10 @@ async def _dispatch(args, store: TenantStore) -> tuple[object, str]:
         tenants = await store.list_tenants()
         rows = [[t.name, t.settings.requests_per_minute, t.settings.tokens_per_minute_small,
                  t.settings.tokens_per_minute_large, t.settings.max_concurrent_requests,
-                 t.settings.policy.policy, t.settings.policy.tau, ",".join(t.settings.allowed_models) or "*"]
-                for t in tenants]
-        header = ["tenant", "rpm", "tpm_small", "tpm_large", "concurrent", "policy", "tau", "models"]
+                 t.settings.policy.policy, t.settings.policy.tau, t.settings.weight, t.settings.priority,
+                 ",".join(t.settings.allowed_models) or "*"] for t in tenants]
+        header = ["tenant", "rpm", "tpm_small", "tpm_large", "concurrent", "policy", "tau", "weight", "priority",
+                  "models"]
         return [t.model_dump() for t in tenants], _table(rows, header)
     if cmd in ("show", "keys"):
         tenant = await store.require_tenant(args.name)
@@ -138,6 +145,9 @@ async def _dispatch(args, store: TenantStore) -> tuple[object, str]:
         rows.append(["total", *(sum(c[f] for c in data["pools"].values()) for f in USAGE_FIELDS)])
         text = (f"tenant {data['tenant']}  day {data['day']} (UTC)\n" + _table(rows, ["pool", *USAGE_FIELDS])
                 + f"\nlarge_step_fraction {data['large_step_fraction']:.3f}")
+        budget = (await store.require_tenant(args.name)).settings.policy.max_large_fraction
+        if budget is not None:
+            text += f" (budget max_large_fraction {budget:.3f})"
         return data, text
     raise ValueError(f"unknown tenants command {cmd!r}")
 
