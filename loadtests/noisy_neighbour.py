@@ -1,0 +1,142 @@
+"""The noisy-neighbour scenario: a quiet tenant alone, then beside a noisy one; p95s, pool token shares, refusals.
+
+    python -m loadtests.noisy_neighbour --url http://127.0.0.1:8000 --tenants-file tenants.json \\
+        --admin-key-file .run/admin.key --quiet-rate 0.2 --noisy-rate 1.6 --duration 180s --label fair --out results/
+    python -m loadtests.noisy_neighbour --compare results/fair.json results/fcfs.json
+
+``--tenants-file`` holds what ``python -m cluster tenants create NAME --json`` printed for two tenants: the
+first is the quiet one, the second the noisy one. Run it once against a cluster with ``router.fairness.enabled``
+and once without (``--label`` names each run); ``--compare`` prints the line ``docs/tenancy.md`` records. Each
+phase writes Locust's CSVs under ``--out``; ``<label>.json`` holds the summary: each tenant's request count,
+p50 and p95 (ms), refusals and failures, and its share of each pool's output tokens during the shared phase
+(from the admin usage endpoint, read before and after it; a phase that crosses midnight UTC reads wrong).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import httpx
+
+LOCUSTFILE = Path(__file__).with_name("noisy_neighbour_locustfile.py")
+TENANTS = ("quiet", "noisy")
+POOLS = ("small", "large")
+
+
+def read_tenants(text: str) -> list[dict]:
+    """The ``{"tenant", "key"}`` objects of ``tenants create --json`` output, one after another."""
+    decoder, found, at, text = json.JSONDecoder(), [], 0, text.strip()
+    while at < len(text):
+        value, at = decoder.raw_decode(text, at)
+        found.append({"tenant": value["tenant"], "key": value["key"]})
+        while at < len(text) and text[at].isspace():
+            at += 1
+    if len(found) != 2:
+        raise ValueError(f"expected two tenants (quiet, then noisy), found {len(found)}")
+    return found
+
+
+def tenant_stats(stats_csv: Path) -> dict[str, dict]:
+    """Per tenant: successful requests, p50/p95 ms, refusals (429/503) and other failures, from ``_stats.csv``."""
+    with open(stats_csv) as f:
+        rows = [r for r in csv.DictReader(f) if r["Name"] != "Aggregated"]
+    out = {}
+    for tenant in TENANTS:
+        ok = next((r for r in rows if r["Name"] == tenant), None)
+        failed = [r for r in rows if r["Name"].startswith(f"{tenant} ") and "missed" not in r["Name"]]
+        refused = [r for r in failed if r["Name"].split()[1:3] in (["HTTP", "429"], ["HTTP", "503"])]
+        out[tenant] = {
+            "requests": int(ok["Request Count"]) if ok else 0,
+            "p50_ms": float(ok["50%"]) if ok and int(ok["Request Count"]) else None,
+            "p95_ms": float(ok["95%"]) if ok and int(ok["Request Count"]) else None,
+            "refused": sum(int(r["Failure Count"]) for r in refused),
+            "refused_without_retry_after": sum(int(r["Failure Count"]) for r in failed if "without" in r["Name"]),
+            "failed": sum(int(r["Failure Count"]) for r in failed if r not in refused),
+        }
+    return out
+
+
+def token_shares(before: dict[str, dict], after: dict[str, dict]) -> dict[str, dict[str, float]]:
+    """Each tenant's share of each pool's output tokens between two usage readings (tenant -> usage)."""
+    shares = {}
+    for pool in POOLS:
+        got = {t: after[t]["pools"][pool]["output_tokens"] - before[t]["pools"][pool]["output_tokens"] for t in after}
+        total = sum(got.values())
+        shares[pool] = {t: round(n / total, 4) if total else 0.0 for t, n in got.items()}
+    return shares
+
+
+def compare_line(fair: dict, fcfs: dict) -> str:
+    """The docs' line: the quiet tenant's p95 beside the noisy one over its p95 alone, with and without."""
+    def ratio(run: dict) -> float:
+        return run["shared"]["quiet"]["p95_ms"] / run["alone"]["quiet"]["p95_ms"]
+
+    return (f"quiet tenant p95 under a noisy neighbour: {ratio(fair):.2f}x alone "
+            f"({ratio(fcfs):.2f}x without fair shares)")
+
+
+def _usage(client: httpx.Client, url: str, admin_key: str, tenants: list[dict]) -> dict[str, dict]:
+    names = dict(zip(TENANTS, (t["tenant"] for t in tenants), strict=True))
+    return {role: client.get(f"{url}/v1/admin/tenants/{name}/usage", headers={"Authorization": f"Bearer {admin_key}"},
+                             timeout=10).raise_for_status().json() for role, name in names.items()}
+
+
+def run_phase(opts, tenants: list[dict], name: str, noisy_rate: float) -> Path:
+    prefix = opts.out / f"{opts.label}-{name}"
+    env = {**os.environ, "GLIMP_QUIET_KEY": tenants[0]["key"], "GLIMP_NOISY_KEY": tenants[1]["key"]}
+    cmd = [sys.executable, "-m", "locust", "-f", str(LOCUSTFILE), "--headless", "--only-summary", "--host", opts.url,
+           "-u", str(opts.users), "-r", str(opts.users), "-t", opts.duration, "--stop-timeout", opts.stop_timeout,
+           "--csv", str(prefix), "--quiet-rate", str(opts.quiet_rate), "--noisy-rate", str(noisy_rate),
+           "--quiet-users", str(opts.quiet_users), *opts.locust_args]
+    rc = subprocess.run(cmd, env=env).returncode
+    stats = Path(f"{prefix}_stats.csv")
+    if rc not in (0, 1) or not stats.exists():
+        raise SystemExit(f"locust failed in phase {name} (exit {rc})")
+    return stats
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--compare", nargs=2, type=Path, metavar=("FAIR_JSON", "FCFS_JSON"))
+    parser.add_argument("--url")
+    parser.add_argument("--tenants-file", type=Path)
+    parser.add_argument("--admin-key-file", type=Path)
+    parser.add_argument("--quiet-rate", type=float, default=0.2)
+    parser.add_argument("--noisy-rate", type=float, default=1.6)
+    parser.add_argument("--users", type=int, default=32, help="users in all (the quiet tenant's, the rest noisy)")
+    parser.add_argument("--quiet-users", type=int, default=8)
+    parser.add_argument("--duration", default="180s")
+    parser.add_argument("--stop-timeout", default="300s")
+    parser.add_argument("--label", default="run")
+    parser.add_argument("--out", type=Path, default=Path("results"))
+    parser.add_argument("locust_args", nargs="*", help="after --: more locustfile options (priorities, budgets)")
+    opts = parser.parse_args(argv)
+    if opts.compare:
+        fair, fcfs = (json.loads(p.read_text()) for p in opts.compare)
+        print(compare_line(fair, fcfs))
+        return 0
+    if not (opts.url and opts.tenants_file and opts.admin_key_file):
+        parser.error("--url, --tenants-file and --admin-key-file are needed (or --compare)")
+    tenants = read_tenants(opts.tenants_file.read_text())
+    admin_key = opts.admin_key_file.read_text().strip()
+    opts.out.mkdir(parents=True, exist_ok=True)
+    summary = {"label": opts.label, "quiet_rate": opts.quiet_rate, "noisy_rate": opts.noisy_rate,
+               "duration": opts.duration}
+    with httpx.Client() as client:
+        summary["alone"] = tenant_stats(run_phase(opts, tenants, "alone", 0.0))
+        before = _usage(client, opts.url, admin_key, tenants)
+        summary["shared"] = tenant_stats(run_phase(opts, tenants, "shared", opts.noisy_rate))
+        summary["token_shares"] = token_shares(before, _usage(client, opts.url, admin_key, tenants))
+    (opts.out / f"{opts.label}.json").write_text(json.dumps(summary, indent=2) + "\n")
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
