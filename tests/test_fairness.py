@@ -3,6 +3,7 @@ no banked credit, classes (with aging), cancelled waiters, and the bounded queue
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 
 import pytest
@@ -240,3 +241,23 @@ def test_registry_tracks_active_tenants_and_classes():
     registry.unregister("r2")
     registry.unregister("unknown")
     assert registry.active_tenants() == set() and registry.of("r1").tenant == ""
+
+
+def test_in_the_simulated_cluster_fair_shares_keep_the_quiet_tenant_near_its_latency_alone():
+    from loadtests import fairness_sim
+
+    opts = argparse.Namespace(
+        duration=30.0, quiet_rate=2.0, noisy_concurrency=48, small_slots=8, large_slots=4, ms_per_token=1.0,
+        glimpse_ms=5.0, step_tokens=16, steps=6)
+
+    def p95_of(fair: bool, noisy: bool) -> float:
+        loop = fairness_sim.VirtualTimeLoop()
+        try:
+            return fairness_sim.p95(loop.run_until_complete(fairness_sim.scenario(opts, fair, noisy)))
+        finally:
+            loop.run_until_complete(loop.shutdown_asyncgens())
+            loop.close()
+
+    alone = p95_of(False, False)
+    assert p95_of(True, True) / alone < 1.6
+    assert p95_of(False, True) / alone > 3.0
