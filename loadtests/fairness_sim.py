@@ -85,11 +85,13 @@ class Renderer:
         return [len(steps), 0]
 
 
-async def one_request(loop: StepLoop, shares: FairShares, rid: str, tenant: str, steps: StepSettings) -> float:
-    shares.register(rid, tenant, 1.0, "standard")
+async def one_request(loop: StepLoop, shares: FairShares, rid: str, tenant: str, steps: StepSettings,
+                      priority: str = "standard") -> float:
+    """Run one request through the step loop; returns its latency (virtual seconds)."""
+    shares.register(rid, tenant, 1.0, priority)
     start = now()
     req = LoopRequest(rid, [{"role": "user", "content": "q"}], PolicySettings(tau=1.0), steps, 0.0, 1.0, None,
-                      False, tenant=tenant)
+                      False, tenant=tenant, priority=priority)
     try:
         async with contextlib.aclosing(loop.run(req, [])) as events:
             async for event in events:
@@ -100,15 +102,44 @@ async def one_request(loop: StepLoop, shares: FairShares, rid: str, tenant: str,
     return now() - start
 
 
-async def scenario(opts, fair: bool, noisy: bool) -> list[float]:
+def build(opts, fair: bool, **fairness) -> tuple[FairShares, StepLoop, StepSettings]:
+    """The simulated cluster: fair shares (on or off, more ``FairnessSettings`` fields), the step loop over two
+    ``SimPool``s, the requests' step settings."""
     settings = FairnessSettings(enabled=fair, max_in_flight_small=opts.small_slots,
-                                max_in_flight_large=opts.large_slots)
+                                max_in_flight_large=opts.large_slots, **fairness)
     shares = FairShares(settings, clock=now)
     pools = {"small": SimPool(opts.small_slots, opts.ms_per_token / 3, opts.glimpse_ms, 1),
              "large": SimPool(opts.large_slots, opts.ms_per_token, opts.glimpse_ms, 2)}
     loop = StepLoop(shares.wrap(pools), {"small": Renderer(), "large": Renderer()})
     steps = StepSettings(step_max_tokens=opts.step_tokens, token_budget=opts.step_tokens * opts.steps,
                          final_max_tokens=opts.step_tokens)
+    return shares, loop, steps
+
+
+def run_virtual(coro):
+    """Run a coroutine on a fresh ``VirtualTimeLoop``."""
+    loop = VirtualTimeLoop()
+    try:
+        result = loop.run_until_complete(coro)
+        loop.run_until_complete(loop.shutdown_asyncgens())
+        return result
+    finally:
+        loop.close()
+
+
+def model_options(parser: argparse.ArgumentParser) -> None:
+    """The simulated cluster's options."""
+    parser.add_argument("--small-slots", type=int, default=8)
+    parser.add_argument("--large-slots", type=int, default=4)
+    parser.add_argument("--ms-per-token", type=float, default=1.0, help="large pool; the small one is 3x faster")
+    parser.add_argument("--glimpse-ms", type=float, default=5.0)
+    parser.add_argument("--step-tokens", type=int, default=16)
+    parser.add_argument("--steps", type=int, default=6)
+
+
+async def scenario(opts, fair: bool, noisy: bool) -> list[float]:
+    """The quiet tenant's latencies, alone or beside the noisy one."""
+    shares, loop, steps = build(opts, fair)
     quiet, tasks, ids = [], [], iter(range(10**9))
     end = now() + opts.duration
 
@@ -140,23 +171,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--duration", type=float, default=300.0, help="simulated seconds per case")
     parser.add_argument("--quiet-rate", type=float, default=2.0, help="quiet tenant's requests/s (Poisson)")
     parser.add_argument("--noisy-concurrency", type=int, default=48, help="noisy tenant's requests in flight")
-    parser.add_argument("--small-slots", type=int, default=8)
-    parser.add_argument("--large-slots", type=int, default=4)
-    parser.add_argument("--ms-per-token", type=float, default=1.0, help="large pool; the small one is 3x faster")
-    parser.add_argument("--glimpse-ms", type=float, default=5.0)
-    parser.add_argument("--step-tokens", type=int, default=16)
-    parser.add_argument("--steps", type=int, default=6)
+    model_options(parser)
     opts = parser.parse_args(argv)
     cases = {"quiet alone": (False, False), "beside noisy, first come first served": (False, True),
              "beside noisy, fair shares": (True, True)}
-    results = {}
-    for name, (fair, noisy) in cases.items():
-        loop = VirtualTimeLoop()
-        try:
-            results[name] = loop.run_until_complete(scenario(opts, fair, noisy))
-            loop.run_until_complete(loop.shutdown_asyncgens())
-        finally:
-            loop.close()
+    results = {name: run_virtual(scenario(opts, fair, noisy)) for name, (fair, noisy) in cases.items()}
     alone = p95(results["quiet alone"])
     print(f"{'case':40s} {'requests':>8s} {'p50 ms':>8s} {'p95 ms':>8s} {'p95 / alone':>11s}")
     for name, latencies in results.items():

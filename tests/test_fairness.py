@@ -251,13 +251,26 @@ def test_in_the_simulated_cluster_fair_shares_keep_the_quiet_tenant_near_its_lat
         glimpse_ms=5.0, step_tokens=16, steps=6)
 
     def p95_of(fair: bool, noisy: bool) -> float:
-        loop = fairness_sim.VirtualTimeLoop()
-        try:
-            return fairness_sim.p95(loop.run_until_complete(fairness_sim.scenario(opts, fair, noisy)))
-        finally:
-            loop.run_until_complete(loop.shutdown_asyncgens())
-            loop.close()
+        return fairness_sim.p95(fairness_sim.run_virtual(fairness_sim.scenario(opts, fair, noisy)))
 
     alone = p95_of(False, False)
     assert p95_of(True, True) / alone < 1.6
     assert p95_of(False, True) / alone > 3.0
+
+
+def test_in_the_simulated_cluster_overload_refuses_lowest_class_first_and_loses_no_accepted_request():
+    from loadtests import fairness_sim, overload_sim
+
+    opts = argparse.Namespace(duration=20.0, queue_depth=64, small_slots=8, large_slots=4, ms_per_token=1.0,
+                              glimpse_ms=5.0, step_tokens=16, steps=6)
+    cap = fairness_sim.run_virtual(overload_sim.capacity(opts, seconds=20.0))
+    out = fairness_sim.run_virtual(overload_sim.overload(opts, 3 * cap))
+    counts = out["counts"]
+    assert out["failed"] == 0
+    refused = {}
+    for cls in ("interactive", "standard", "batch"):
+        c = counts[cls]
+        assert c["accepted"] == c["finished"] and c["accepted"] + c["refused"] == c["arrived"]
+        assert c["refused"] == c["with Retry-After"]
+        refused[cls] = c["refused"] / c["arrived"]
+    assert refused["interactive"] < refused["standard"] <= refused["batch"]
