@@ -274,3 +274,13 @@ def test_in_the_simulated_cluster_overload_refuses_lowest_class_first_and_loses_
         assert c["refused"] == c["with Retry-After"]
         refused[cls] = c["refused"] / c["arrived"]
     assert refused["interactive"] < refused["standard"] <= refused["batch"]
+
+
+def test_in_the_simulated_cluster_the_batch_class_tau_rises_first_and_interactive_is_served_first():
+    from loadtests import classes_sim, fairness_sim
+
+    opts = argparse.Namespace(users=24, duration=20.0, queue_high=8, queue_low=2, interval=1.0, small_slots=8,
+                              large_slots=4, ms_per_token=1.0, glimpse_ms=5.0, step_tokens=16, steps=6)
+    out = fairness_sim.run_virtual(classes_sim.simulate(opts))
+    assert out["first_rise"]["batch"] < out["first_rise"].get("interactive", float("inf"))
+    assert fairness_sim.p95(out["latencies"]["interactive"]) < fairness_sim.p95(out["latencies"]["batch"])
