@@ -213,17 +213,18 @@ class FairDispatcher:
         """The inner pool's step chunks, once the call's turn comes; closing this closes the inner call."""
         info = self.registry.of(affinity_key)
         provisional = await self._acquire(info)
-        cost, start = 1.0, self.clock()  # a call closed before its end has written one token
-        call = self.inner.step(prompt, sampling, stream, affinity_key, next_glimpse=next_glimpse,
-                               glimpse_top_k=glimpse_top_k)
+        cost, start, call = 1.0, self.clock(), None  # a call closed before its end has written one token
         try:
+            call = self.inner.step(prompt, sampling, stream, affinity_key, next_glimpse=next_glimpse,
+                                   glimpse_top_k=glimpse_top_k)
             async for chunk in call:
                 if chunk.done:
                     cost = self._cost(chunk.output_tokens, chunk.prompt_tokens, chunk.cached_tokens)
                 yield chunk
         finally:
             try:
-                await call.aclose()
+                if call is not None:
+                    await call.aclose()
             finally:
                 self._settle(info, provisional, cost, self.clock() - start)
                 self._release()
