@@ -86,9 +86,9 @@ class Renderer:
 
 
 async def one_request(loop: StepLoop, shares: FairShares, rid: str, tenant: str, steps: StepSettings,
-                      priority: str = "standard") -> float:
+                      priority: str = "standard", weight: float = 1.0) -> float:
     """Run one request through the step loop; returns its latency (virtual seconds)."""
-    shares.register(rid, tenant, 1.0, priority)
+    shares.register(rid, tenant, weight, priority)
     start = now()
     req = LoopRequest(rid, [{"role": "user", "content": "q"}], PolicySettings(tau=1.0), steps, 0.0, 1.0, None,
                       False, tenant=tenant, priority=priority)
@@ -105,8 +105,8 @@ async def one_request(loop: StepLoop, shares: FairShares, rid: str, tenant: str,
 def build(opts, fair: bool, **fairness) -> tuple[FairShares, StepLoop, StepSettings]:
     """The simulated cluster: fair shares (on or off, more ``FairnessSettings`` fields), the step loop over two
     ``SimPool``s, the requests' step settings."""
-    settings = FairnessSettings(enabled=fair, max_in_flight_small=opts.small_slots,
-                                max_in_flight_large=opts.large_slots, **fairness)
+    settings = FairnessSettings.model_validate({"enabled": fair, "max_in_flight_small": opts.small_slots,
+                                                "max_in_flight_large": opts.large_slots, **fairness})
     shares = FairShares(settings, clock=now)
     pools = {"small": SimPool(opts.small_slots, opts.ms_per_token / 3, opts.glimpse_ms, 1),
              "large": SimPool(opts.large_slots, opts.ms_per_token, opts.glimpse_ms, 2)}
