@@ -54,3 +54,76 @@ def test_compare_line():
     fcfs = {"alone": {"quiet": {"p95_ms": 1000.0}}, "shared": {"quiet": {"p95_ms": 3400.0}}}
     assert compare_line(fair, fcfs) == ("quiet tenant p95 under a noisy neighbour: 1.20x alone "
                                         "(3.40x without fair shares)")
+
+
+class StubAPI:
+    """A stand-in for the router's HTTP API (chat completions and the admin usage endpoint), answering the
+    noisy tenant's every third request with 503 and Retry-After."""
+
+    def __init__(self):
+        import http.server
+        import threading
+
+        self.chats, self.usage = {"kq": 0, "kn": 0}, {"quiet": 0, "noisy": 0}
+        stub = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def _json(self, status: int, body: dict, headers: dict | None = None):
+                data = json.dumps(body).encode()
+                self.send_response(status)
+                for name, value in {"Content-Type": "application/json", **(headers or {})}.items():
+                    self.send_header(name, value)
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def do_POST(self):
+                self.rfile.read(int(self.headers["Content-Length"]))
+                key = self.headers["Authorization"].split()[-1]
+                stub.chats[key] += 1
+                if key == "kn" and stub.chats[key] % 3 == 0:
+                    return self._json(503, {"error": {"message": "overloaded"}}, {"Retry-After": "1"})
+                tenant = "quiet" if key == "kq" else "noisy"
+                stub.usage[tenant] += 10
+                self._json(200, {"choices": [{"message": {"content": "42"}}], "usage": {"completion_tokens": 10},
+                                 "routing": {"steps": []}})
+
+            def do_GET(self):
+                tenant = self.path.split("/")[4]
+                tokens = stub.usage[tenant]
+                pools = {"small": {"output_tokens": tokens}, "large": {"output_tokens": tokens // 2}}
+                self._json(200, {"pools": pools})
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+
+def test_the_runner_drives_both_phases_through_locust_and_summarises_them(tmp_path):
+    import subprocess
+    import sys
+
+    api = StubAPI()
+    tenants = tmp_path / "tenants.json"
+    tenants.write_text(json.dumps({"tenant": "quiet", "key": "kq"}) + "\n"
+                       + json.dumps({"tenant": "noisy", "key": "kn"}))
+    admin = tmp_path / "admin.key"
+    admin.write_text("admin\n")
+    done = subprocess.run(
+        [sys.executable, "-m", "loadtests.noisy_neighbour", "--url", api.url, "--tenants-file", str(tenants),
+         "--admin-key-file", str(admin), "--quiet-rate", "2", "--noisy-rate", "6", "--users", "6", "--quiet-users",
+         "2", "--duration", "4s", "--stop-timeout", "5s", "--label", "stub", "--out", str(tmp_path / "out")],
+        capture_output=True, text=True, timeout=300)
+    api.server.shutdown()
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    summary = json.loads((tmp_path / "out" / "stub.json").read_text())
+    assert summary["alone"]["noisy"]["requests"] == 0 and summary["alone"]["quiet"]["requests"] >= 4
+    shared = summary["shared"]
+    assert shared["quiet"]["requests"] >= 4 and shared["quiet"]["refused"] == 0
+    assert shared["noisy"]["requests"] >= 8 and shared["noisy"]["refused"] >= 3
+    assert shared["noisy"]["refused_without_retry_after"] == 0 and shared["noisy"]["failed"] == 0
+    small = summary["token_shares"]["small"]
+    assert small["noisy"] > small["quiet"] > 0 and abs(small["noisy"] + small["quiet"] - 1) < 1e-3
