@@ -1,7 +1,7 @@
 """The noisy-neighbour scenario: a quiet tenant alone, then beside a noisy one; p95s, pool token shares, refusals.
 
     python -m loadtests.noisy_neighbour --url http://127.0.0.1:8000 --tenants-file tenants.json \\
-        --admin-key-file .run/admin.key --quiet-rate 0.2 --noisy-rate 1.6 --duration 180s --label fair --out results/
+        --admin-key-file run/admin.key --quiet-rate 0.2 --noisy-rate 1.6 --duration 180s --label fair --out results/
     python -m loadtests.noisy_neighbour --compare results/fair.json results/fcfs.json
 
 ``--tenants-file`` holds what ``python -m cluster tenants create NAME --json`` printed for two tenants: the
