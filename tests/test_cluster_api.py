@@ -193,11 +193,11 @@ def test_baselines_route_as_named(client, policy, pool):
 # ---- errors ---------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("body,status,param", [
-    ({"model": "glimprouter", "messages": [{"role": "user", "content": "hi"}], "bogus": 1}, 422, "bogus"),
-    ({"model": "glimprouter", "messages": [{"role": "user", "content": "hi"}], "tau": -1}, 422, "tau"),
-    ({"model": "glimprouter", "messages": [{"role": "user", "content": "hi"}], "temperature": 9}, 422, "temperature"),
-    ({"model": "glimprouter", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 0}, 422, "max_tokens"),
-    ({"model": "glimprouter", "messages": []}, 422, "messages"),
+    ({"model": "glimprouter", "messages": [{"role": "user", "content": "hi"}], "bogus": 1}, 400, "bogus"),
+    ({"model": "glimprouter", "messages": [{"role": "user", "content": "hi"}], "tau": -1}, 400, "tau"),
+    ({"model": "glimprouter", "messages": [{"role": "user", "content": "hi"}], "temperature": 9}, 400, "temperature"),
+    ({"model": "glimprouter", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 0}, 400, "max_tokens"),
+    ({"model": "glimprouter", "messages": []}, 400, "messages"),
     ({"model": "nope", "messages": [{"role": "user", "content": "hi"}]}, 404, "model"),
     ({"model": "glimprouter", "messages": [{"role": "user", "content": "word " * 3000}]}, 400, "messages"),
 ])
@@ -344,7 +344,12 @@ def test_usage_sums_equal_the_tokens_in_responses(local_cluster):
 def test_rate_limit_gives_429_with_openai_headers(local_cluster):
     from concurrent.futures import ThreadPoolExecutor
 
+    from cluster.metrics import SPECS
+    from cluster.ops import operators
+
     key = local_cluster.new_tenant("limited", requests_per_minute=1)
+    endpoints, rejections = operators.metrics_endpoints(), SPECS["glimprouter_rejections"].exported
+    before = operators.total(operators.scrape(endpoints), rejections, tenant="limited", reason="requests")
     with httpx.Client(base_url=local_cluster.base_url, headers={"Authorization": f"Bearer {key}"}, timeout=300) as c:
         # Sent together, so that both fall in the same one-minute window.
         with ThreadPoolExecutor(2) as pool:
@@ -353,3 +358,7 @@ def test_rate_limit_gives_429_with_openai_headers(local_cluster):
     assert admitted.status_code == 200 and admitted.headers["x-ratelimit-remaining-requests"] == "0"
     assert refused.status_code == 429 and refused.json()["error"]["type"] == "rate_limit_error"
     assert int(refused.headers["retry-after"]) >= 1 and "x-ratelimit-reset-requests" in refused.headers
+    deadline = time.time() + 40  # the refusal is in the project's metrics (Ray exports every few seconds)
+    while operators.total(operators.scrape(endpoints), rejections, tenant="limited", reason="requests") <= before:
+        assert time.time() < deadline, "the 429 was not counted in glimprouter_rejections"
+        time.sleep(2)
