@@ -50,6 +50,8 @@ class RoutingOverrides(APIModel):
     glimpse_in_step: bool | None = Field(None, description="Take each glimpse from the first token of a small step call.")
     token_budget: int | None = Field(None, ge=1, le=1_000_000, description="Most output tokens of all steps.")
     step_max_tokens: int | None = Field(None, ge=1, le=32_768, description="Most tokens of one step.")
+    final_max_tokens: int | None = Field(None, ge=1, le=32_768, description="Most tokens of the final answer alone "
+                                         "(within max_completion_tokens, when that is given too).")
     cap_last_step: bool | None = Field(None, description="Cap each step at what is left of token_budget (a serving "
                                        "variant; the reference keeps the step that crosses the budget whole).")
     stop_on_eos: bool | None = Field(None, description="End thinking after a step that ends with EOS (a serving "

@@ -115,8 +115,10 @@ def step_max_tokens(cfg: StepSettings, used: int) -> int:
 
 
 def answer_max_tokens(cfg: StepSettings, used: int) -> int:
-    """The final answer's token limit: final_max_tokens, or what the steps left of a completion limit."""
-    return cfg.final_max_tokens if cfg.completion_limit is None else max(0, cfg.completion_limit - used)
+    """The final answer's token limit: final_max_tokens, within what the steps left of a completion limit."""
+    if cfg.completion_limit is None:
+        return cfg.final_max_tokens
+    return max(0, min(cfg.final_max_tokens, cfg.completion_limit - used))
 
 
 class StepLoop:

@@ -200,7 +200,8 @@ class RequestService:
         """The request's policy and step limits: router defaults < tenant defaults < request fields. A request's
         ``seed`` seeds the policy's draws too. A completion limit (``max_completion_tokens``) bounds reasoning and
         answer together: without a ``token_budget`` the steps may take all of it but what is kept for the answer
-        (``final_max_tokens``, at most half of the limit)."""
+        (``final_max_tokens``, at most half of the limit); the answer may take all the steps leave, or at most
+        the request's ``final_max_tokens``."""
         overrides = {k: v for k in POLICY_OVERRIDES if (v := getattr(body, k)) is not None}
         if body.seed is not None:
             overrides["seed"] = body.seed
@@ -210,9 +211,11 @@ class RequestService:
             raise validation_error(exc) from None
         base = self.cfg.router.steps
         ceiling, completion_limit = tenant.settings.max_token_budget, body.completion_limit()
+        answer = body.final_max_tokens or base.final_max_tokens
         default = min(base.token_budget, ceiling)
         if completion_limit is not None:
-            default = min(default, max(1, completion_limit - min(base.final_max_tokens, completion_limit // 2)))
+            default = min(default, max(1, completion_limit - min(answer, completion_limit // 2)))
+            answer = body.final_max_tokens or completion_limit  # the answer may take what the steps leave
         budget = body.token_budget or default
         if budget > ceiling:
             raise APIError(400, f"token_budget {budget} exceeds this key's limit of {ceiling}", param="token_budget",
@@ -224,6 +227,7 @@ class RequestService:
             "token_budget": budget,
             "step_max_tokens": body.step_max_tokens or base.step_max_tokens,
             "completion_limit": completion_limit,
+            "final_max_tokens": min(answer, 32_768),
             **{k: v for k in STEP_OVERRIDES if (v := getattr(body, k)) is not None},
         })
         return policy, steps
@@ -232,7 +236,9 @@ class RequestService:
         """The prompt's tokens; 400 if the prompt, the most tokens the steps can take and the answer cannot fit a
         pool's context."""
         prompt_tokens = 0
-        most = steps.completion_limit or steps.most_reasoning_tokens() + steps.final_max_tokens
+        most = steps.most_reasoning_tokens() + steps.final_max_tokens
+        if steps.completion_limit is not None:
+            most = min(most, steps.completion_limit)
         for role, pool in self.cfg.pools.items():
             try:
                 n = len(self.renderers[role].step_prompt(messages, [], steps.delimiter))

@@ -24,7 +24,7 @@ from cluster.ops.redis_server import ping, start_local_redis
 from router_service.api import app
 
 pytestmark = pytest.mark.cluster
-SMALL = {"token_budget": 24, "step_max_tokens": 8, "max_tokens": 8, "temperature": 0}
+SMALL = {"token_budget": 24, "step_max_tokens": 8, "final_max_tokens": 8, "temperature": 0}
 
 
 def chat(base_url: str, key: str, content: str = "What is 2 + 3?", timeout: float = 300, **fields) -> httpx.Response:
