@@ -2,11 +2,13 @@
 
 ``serve_config`` is the multi-application Serve config (``ServeDeploySchema``) that deploys a
 ``ClusterConfig`` through ``deployments.builder:app_builder``, with each deployment's replicas and
-resources spelled out. ``rayservice`` wraps it in a KubeRay RayService whose RayCluster has a CPU
-head (GCS, Serve controller, router replicas) and one GPU worker group per pool, each pod sized for
-one replica of its pool. A Kubernetes overlay folder holds ``render.yaml`` (``RenderSettings``: which
-config tree, the image, pod sizes, node pools); ``render k8s`` writes the overlay's
-``rayservice.yaml`` from it.
+resources spelled out. ``rayservice`` wraps it in a KubeRay (1.7) RayService whose RayCluster has a
+head that takes no Ray work (GCS, Serve controller: 0 CPUs, 0 GPUs), a CPU worker group of one router
+replica per pod, and one GPU worker group per pool, each pod sized for one replica of its pool. Every
+group's Ray resources are in the group-level ``resources`` map, which KubeRay and the Ray autoscaler
+both read. A Kubernetes overlay folder holds ``render.yaml`` (``RenderSettings``: which config tree,
+the image, pod sizes, node pools, model cache sizes, upgrade strategy); ``render k8s`` writes the
+overlay's ``rayservice.yaml`` from it.
 """
 
 from __future__ import annotations
@@ -17,11 +19,13 @@ import json
 import math
 import sys
 from pathlib import Path
+from typing import Literal
 from urllib.parse import ParseResult, urlparse
 
 import yaml
 from deployments.pool import actor_options
 from pydantic import Field, ValidationError, model_validator
+
 
 from cluster.config import (
     ClusterConfig,
@@ -32,6 +36,7 @@ from cluster.config import (
     format_validation_error,
     load_config,
 )
+from cluster.serve_check import serve_config_errors
 
 BUILDER = "deployments.builder:app_builder"
 DEPLOYMENTS: dict[PoolRole, str] = {"small": "SmallPool", "large": "LargePool"}
@@ -47,17 +52,22 @@ GPU = "nvidia.com/gpu"
 APP_SECRET = "glimprouter-secrets"  # keys GLIMP_ADMIN_KEY, HF_TOKEN (k8s/secrets.template.yaml)
 REDIS_SECRET = "redis-auth"  # key password
 METRICS_PORT = 8080
-RAYLET_HEALTH = (52365, "api/local_raylet_healthz")  # the dashboard agent's port
-GCS_HEALTH = (8265, "api/gcs_healthz")  # the dashboard's port
+DASHBOARD_PORT = 8265
+ROUTER_GROUP = "router"
+ROUTER_RESOURCE = "router"  # Ray custom resource that only the router group's pods advertise, one unit each
+HF_CACHE = "/home/ray/.cache/huggingface"
+SCRATCH_GIB = 10  # node disk per Ray pod beyond the model cache: Ray's logs and session files, compile caches
 CPU_HEADROOM = 1  # container CPUs beyond the Ray CPUs: raylet, Serve proxy, engine helper processes
 LOOPBACK = {"127.0.0.1", "localhost", "::1"}
 
 
-def serve_config(cfg: ClusterConfig, proxy_location: str = "EveryNode") -> dict:
+def serve_config(cfg: ClusterConfig, proxy_location: str = "EveryNode", router_resource: str | None = None) -> dict:
     """The Ray Serve config (multi-application form) that deploys ``cfg``: the local launcher's and
     the RayService's. Serve replaces a deployment's ``ray_actor_options`` from code by the config's as a
     whole, so they are the builder's own (placement and the engine's environment). The local cluster's
-    nodes share one host, so it runs the HTTP proxy on the head node only."""
+    nodes share one host, so it runs the HTTP proxy on the head node only. With ``router_resource`` (the
+    RayService's), each Router replica takes one unit of that custom resource, and at most one runs per
+    node, as KubeRay's high-availability sample spreads its ingress over worker pods."""
     pools = [
         {
             "name": DEPLOYMENTS[role],
@@ -73,6 +83,9 @@ def serve_config(cfg: ClusterConfig, proxy_location: str = "EveryNode") -> dict:
         "max_ongoing_requests": cfg.router.max_ongoing_requests,
         "ray_actor_options": {"num_cpus": cfg.router.num_cpus},
     }
+    if router_resource:
+        router["max_replicas_per_node"] = 1
+        router["ray_actor_options"]["resources"] = {router_resource: 1}
     app = {
         "name": cfg.name,
         "route_prefix": "/",
@@ -88,10 +101,18 @@ def serve_config(cfg: ClusterConfig, proxy_location: str = "EveryNode") -> dict:
 
 
 class HeadSettings(StrictModel):
-    """The head pod: GCS, Serve controller and proxy, and the router replicas; never GPUs."""
+    """The head pod: GCS, Serve controller, the head's Serve proxy and the autoscaler; Ray schedules no
+    replica there (0 CPUs, 0 GPUs), so the API outlives it."""
 
-    cpu: int = Field(2, ge=1, le=256, description="CPUs beyond those the router replicas take.")
+    cpu: int = Field(2, ge=1, le=256, description="Container CPUs (GCS, dashboard, Serve controller).")
     memory_gib: int = Field(8, ge=2, le=2048, description="Memory (GiB).")
+
+
+class RouterGroupSettings(StrictModel):
+    """The router pods: CPU only, one Router replica (and its Serve proxy) per pod, on any node without GPUs."""
+
+    memory_gib: int = Field(4, ge=2, le=1024, description="Memory per pod (GiB).")
+    node_selector: dict[str, str] = Field(default_factory=dict, description="Node labels the router pods need.")
 
 
 class WorkerGroupSettings(StrictModel):
@@ -104,6 +125,11 @@ class WorkerGroupSettings(StrictModel):
     node_selector: dict[str, str] = Field(default_factory=dict, description="Further node labels, e.g. the GPU product.")
     memory_gib: int = Field(ge=2, le=4096, description="Host memory per pod (GiB), /dev/shm included.")
     shm_gib: int = Field(8, ge=1, le=1024, description="Memory-backed /dev/shm (GiB) for vLLM and NCCL.")
+    cache_gib: int = Field(
+        ge=1, le=4096, description="Node disk (GiB) for the model cache: each pod downloads the pool's weights from "
+        f"the hub into a volume of this size at {HF_CACHE}; the pod requests it (ephemeral-storage) "
+        f"with {SCRATCH_GIB} GiB more for Ray's logs, so the scheduler places it on a node with the room.",
+    )
 
     @model_validator(mode="after")
     def _shm_within_memory(self) -> WorkerGroupSettings:
@@ -119,6 +145,13 @@ class RenderSettings(StrictModel):
     image: str = Field(min_length=1, description="Image with Ray, vLLM and this project (k8s/image/Dockerfile).")
     ray_version: str = Field(pattern=r"^\d+\.\d+\.\d+$", description="Ray version in the image.")
     head: HeadSettings = Field(default_factory=HeadSettings, description="The head pod.")
+    router: RouterGroupSettings = Field(default_factory=RouterGroupSettings, description="The router pods.")
+    upgrade_strategy: Literal["None", "NewCluster"] = Field(
+        "None", description="RayService upgradeStrategy.type. 'None': a change of rayClusterConfig (image, pod "
+        "sizes) waits until the RayCluster is replaced on purpose (docs/kubernetes.md), so the GPUs in use are "
+        "never doubled; Serve config changes still apply in place. 'NewCluster' (KubeRay's default): a second "
+        "RayCluster at its groups' replicas starts beside the running one and takes the traffic once it serves.",
+    )
     small: WorkerGroupSettings = Field(description="The small pool's worker pods.")
     large: WorkerGroupSettings = Field(description="The large pool's worker pods.")
 
@@ -131,16 +164,18 @@ def rayservice(cfg: ClusterConfig, settings: RenderSettings) -> dict:
     if cfg.router.host in LOOPBACK:
         raise ValueError("router.host must be 0.0.0.0: the Serve proxies serve the API Service from the pods")
     resources = [pool.placement.node_resource for _, pool in cfg.pools.items()]
-    if None in resources or len(set(resources)) < len(resources):
-        raise ValueError("each pool needs its own placement.node_resource to land on its own worker group")
+    if None in resources or len(set(resources)) < len(resources) or ROUTER_RESOURCE in resources:
+        raise ValueError(
+            f"each pool needs its own placement.node_resource (not {ROUTER_RESOURCE!r}) to land on its own worker group"
+        )
+    config = serve_config(cfg, router_resource=ROUTER_RESOURCE)
+    if errors := serve_config_errors(config):
+        raise ValueError("the Serve config has keys Ray Serve does not know:\n" + "\n".join(errors))
     env = _ray_env(redis)
-    router_cpus = math.ceil(cfg.router.num_replicas * cfg.router.num_cpus)
-    head_ports = {"gcs-server": 6379, "dashboard": GCS_HEALTH[0], "client": 10001}
     head = _container(
-        "ray-head", settings.image, env, cpu=settings.head.cpu + router_cpus, memory_gib=settings.head.memory_gib,
-        ports={**head_ports, "serve": cfg.router.port, "metrics": METRICS_PORT},
-        liveness=_probe([RAYLET_HEALTH, GCS_HEALTH], timeout=5, failures=120, delay=30),
-        readiness=_probe([RAYLET_HEALTH, GCS_HEALTH], timeout=5, failures=10, delay=10),
+        "ray-head", settings.image, env, cpu=settings.head.cpu, memory_gib=settings.head.memory_gib, disk_gib=SCRATCH_GIB,
+        ports={"gcs-server": 6379, "dashboard": DASHBOARD_PORT, "client": 10001, "serve": cfg.router.port,
+               "metrics": METRICS_PORT},
     )
     cluster = {
         "rayVersion": settings.ray_version,
@@ -156,12 +191,14 @@ def rayservice(cfg: ClusterConfig, settings: RenderSettings) -> dict:
             "redisPassword": {"valueFrom": _secret(REDIS_SECRET, "password")},
         },
         "headGroupSpec": {
-            "rayStartParams": {"num-cpus": str(router_cpus)},
+            "rayStartParams": {},
+            "resources": {"CPU": "0", "GPU": "0"},  # no replica on the head; GPUs never, whatever node it lands on
             "template": _pod("head", {"containers": [head]}),
         },
         "workerGroupSpecs": [
-            _worker_group(role, pool, getattr(settings, role), settings.image, env, cfg.router.port)
-            for role, pool in cfg.pools.items()
+            _router_group(cfg, settings.router, settings.image, env),
+            *(_worker_group(role, pool, getattr(settings, role), settings.image, env, cfg.router.port)
+              for role, pool in cfg.pools.items()),
         ],
     }
     return {
@@ -169,7 +206,8 @@ def rayservice(cfg: ClusterConfig, settings: RenderSettings) -> dict:
         "kind": "RayService",
         "metadata": {"name": cfg.name},
         "spec": {
-            "serveConfigV2": _dump(serve_config(cfg)),
+            "upgradeStrategy": {"type": settings.upgrade_strategy},
+            "serveConfigV2": _dump(config),
             "serveService": {
                 "metadata": {"name": f"{cfg.name}-api"},
                 "spec": {"ports": [{"name": "serve", "port": cfg.router.port}]},
@@ -179,24 +217,43 @@ def rayservice(cfg: ClusterConfig, settings: RenderSettings) -> dict:
     }
 
 
+def _router_group(cfg: ClusterConfig, group: RouterGroupSettings, image: str, env: list[dict]) -> dict:
+    """The router replicas' worker group: one CPU pod per replica, each advertising one unit of ROUTER_RESOURCE."""
+    cpus = max(1, math.ceil(cfg.router.num_cpus))
+    container = _container(
+        "ray-worker", image, env, cpu=cpus + CPU_HEADROOM, memory_gib=group.memory_gib, disk_gib=SCRATCH_GIB,
+        ports={"serve": cfg.router.port, "metrics": METRICS_PORT},
+    )
+    spec = {"containers": [container]}
+    if group.node_selector:
+        spec["nodeSelector"] = dict(group.node_selector)
+    replicas = cfg.router.num_replicas
+    return {
+        "groupName": ROUTER_GROUP,
+        "replicas": replicas,
+        "minReplicas": replicas,
+        "maxReplicas": replicas,
+        "rayStartParams": {},
+        "resources": {"CPU": str(cpus), "GPU": "0", ROUTER_RESOURCE: "1"},
+        "template": _pod(ROUTER_GROUP, spec),
+    }
+
+
 def _worker_group(
     role: PoolRole, pool: PoolSettings, group: WorkerGroupSettings, image: str, env: list[dict], port: int
 ) -> dict:
-    """One pool's worker group: pods with the pool's GPUs, node pool and Ray custom resource."""
+    """One pool's worker group: pods with the pool's GPUs, node pool, Ray custom resource and a sized model cache."""
     placement = pool.placement
     cpus = math.ceil(placement.num_cpus)
     tp = pool.engine.tensor_parallel_size
     gpus = math.ceil(placement.num_gpus) or (tp if tp > 1 else 0)  # else its tensor-parallel placement group's
-    custom = {placement.node_resource: 1}
+    ray_resources = {"CPU": str(cpus), "GPU": str(gpus), placement.node_resource: "1"}
     if placement.accelerator_type:  # lets the autoscaler see that this group can host the replica
-        custom[f"accelerator_type:{placement.accelerator_type}"] = 1
-    custom_json = json.dumps(custom, sort_keys=True).replace('"', '\\"')
+        ray_resources[f"accelerator_type:{placement.accelerator_type}"] = "1"
     container = _container(
         "ray-worker", image, env, cpu=cpus + CPU_HEADROOM, memory_gib=group.memory_gib, gpus=gpus,
-        ports={"serve": port, "metrics": METRICS_PORT},
-        liveness=_probe([RAYLET_HEALTH], timeout=2, failures=120, delay=30),
-        readiness=_probe([RAYLET_HEALTH, (port, "-/healthz")], timeout=2, failures=1, delay=10),
-        mounts={"dshm": "/dev/shm", "model-cache": "/home/ray/.cache/huggingface"},
+        disk_gib=group.cache_gib + SCRATCH_GIB, ports={"serve": port, "metrics": METRICS_PORT},
+        mounts={"dshm": "/dev/shm", "model-cache": HF_CACHE},
     )
     tolerations = [{"key": NODE_POOL_LABEL, "operator": "Equal", "value": group.node_pool, "effect": "NoSchedule"}]
     if gpus:
@@ -207,15 +264,18 @@ def _worker_group(
         "containers": [container],
         "volumes": [
             {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": f"{group.shm_gib}Gi"}},
-            {"name": "model-cache", "emptyDir": {}},
+            {"name": "model-cache", "emptyDir": {"sizeLimit": f"{group.cache_gib}Gi"}},
         ],
     }
     name = f"{role}-pool"
+    autoscaling = pool.autoscaling
     return {
         "groupName": name,
-        "minReplicas": pool.autoscaling.min_replicas,
-        "maxReplicas": pool.autoscaling.max_replicas,
-        "rayStartParams": {"num-cpus": str(cpus), "resources": f'"{custom_json}"'},
+        "replicas": autoscaling.min_replicas if autoscaling.initial_replicas is None else autoscaling.initial_replicas,
+        "minReplicas": autoscaling.min_replicas,
+        "maxReplicas": autoscaling.max_replicas,
+        "rayStartParams": {},
+        "resources": ray_resources,
         "template": _pod(name, spec),
     }
 
@@ -231,17 +291,22 @@ def _pod(component: str, spec: dict) -> dict:
 
 def _container(
     name: str, image: str, env: list[dict], *, cpu: int, memory_gib: int, ports: dict[str, int],
-    liveness: dict, readiness: dict, gpus: int = 0, mounts: dict[str, str] | None = None,
+    gpus: int = 0, disk_gib: int = 0, mounts: dict[str, str] | None = None,
 ) -> dict:
-    """A Ray container whose requests equal its limits (KubeRay derives the Ray resources from them)."""
+    """A Ray container whose requests equal its limits. Its liveness and readiness probes are KubeRay's own
+    (injected unless the operator runs with ENABLE_PROBES_INJECTION=false): for Ray 2.53 and later an HTTP
+    check of the node's /api/healthz, and on worker pods of a RayService also the Serve proxy's health."""
+    amounts = {"cpu": str(cpu), "memory": f"{memory_gib}Gi"}
+    if disk_gib:
+        amounts["ephemeral-storage"] = f"{disk_gib}Gi"
+    if gpus:
+        amounts[GPU] = str(gpus)
     container = {
         "name": name,
         "image": image,
         "env": env,
         "ports": [{"name": port_name, "containerPort": number} for port_name, number in ports.items()],
-        "resources": _resources(cpu=str(cpu), memory=f"{memory_gib}Gi", **({GPU: str(gpus)} if gpus else {})),
-        "livenessProbe": liveness,
-        "readinessProbe": readiness,
+        "resources": _resources(**amounts),
     }
     if mounts:
         container["volumeMounts"] = [{"name": vol, "mountPath": path} for vol, path in mounts.items()]
@@ -251,20 +316,6 @@ def _container(
 def _resources(**amounts: str) -> dict:
     """Requests equal to limits (Guaranteed QoS)."""
     return {"requests": dict(amounts), "limits": dict(amounts)}
-
-
-def _probe(checks: list[tuple[int, str]], *, timeout: int, failures: int, delay: int) -> dict:
-    """An exec probe of local Ray health endpoints, as KubeRay v1.5 builds its default probes."""
-    command = " && ".join(
-        f"wget --tries 1 -T {timeout} -q -O- http://localhost:{port}/{path} | grep success" for port, path in checks
-    )
-    return {
-        "exec": {"command": ["bash", "-c", command]},
-        "initialDelaySeconds": delay,
-        "periodSeconds": 5,
-        "timeoutSeconds": timeout,
-        "failureThreshold": failures,
-    }
 
 
 def _secret(name: str, key: str, optional: bool = False) -> dict:
