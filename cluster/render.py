@@ -23,9 +23,7 @@ from typing import Literal
 from urllib.parse import ParseResult, urlparse
 
 import yaml
-from deployments.pool import actor_options
 from pydantic import Field, ValidationError, model_validator
-
 
 from cluster.config import (
     ClusterConfig,
@@ -37,6 +35,7 @@ from cluster.config import (
     load_config,
 )
 from cluster.serve_check import serve_config_errors
+from deployments.pool import actor_options
 
 BUILDER = "deployments.builder:app_builder"
 DEPLOYMENTS: dict[PoolRole, str] = {"small": "SmallPool", "large": "LargePool"}
