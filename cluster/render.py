@@ -124,16 +124,23 @@ class WorkerGroupSettings(StrictModel):
     node_selector: dict[str, str] = Field(default_factory=dict, description="Further node labels, e.g. the GPU product.")
     memory_gib: int = Field(ge=2, le=4096, description="Host memory per pod (GiB), /dev/shm included.")
     shm_gib: int = Field(8, ge=1, le=1024, description="Memory-backed /dev/shm (GiB) for vLLM and NCCL.")
-    cache_gib: int = Field(
-        ge=1, le=4096, description="Node disk (GiB) for the model cache: each pod downloads the pool's weights from "
-        f"the hub into a volume of this size at {HF_CACHE}; the pod requests it (ephemeral-storage) "
+    cache_gib: int | None = Field(
+        None, ge=1, le=4096, description="Node disk (GiB) for the model cache: each pod downloads the pool's weights "
+        f"from the hub into a volume of this size at {HF_CACHE}; the pod requests it (ephemeral-storage) "
         f"with {SCRATCH_GIB} GiB more for Ray's logs, so the scheduler places it on a node with the room.",
+    )
+    cache_claim: str | None = Field(
+        None, pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$", description="Instead of cache_gib: a ReadWriteMany "
+        f"PersistentVolumeClaim, shared by the pool's pods at {HF_CACHE}, that already holds the pool's model "
+        "(docs/kubernetes.md: filling it); its pods then read the weights offline (HF_HUB_OFFLINE=1).",
     )
 
     @model_validator(mode="after")
     def _shm_within_memory(self) -> WorkerGroupSettings:
         if self.shm_gib >= self.memory_gib:
             raise ValueError("shm_gib must be below memory_gib: /dev/shm counts against the pod's memory")
+        if (self.cache_gib is None) == (self.cache_claim is None):
+            raise ValueError("set exactly one of cache_gib (a cache on the node's disk) or cache_claim (a shared claim)")
         return self
 
 
@@ -207,6 +214,7 @@ def rayservice(cfg: ClusterConfig, settings: RenderSettings) -> dict:
         "spec": {
             "upgradeStrategy": {"type": settings.upgrade_strategy},
             "serveConfigV2": _dump(config),
+            "excludeHeadPodFromServeSvc": True,  # the API enters through the router pods' proxies only
             "serveService": {
                 "metadata": {"name": f"{cfg.name}-api"},
                 "spec": {"ports": [{"name": "serve", "port": cfg.router.port}]},
@@ -249,9 +257,14 @@ def _worker_group(
     ray_resources = {"CPU": str(cpus), "GPU": str(gpus), placement.node_resource: "1"}
     if placement.accelerator_type:  # lets the autoscaler see that this group can host the replica
         ray_resources[f"accelerator_type:{placement.accelerator_type}"] = "1"
+    if group.cache_claim:  # weights already in the shared claim: no hub access, no node disk for them
+        cache = {"persistentVolumeClaim": {"claimName": group.cache_claim}}
+        env = [{**e, "value": "1"} if e["name"] == "HF_HUB_OFFLINE" else e for e in env]
+    else:
+        cache = {"emptyDir": {"sizeLimit": f"{group.cache_gib}Gi"}}
     container = _container(
         "ray-worker", image, env, cpu=cpus + CPU_HEADROOM, memory_gib=group.memory_gib, gpus=gpus,
-        disk_gib=group.cache_gib + SCRATCH_GIB, ports={"serve": port, "metrics": METRICS_PORT},
+        disk_gib=(group.cache_gib or 0) + SCRATCH_GIB, ports={"serve": port, "metrics": METRICS_PORT},
         mounts={"dshm": "/dev/shm", "model-cache": HF_CACHE},
     )
     tolerations = [{"key": NODE_POOL_LABEL, "operator": "Equal", "value": group.node_pool, "effect": "NoSchedule"}]
@@ -263,7 +276,7 @@ def _worker_group(
         "containers": [container],
         "volumes": [
             {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": f"{group.shm_gib}Gi"}},
-            {"name": "model-cache", "emptyDir": {"sizeLimit": f"{group.cache_gib}Gi"}},
+            {"name": "model-cache", **cache},
         ],
     }
     name = f"{role}-pool"

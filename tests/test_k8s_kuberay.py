@@ -22,6 +22,7 @@ from k8s_support import (
     quantity,
     ray_containers,
     ray_service,
+    schema_errors,
 )
 from ray.autoscaler._private.kuberay.autoscaling_config import _get_ray_resources_from_group_spec
 from ray.serve.schema import ServeDeploySchema
@@ -67,6 +68,7 @@ def test_no_replica_lands_on_the_head_and_routers_spread_over_worker_pods(overla
     cfg = render.load_overlay(path)[1]
     service = ray_service(docs)
     assert kuberay_ray_start(groups(service)["head"])["num-cpus"] == "0"
+    assert service["spec"].get("excludeHeadPodFromServeSvc") is True  # no client connection goes through the head
     pods = autoscaler_view(service)
     deployments = serve_deployments(service)
     assert [name for name, d in deployments.items() if fits(demand(d), pods["head"])] == []
@@ -122,13 +124,37 @@ def test_model_cache_is_sized_and_requested(overlay):
         container = spec["containers"][0]
         (mount,) = [m for m in container.get("volumeMounts", []) if m["mountPath"].endswith(HF_CACHE_SUFFIX)]
         (volume,) = [v for v in spec["volumes"] if v["name"] == mount["name"]]
-        if "persistentVolumeClaim" in volume:
+        requests, limits = container["resources"]["requests"], container["resources"]["limits"]
+        assert requests["ephemeral-storage"] == limits["ephemeral-storage"]
+        if "persistentVolumeClaim" in volume:  # a shared claim that already holds the weights
+            assert {e["name"]: e.get("value") for e in container["env"]}["HF_HUB_OFFLINE"] == "1"
             continue
         size = quantity(volume["emptyDir"]["sizeLimit"])
         assert volume["emptyDir"].get("medium") != "Memory"
-        requests, limits = container["resources"]["requests"], container["resources"]["limits"]
         assert quantity(requests["ephemeral-storage"]) > size, group["groupName"]
-        assert requests["ephemeral-storage"] == limits["ephemeral-storage"]
+
+
+def test_a_shared_cache_claim_replaces_the_node_cache():
+    """With cache_claim, the pool's pods mount that claim, read the weights offline and request no disk for
+    them; the other pool keeps its sized cache; the RayService still validates against each CRD."""
+    overlay = ROOT / "k8s" / "overlays" / "production"
+    settings, cfg = render.load_overlay(overlay)
+    settings.large = settings.large.model_copy(update={"cache_gib": None, "cache_claim": "models-large"})
+    service = render.rayservice(cfg, settings)
+    for kuberay in KUBERAY_VERSIONS:
+        assert schema_errors(service, kuberay) == []
+    large, small = groups(service)["large-pool"], groups(service)["small-pool"]
+    volumes = {v["name"]: v for v in large["template"]["spec"]["volumes"]}
+    assert volumes["model-cache"] == {"name": "model-cache", "persistentVolumeClaim": {"claimName": "models-large"}}
+    container = large["template"]["spec"]["containers"][0]
+    assert {e["name"]: e.get("value") for e in container["env"]}["HF_HUB_OFFLINE"] == "1"
+    assert container["resources"]["requests"]["ephemeral-storage"] == f"{render.SCRATCH_GIB}Gi"
+    small_env = {e["name"]: e.get("value") for e in small["template"]["spec"]["containers"][0]["env"]}
+    assert small_env["HF_HUB_OFFLINE"] == "0"
+    with pytest.raises(ValueError, match="exactly one of cache_gib"):
+        render.WorkerGroupSettings(node_pool="p", memory_gib=8, shm_gib=1, cache_gib=8, cache_claim="c")
+    with pytest.raises(ValueError, match="exactly one of cache_gib"):
+        render.WorkerGroupSettings(node_pool="p", memory_gib=8, shm_gib=1)
 
 
 def test_probes_are_kuberays_own_for_the_ray_version(overlay):
