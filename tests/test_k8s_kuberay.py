@@ -15,6 +15,7 @@ from k8s_support import (
     KUBERAY_VERSIONS,
     OVERLAYS,
     ROOT,
+    KubeRayRefused,
     by_kind,
     groups,
     kuberay_ray_start,
@@ -216,3 +217,34 @@ def test_serve_config_check_refuses_unknown_keys():
 
 def test_rendered_serve_configs_have_no_unknown_keys(overlay):
     assert serve_config_errors(yaml.safe_load(ray_service(overlay[1])["spec"]["serveConfigV2"])) == []
+
+
+def _group(params: dict | None = None, resources: dict | None = None, limits: dict | None = None) -> dict:
+    group = {
+        "rayStartParams": params or {},
+        "template": {"spec": {"containers": [{"resources": {"limits": limits or {}}}]}},
+    }
+    return group | ({"resources": resources} if resources else {})
+
+
+@pytest.mark.parametrize(
+    ("group", "flags"),
+    [  # cases of KubeRay v1.7.0's TestUpdateRayStartParamsResources and TestGenerateRayStartCommand (pod_test.go)
+        (_group(resources={"cpu": "2", "memory": "4Gi"}), {"num-cpus": "2", "memory": "4294967296"}),
+        (_group(resources={"CPU": "2", "GPU": "4"}), {"num-cpus": "2", "num-gpus": "4"}),
+        (_group(resources={"nvidia.com/gpu": "1", "TPU": "4"}), {"num-gpus": "1", "resources": {"TPU": 4}}),
+        (_group(limits={"nvidia.com/gpu": "1"}), {"num-gpus": "1"}),
+        (_group({"resources": '"{"custom_resource":2}"'}), {"resources": {"custom_resource": 2}}),
+    ],
+)
+def test_the_kuberay_model_follows_kuberays_own_cases(group, flags):
+    assert kuberay_ray_start(group) == flags
+
+
+def test_the_kuberay_model_refuses_what_kuberay_refuses():
+    with pytest.raises(KubeRayRefused, match="failed to add accelerator resources"):
+        kuberay_ray_start(_group({"resources": "{"}, limits={"nvidia.com/gpu": "1"}))
+    with pytest.raises(KubeRayRefused, match="failed to add accelerator resources"):  # the escaped form
+        kuberay_ray_start(_group({"resources": '"{\\"small_pool\\": 1}"'}, limits={"nvidia.com/gpu": "1"}))
+    with pytest.raises(KubeRayRefused, match="both rayStartParams and Resources"):
+        kuberay_ray_start(_group({"num-cpus": "1"}, resources={"CPU": "4"}))
