@@ -26,7 +26,7 @@ from cluster import render
 ROOT = Path(__file__).resolve().parents[1]
 K8S = ROOT / "k8s"
 OVERLAYS = sorted(p.parent for p in (K8S / "overlays").glob(f"*/{render.SETTINGS_FILE}"))
-KUBERAY_VERSIONS = ["v1.7.0", "v1.5.1"]  # the release the docs install first, then the oldest one supported
+KUBERAY_VERSIONS = ["v1.7.0", "v1.5.1"]  # the release the docs install, then the oldest one checked
 SCHEMAS_ENV = "KUBERAY_SCHEMAS_DIR"
 META = "io.k8s.apimachinery.pkg.apis.meta.v1.ObjectMeta"
 

@@ -247,6 +247,23 @@ def test_render_refuses_configs_that_cannot_run_in_pods():
     cfg.pools.large.placement.node_resource = "small_pool"
     with pytest.raises(ValueError, match="node_resource"):
         render.rayservice(cfg, settings)
+    cfg.pools.large.placement.node_resource = render.ROUTER_RESOURCE
+    with pytest.raises(ValueError, match="node_resource"):
+        render.rayservice(cfg, settings)
+
+
+def test_render_refuses_a_serve_config_with_unknown_keys(monkeypatch):
+    settings, cfg = render.load_overlay(K8S / "overlays" / "dev")
+    real = render.serve_config
+
+    def with_typo(*args, **kwargs):
+        config = real(*args, **kwargs)
+        config["applications"][0]["deployments"][0]["max_ongoing_requestz"] = 8
+        return config
+
+    monkeypatch.setattr(render, "serve_config", with_typo)
+    with pytest.raises(ValueError, match="max_ongoing_requestz: unknown key for DeploymentSchema"):
+        render.rayservice(cfg, settings)
 
 
 def test_cli(tmp_path, capsys):
