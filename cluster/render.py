@@ -116,7 +116,7 @@ def rayservice(cfg: ClusterConfig, settings: RenderSettings) -> dict:
         )
     config = serve_config(cfg, router_resource=ROUTER_RESOURCE)
     if errors := serve_config_errors(config):
-        raise ValueError("the Serve config has keys Ray Serve does not know:\n" + "\n".join(errors))
+        raise ValueError("Ray Serve would not read the Serve config as written:\n" + "\n".join(errors))
     env = _ray_env(redis)
     head = _container(
         "ray-head", settings.image, env, cpu=settings.head.cpu, memory_gib=settings.head.memory_gib, disk_gib=SCRATCH_GIB,
