@@ -33,8 +33,19 @@ def chat(base_url: str, key: str, content: str = "What is 2 + 3?", timeout: floa
                       timeout=timeout)
 
 
-def trace(base_url: str, key: str, rid: str) -> dict:
-    return httpx.get(f"{base_url}/v1/requests/{rid}", headers={"Authorization": f"Bearer {key}"}, timeout=30).json()
+def trace(base_url: str, key: str, rid: str, timeout_s: float = 120) -> dict:
+    """The request's trace, waiting for a router replica to answer (Serve may be starting one after a kill)."""
+    deadline = time.time() + timeout_s
+    while True:
+        try:
+            response = httpx.get(f"{base_url}/v1/requests/{rid}", headers={"Authorization": f"Bearer {key}"},
+                                 timeout=30)
+            if response.status_code == 200:
+                return response.json()
+        except httpx.TransportError:
+            pass
+        assert time.time() < deadline, f"no router replica answered for request {rid}"
+        time.sleep(1)
 
 
 def contiguous(state: dict) -> bool:
