@@ -304,6 +304,17 @@ class ConfigError(ValueError):
     """A config file is missing, not YAML, or invalid; the message names each bad field."""
 
 
+def set_fields(data: dict, changes: dict) -> dict:
+    """``data`` (a config as plain data) with each ``{dotted.path: value}`` of ``changes`` set."""
+    for dotted, value in changes.items():
+        *parents, leaf = dotted.split(".")
+        node = data
+        for key in parents:
+            node = node.setdefault(key, {})
+        node[leaf] = value
+    return data
+
+
 def format_validation_error(err: ValidationError) -> str:
     """One line per problem: ``dotted.field.path: message``."""
     lines = []

@@ -33,19 +33,26 @@ def chat(base_url: str, key: str, content: str = "What is 2 + 3?", timeout: floa
                       timeout=timeout)
 
 
-def trace(base_url: str, key: str, rid: str, timeout_s: float = 120) -> dict:
-    """The request's trace, waiting for a router replica to answer (Serve may be starting one after a kill)."""
+def retry(send, timeout_s: float, what: str, waiting: tuple[int, ...]) -> httpx.Response:
+    """``send()`` until it answers 200; transport errors and the statuses in ``waiting`` are tried again."""
     deadline = time.time() + timeout_s
     while True:
         try:
-            response = httpx.get(f"{base_url}/v1/requests/{rid}", headers={"Authorization": f"Bearer {key}"},
-                                 timeout=30)
+            response = send()
             if response.status_code == 200:
-                return response.json()
+                return response
+            assert response.status_code in waiting, response.text
         except httpx.TransportError:
             pass
-        assert time.time() < deadline, f"no router replica answered for request {rid}"
+        assert time.time() < deadline, what
         time.sleep(1)
+
+
+def trace(base_url: str, key: str, rid: str, timeout_s: float = 120) -> dict:
+    """The request's trace, waiting for a router replica to answer (Serve may be starting one after a kill)."""
+    return retry(lambda: httpx.get(f"{base_url}/v1/requests/{rid}", headers={"Authorization": f"Bearer {key}"},
+                                   timeout=30), timeout_s, f"no router replica answered for request {rid}",
+                 waiting=(502, 503, 504)).json()
 
 
 def contiguous(state: dict) -> bool:
@@ -53,19 +60,10 @@ def contiguous(state: dict) -> bool:
 
 
 def resume_until_finished(base_url: str, key: str, rid: str, timeout_s: float = 180) -> httpx.Response:
-    """Resume a request whose router replica died (409 while the dead replica's lease runs)."""
-    deadline = time.time() + timeout_s
-    while True:
-        try:
-            response = httpx.post(f"{base_url}/v1/requests/{rid}/resume", headers={"Authorization": f"Bearer {key}"},
-                                  timeout=300)
-            if response.status_code == 200:
-                return response
-            assert response.status_code in (409, 503), response.text
-        except httpx.TransportError:
-            pass
-        assert time.time() < deadline, f"request {rid} could not be resumed"
-        time.sleep(1)
+    """Resume a request whose router replica died (409 while the dead replica's ownership runs)."""
+    return retry(lambda: httpx.post(f"{base_url}/v1/requests/{rid}/resume", timeout=300,
+                                    headers={"Authorization": f"Bearer {key}"}),
+                 timeout_s, f"request {rid} could not be resumed", waiting=(409, 503))
 
 
 # ---- keys -----------------------------------------------------------------------------------------------

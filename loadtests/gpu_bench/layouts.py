@@ -10,7 +10,7 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
-from cluster.config import ClusterConfig, ConfigError, format_validation_error, load_config
+from cluster.config import ClusterConfig, ConfigError, format_validation_error, load_config, set_fields
 from cluster.ops.launcher import LocalNode, local_gpus
 
 GPU0, GPU1, BOTH = (0,), (1,), (0, 1)
@@ -57,17 +57,6 @@ LAYOUTS = {
                             "pools.large.engine.gpu_memory_utilization": 0.75, "pools.large.engine.kv_cache_gib": 20,
                             "pools.large.engine.disable_custom_all_reduce": True, "pools.large.placement.num_gpus": 2}),
 }
-
-
-def set_fields(data: dict, changes: dict) -> dict:
-    """``data`` (a config as plain data) with each ``{dotted.path: value}`` set."""
-    for dotted, value in changes.items():
-        *parents, leaf = dotted.split(".")
-        node = data
-        for key in parents:
-            node = node.setdefault(key, {})
-        node[leaf] = value
-    return data
 
 
 def layout(name: str, steps: int, models_dir: Path, overrides: dict | None = None
