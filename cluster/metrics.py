@@ -108,8 +108,9 @@ def metric(name: str):
 
 
 def inc(name: str, value: float = 1.0, **tags: str) -> None:
-    """Add to a counter."""
-    metric(name).inc(value, tags=tags or None)
+    """Add to a counter (adding nothing is a no-op: Ray's counters refuse a zero increment)."""
+    if value:
+        metric(name).inc(value, tags=tags or None)
 
 
 def observe(name: str, value: float, **tags: str) -> None:

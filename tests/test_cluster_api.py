@@ -161,7 +161,7 @@ def test_openai_client_non_streaming(local_cluster, key):
     oai = openai.OpenAI(base_url=f"{local_cluster.base_url}/v1", api_key=key)
     assert [m.id for m in oai.models.list().data] == ["glimprouter"]
     result = oai.chat.completions.create(model="glimprouter", messages=[{"role": "user", "content": QUESTION}],
-                                         temperature=0, max_tokens=12, extra_body={"token_budget": 40, "step_max_tokens": 16})
+                                         temperature=0, max_tokens=64, extra_body={"token_budget": 40, "step_max_tokens": 16})
     extra = result.model_extra
     assert result.choices[0].message.model_extra["reasoning_content"]
     assert extra["routing"]["steps"] and {s["pool"] for s in extra["routing"]["steps"]} <= {"small", "large"}
@@ -175,7 +175,7 @@ def test_openai_client_streaming_matches_stored_state(local_cluster, key):
     oai = openai.OpenAI(base_url=f"{local_cluster.base_url}/v1", api_key=key)
     stream = oai.chat.completions.create(
         model="glimprouter", messages=[{"role": "user", "content": QUESTION}], stream=True, temperature=0,
-        max_tokens=12, stream_options={"include_usage": True}, extra_body={"token_budget": 40, "step_max_tokens": 16})
+        max_tokens=64, stream_options={"include_usage": True}, extra_body={"token_budget": 40, "step_max_tokens": 16})
     reasoning, content, usage, routing, rid = [], [], None, None, None
     for chunk in stream:
         rid = chunk.id
