@@ -49,7 +49,7 @@ def top(totals: dict[str, float], counts: dict[str, int], per: int, n: int) -> l
 
 def summarize(events: list[dict], n: int = 12) -> dict:
     """The per-iteration figures of one trace's events (see the module's docstring)."""
-    marks = [e for e in events if e.get("ph") == "X" and e.get("name") == ITERATION]
+    marks = [e for e in events if e.get("ph") == "X" and e.get("name") == ITERATION and e.get("cat") == "user_annotation"]
     if not marks:
         raise ValueError(f"no {ITERATION!r} scopes in the trace")
     lo, hi = min(e["ts"] for e in marks), max(e["ts"] + e["dur"] for e in marks)
