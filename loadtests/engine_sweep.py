@@ -395,8 +395,10 @@ def save(path: Path, data: dict) -> None:
 
 
 def merge(args) -> None:
-    """One profile file from the processes' results: hardware, versions, settings, and every sweep row."""
-    parts = [json.loads(Path(p).read_text()) for p in args.files]
+    """One profile file from the processes' results: hardware, versions, settings, and every sweep row, each
+    tagged with whether CUDA MPS was on and with ``source``, the name of its result file's folder (one start of
+    the pair)."""
+    parts = [{**json.loads(Path(p).read_text()), "source": Path(p).parent.name} for p in args.files]
     env = parts[0]["environment"]
     out = {"hardware": args.hardware, "versions": {"vllm": env["vllm"], "torch": env["torch"], "gpu": env["gpu"]},
            "settings": {"weights": "random (load_format dummy), bf16", "measured": "the in-process engine core's loop "
@@ -405,9 +407,12 @@ def merge(args) -> None:
                         "busy_loads": {role: load.__dict__ for role, load in BUSY.items()},
                         "prefill_rows": "one request of prefill_tokens fresh tokens on a cached prompt of "
                                         "context_tokens joins every iteration",
-                        **{p["role"]: {"model": p["model"], "engine": p["engine"], "environment": p["environment"]}
-                           for p in parts}},
-           "rows": [row for p in parts for row in p["rows"]]}
+                        **{p["role"]: {"model": p["model"], "engine": p["engine"]} for p in reversed(parts)},
+                        "sources": {p["source"]: {} for p in parts}},
+           "rows": [{**row, "mps": bool(p["environment"].get("mps")), "source": p["source"]}
+                    for p in parts for row in p["rows"]]}
+    for p in parts:
+        out["settings"]["sources"][p["source"]][p["role"]] = p["environment"]
     save(args.out, out)
     print(f"wrote {args.out}: {len(out['rows'])} rows", flush=True)
 

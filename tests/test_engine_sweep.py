@@ -157,6 +157,7 @@ def test_merge_writes_one_file_with_every_row(tmp_path):
     data = json.loads(out.read_text())
     assert data["hardware"] == "one H200 141GB" and data["versions"]["vllm"] == "0.26.0"
     assert [r["model"] for r in data["rows"]] == ["small", "large"]
+    assert all(r["mps"] is False and r["source"] == tmp_path.name for r in data["rows"])
     assert set(data["settings"]["busy_loads"]) == set(BUSY)
 
 
@@ -180,3 +181,12 @@ def test_trace_summary_splits_an_iteration_into_gpu_time_and_gaps():
     assert s["top_kernels"][0] == {"name": "gemm", "ms": 0.3, "calls": 1.0}
     assert s["scopes"] == [{"name": "gpu_model_runner: sample", "ms": 0.2, "calls": 0.5}]
     assert s["cuda_api"][0]["name"] == "cudaGraphLaunch"
+
+
+def test_engine_args_pass_async_scheduling_only_when_set():
+    from deployments.pool import engine_args
+
+    assert "async_scheduling" not in engine_args(sweep_pool("large", {}))  # vLLM's default
+    assert engine_args(sweep_pool("small", {}))["async_scheduling"] is True  # the benchmark config's
+    off = engine_args(sweep_pool("small", {"pools.small.engine.async_scheduling": False}))
+    assert off["async_scheduling"] is False
