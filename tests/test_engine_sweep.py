@@ -8,7 +8,8 @@ import random
 
 import pytest
 
-from loadtests.engine_sweep import BUSY, Driver, Load, Sync, merge, parse_phases, sweep_pool
+from loadtests.engine_driver import Driver, Load
+from loadtests.engine_sweep import BUSY, Sync, merge, parse_phases, sweep_pool
 from loadtests.trace_summary import ITERATION, summarize, union_us
 
 
