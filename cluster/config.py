@@ -80,6 +80,10 @@ class EngineSettings(StrictModel):
         "whole (where the attention backend allows: FlashAttention 3); vLLM's default, FULL_AND_PIECEWISE "
         "(those run piecewise, attention outside the graph), when unset."
     )
+    async_scheduling: bool | None = Field(
+        None, description="GPU only: vLLM's asynchronous scheduling (the next iteration is scheduled while the GPU runs "
+        "this one); vLLM's default, on where nothing excludes it, when unset."
+    )
     enforce_eager: bool = Field(False, description="Skip compilation / CUDA graphs (faster start, slower steps).")
     disable_custom_all_reduce: bool = Field(
         False, description="GPU, tensor parallel only: all-reduce through NCCL instead of vLLM's custom all-reduce "
