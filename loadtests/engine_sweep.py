@@ -38,7 +38,7 @@ from pathlib import Path
 
 from cluster.config import PoolSettings, load_config
 from loadtests.engine_driver import GLIMPSE_TOKENS, STEP, Driver, Engine, Load
-from loadtests.gpu_bench import parse_override, with_overrides
+from loadtests.gpu_bench.layouts import parse_override, with_overrides
 from loadtests.gpu_models import build_model, build_tokenizer
 
 MODELS = {"small": "qwen2.5-1.5b", "large": "qwen2.5-14b"}
@@ -104,7 +104,8 @@ def sweep_pool(model: str, overrides: dict) -> PoolSettings:
 
 
 def start_engine(model: str, pool: PoolSettings, models: Path) -> Engine:
-    from deployments.pool import engine_args, engine_env
+    from cluster.topology import engine_env
+    from deployments.pool import engine_args
 
     os.environ.update({**engine_env(pool), "VLLM_ENABLE_V1_MULTIPROCESSING": "0"})
     from vllm.engine.arg_utils import EngineArgs
