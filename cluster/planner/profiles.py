@@ -1,0 +1,294 @@
+"""Engine cost profiles: one vLLM engine's iteration time as a linear function of its batch, fitted by least
+squares from the pools' own counters in the committed GPU runs (``docs/gpu/**.json``) or from an engine sweep.
+
+    iteration ms = base + per_seq * decode sequences + per_prefill_token * prefill tokens
+                   + per_kilo_context * (context tokens of the decode sequences / 1000)
+
+A result level's engine block gives two points per pool: its decode-only iterations (decode sequences per
+iteration, no prefill) and its mixed ones (the same sequences plus the prefill tokens per mixed iteration), each
+at the context the request shape gives (prompt plus half the reasoning on average). An engine that shares its
+GPU runs ``shared_slowdown`` times slower while the other engine on it is busy; that factor is fitted from the
+shared layout's busy time per iteration. ``python -m cluster.planner.profiles fit`` writes
+``cluster/planner/profiles/*.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+from pydantic import BaseModel, Field
+
+from cluster.planner.runs import GPU_DOCS, RUNS, VERSIONS, facts_for, gpu_key
+
+PROFILE_DIR = Path(__file__).resolve().parent / "profiles"
+TERMS = ("base_ms", "per_seq_ms", "per_prefill_token_ms", "per_kilo_context_ms")
+SHAPES = {"small": "qwen2.5-1.5b", "large": "qwen2.5-14b"}  # the benchmark config's pools
+BENCH_REQUEST = {"prompt_tokens": 200, "step_tokens": 96, "final_tokens": 128}  # cluster/configs/gpu-bench.yaml
+
+
+class Coefficients(BaseModel):
+    base_ms: float = Field(description="Fixed cost of one iteration (weights read, launch, scheduler).")
+    per_seq_ms: float = Field(description="Cost of each decode sequence in the batch.")
+    per_prefill_token_ms: float = Field(description="Cost of each prompt token computed in the iteration.")
+    per_kilo_context_ms: float = Field(description="Cost of each 1000 context tokens the decode sequences attend to.")
+
+
+class Profile(BaseModel):
+    """One engine's cost for a model shape on a card with given engine settings."""
+
+    model: str = Field(description="Model shape, e.g. qwen2.5-14b.")
+    gpu: str = Field(description="The card, as nvidia-smi names it.")
+    graphs: str = Field("default", description="CUDA-graph mode: default (vLLM's) or FULL.")
+    coefficients: Coefficients
+    shared_slowdown: float | None = Field(None, description="Iteration time multiplier while another engine on the "
+                                          "same GPU is busy; None where no shared run was measured on this card.")
+    max_num_seqs: int = Field(256, description="Engine's max_num_seqs in the runs it was fitted from.")
+    max_num_batched_tokens: int = Field(8192, description="Chunked-prefill budget (vLLM's default on these cards).")
+    kv_cache_tokens: int = Field(description="KV cache capacity in tokens at the benchmark's kv_cache_gib.")
+    versions: dict[str, str] = Field(default_factory=lambda: dict(VERSIONS))
+    sources: list[str] = Field(default_factory=list, description="Result files the fit read.")
+    fit_points: int = 0
+    fit_rms_ms: float = 0.0
+    fit_worst_error: float = Field(0.0, description="Largest relative error of a fitted point.")
+
+    @property
+    def key(self) -> tuple[str, str, str]:
+        return (self.model, self.gpu, self.graphs)
+
+    def iteration_ms(self, decode_seqs: float, prefill_tokens: float, context_tokens: float) -> float:
+        """One iteration's time alone on its GPU."""
+        c = self.coefficients
+        return (c.base_ms + c.per_seq_ms * decode_seqs + c.per_prefill_token_ms * prefill_tokens
+                + c.per_kilo_context_ms * context_tokens / 1000)
+
+
+KV_BYTES_PER_TOKEN = {"qwen2.5-1.5b": 2 * 28 * 2 * 128 * 2, "qwen2.5-14b": 2 * 48 * 8 * 128 * 2,
+                      "qwen2.5-32b": 2 * 64 * 8 * 128 * 2}  # K and V, layers, KV heads, head dim, bf16
+KV_GIB = {"qwen2.5-1.5b": 16, "qwen2.5-14b": 40}  # the split layouts' kv_cache_gib (loadtests/gpu_bench.py)
+
+
+def nonnegative_lstsq(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """Least squares with every coefficient >= 0: refit without the columns that come out negative."""
+    keep = list(range(x.shape[1]))
+    while True:
+        coef = np.zeros(x.shape[1])
+        if keep:
+            coef[keep] = np.linalg.lstsq(x[:, keep], y, rcond=None)[0]
+        negative = [i for i in keep if coef[i] < 0]
+        if not negative:
+            return coef
+        keep.remove(min(negative, key=lambda i: coef[i]))
+
+
+def mean_context(steps: int, prompt_tokens: int = 200, step_tokens: int = 96) -> float:
+    """A decoding sequence's mean context over a request: the prompt and, on average, half its reasoning."""
+    return prompt_tokens + step_tokens * steps / 2
+
+
+def level_points(engine: dict, steps: int) -> list[tuple[float, float, float, float]]:
+    """(decode seqs, prefill tokens, context tokens, ms) of a level's decode and mixed busy iterations."""
+    by_phase = engine.get("ms_per_busy_iteration_by_phase")
+    if not by_phase or engine.get("decode_tokens_per_iteration") is None:
+        return []
+    seqs = engine["decode_tokens_per_iteration"]
+    context = seqs * mean_context(steps)
+    points = [(seqs, 0.0, context, by_phase["decode"])]
+    if by_phase.get("mixed") and engine.get("prefill_tokens_per_mixed_iteration"):
+        points.append((seqs, engine["prefill_tokens_per_mixed_iteration"], context, by_phase["mixed"]))
+    return points
+
+
+def result_files(docs: Path = GPU_DOCS, key: str = "levels") -> list[Path]:
+    """Result files with load levels (``key="levels"``) or single-stream rows (``key="rows"``)."""
+    return sorted(p for p in docs.glob("**/*.json") if key in json.loads(p.read_text()))
+
+
+def single_points(docs: Path = GPU_DOCS) -> dict[tuple[str, str, str], list[tuple]]:
+    """One sequence at a time: each pool's step time per token in the single-stream runs (``gpu_bench single``),
+    the iteration time at a batch of one (a step's uncached prefill is in it, a few percent)."""
+    points: dict[tuple[str, str, str], list[tuple]] = {}
+    for path in result_files(docs, "rows"):
+        result = json.loads(path.read_text())
+        facts = facts_for(path, result)
+        steps, tokens = result["steps"], BENCH_REQUEST["step_tokens"]
+        for row in result["rows"]:
+            large = row["large_steps"]
+            for role, seconds, count in (("small", row["small_steps_s"], row["steps"] - large),
+                                         ("large", row["large_steps_s"], large)):
+                if count:
+                    key = (SHAPES[role], facts.gpu, facts.small_graphs if role == "small" else "default")
+                    points.setdefault(key, []).append(
+                        (1.0, 0.0, mean_context(steps), seconds * 1e3 / (count * tokens), str(path)))
+    return points
+
+
+def alone_points(docs: Path = GPU_DOCS) -> dict[tuple[str, str, str], list[tuple]]:
+    """Fit points by (model, card, graphs) from the layouts where each engine has its GPU."""
+    points: dict[tuple[str, str, str], list[tuple]] = {}
+    for path in result_files(docs):
+        result = json.loads(path.read_text())
+        if result["layout"] not in ("routed-2gpu", "large-only-2gpu"):
+            continue
+        facts = facts_for(path, result)
+        for level in result["levels"]:
+            engines = level.get("engines")
+            if not isinstance(engines, dict):
+                continue
+            if facts.cold_first_level and level is result["levels"][0]:
+                continue  # the engines had just compiled: the sixth run measured that level slow
+            for role, engine in engines.items():
+                graphs = facts.small_graphs if role == "small" else "default"
+                for point in level_points(engine, result["steps"]):
+                    points.setdefault((SHAPES[role], facts.gpu, graphs), []).append((*point, str(path)))
+    return points
+
+
+def sweep_points(path: Path) -> dict[tuple[str, str, str, bool], list[tuple]]:
+    """Points of an engine sweep file: rows of model, shared, decode_seqs, prefill_tokens, context_tokens, iter_ms
+    (a list, or ``{"gpu": ..., "rows": [...]}``; the card from the file or its name)."""
+    data = json.loads(path.read_text())
+    rows = data["rows"] if isinstance(data, dict) else data
+    gpu = (data.get("gpu") if isinstance(data, dict) else None) or ("NVIDIA H100 80GB HBM3" if "h100" in path.name
+                                                                      else "NVIDIA H200")
+    points: dict[tuple, list[tuple]] = {}
+    for row in rows:
+        model = row["model"].lower().split("/")[-1]
+        key = (model, row.get("gpu", gpu), row.get("graphs", "FULL" if "1.5b" in model else "default"),
+               bool(row.get("shared")))
+        points.setdefault(key, []).append((row["decode_seqs"], row["prefill_tokens"], row["context_tokens"],
+                                           row["iter_ms"], str(path)))
+    return points
+
+
+RIDGE = (0.0, 10.0, 0.0, 10.0)  # pull per_seq and per_kilo_context toward 0 where the points cannot tell them from base
+
+
+def fit_coefficients(points: list[tuple]) -> tuple[Coefficients, float, float]:
+    """Coefficients, rms error (ms) and worst relative error of the nonnegative least-squares fit. The runs'
+    batches vary little (26-46 sequences), so a small ridge term keeps the per-sequence and context terms at
+    what the points show, not at whatever trades off against the base."""
+    x = np.array([[1.0, p[0], p[1], p[2] / 1000] for p in points])
+    y = np.array([p[3] for p in points])
+    coef = nonnegative_lstsq(np.vstack([x, np.diag(RIDGE)]), np.concatenate([y, np.zeros(len(RIDGE))]))
+    fitted = x @ coef
+    return (Coefficients(**dict(zip(TERMS, (round(float(c), 5) for c in coef)))),
+            float(np.sqrt(np.mean((fitted - y) ** 2))), float(np.max(np.abs(fitted - y) / y)))
+
+
+def fit_slowdowns(profiles: dict[tuple, Profile], docs: Path = GPU_DOCS) -> dict[tuple, list[float]]:
+    """Sharing factors from shared-layout levels with busy counters: measured busy ms per iteration against the
+    alone profile at that batch, the excess put on the share of time the other engine on the GPU was busy."""
+    factors: dict[tuple, list[float]] = {}
+    for path in result_files(docs):
+        result = json.loads(path.read_text())
+        if result["layout"] != "shared-2gpu" or result.get("mps"):
+            continue
+        facts = facts_for(path, result)
+        for level in result["levels"]:
+            engines = level.get("engines")
+            if not isinstance(engines, dict) or len(engines) < 2:
+                continue
+            if any(e.get("ms_per_busy_iteration") is None for e in engines.values()):
+                continue
+            for role, engine in engines.items():
+                other = engines["large" if role == "small" else "small"]
+                key = (SHAPES[role], facts.gpu, facts.small_graphs if role == "small" else "default")
+                if key not in profiles:
+                    continue
+                prefill = engine["prefill_tokens_per_s"] / engine["iterations_per_s"]
+                seqs = engine["decode_tokens_per_iteration"]
+                alone = profiles[key].iteration_ms(seqs, prefill, seqs * mean_context(result["steps"]))
+                excess = engine["ms_per_busy_iteration"] / alone - 1
+                factors.setdefault(key, []).append(1 + excess / max(other["busy_fraction"], 0.05))
+    return factors
+
+
+def fit_all(docs: Path = GPU_DOCS, sweeps: list[Path] = ()) -> list[Profile]:
+    """Every profile the committed runs (and any sweep files) support."""
+    points = alone_points(docs)
+    for key, pts in single_points(docs).items():
+        points.setdefault(key, []).extend(pts)
+    shared_sweep: dict[tuple, list[tuple]] = {}
+    for sweep in sweeps:
+        for (*key, shared), pts in sweep_points(sweep).items():
+            (shared_sweep if shared else points).setdefault(tuple(key), []).extend(pts)
+    profiles = {}
+    for key, pts in sorted(points.items()):
+        coef, rms, worst = fit_coefficients(pts)
+        model, gpu, graphs = key
+        kv = int(KV_GIB.get(model, 24) * 2**30 / KV_BYTES_PER_TOKEN[model])
+        profiles[key] = Profile(model=model, gpu=gpu, graphs=graphs, coefficients=coef, kv_cache_tokens=kv,
+                                sources=sorted({p[4] for p in pts}), fit_points=len(pts), fit_rms_ms=round(rms, 3),
+                                fit_worst_error=round(worst, 3))
+    for key, values in fit_slowdowns(profiles, docs).items():
+        profiles[key].shared_slowdown = round(float(np.mean(values)), 3)
+    for key, pts in shared_sweep.items():  # a sweep of two engines on one GPU: the mean ratio to the alone fit
+        if key in profiles:
+            ratios = [p[3] / profiles[key].iteration_ms(*p[:3]) for p in pts]
+            profiles[key].shared_slowdown = round(float(np.mean(ratios)), 3)
+    for profile in profiles.values():
+        profile.sources = [str(Path(s).resolve().relative_to(GPU_DOCS.parent.parent)) for s in profile.sources]
+    return list(profiles.values())
+
+
+def profile_name(profile: Profile) -> str:
+    return f"{gpu_key(profile.gpu)}-{profile.model}-{profile.graphs.lower()}.json"
+
+
+def write_profiles(profiles: list[Profile], folder: Path = PROFILE_DIR) -> list[Path]:
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for profile in profiles:
+        path = folder / profile_name(profile)
+        path.write_text(profile.model_dump_json(indent=1) + "\n")
+        paths.append(path)
+    return paths
+
+
+def load_profiles(folder: Path = PROFILE_DIR) -> dict[tuple[str, str, str], Profile]:
+    return {(p := Profile.model_validate_json(f.read_text())).key: p for f in sorted(folder.glob("*.json"))}
+
+
+def find_profile(profiles: dict, model: str, gpu: str, graphs: str = "default") -> Profile:
+    """The profile of (model, card, graphs); else the same model and card with other graphs; KeyError names what
+    exists."""
+    for key in ((model, gpu, graphs), *((m, g, gr) for m, g, gr in profiles if m == model and g == gpu)):
+        if key in profiles:
+            return profiles[key]
+    raise KeyError(f"no profile for {model} on {gpu}; have: " + ", ".join(f"{m} on {g} ({gr})" for m, g, gr in profiles))
+
+
+def sharing_slowdown(profiles: dict, profile: Profile) -> float:
+    """The profile's sharing factor, else the mean of the same model's on other cards (measured on H200 only)."""
+    if profile.shared_slowdown is not None:
+        return profile.shared_slowdown
+    others = [p.shared_slowdown for p in profiles.values() if p.model == profile.model and p.shared_slowdown]
+    return float(np.mean(others)) if others else 1.0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m cluster.planner.profiles", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("fit", help="fit the profiles from docs/gpu/**.json (and sweep files) and write them")
+    p.add_argument("--docs", type=Path, default=GPU_DOCS)
+    p.add_argument("--sweep", type=Path, action="append", default=[], help="engine sweep JSON (rows of model, shared, "
+                   "decode_seqs, prefill_tokens, context_tokens, iter_ms)")
+    p.add_argument("--out", type=Path, default=PROFILE_DIR)
+    args = parser.parse_args(argv)
+    known = set(RUNS)
+    profiles = fit_all(args.docs, args.sweep)
+    for path, profile in zip(write_profiles(profiles, args.out), profiles):
+        c = profile.coefficients
+        print(f"{path.name}: {c.base_ms:.3f} ms + {c.per_seq_ms:.4f}/seq + {c.per_prefill_token_ms:.5f}/prefill token "
+              f"+ {c.per_kilo_context_ms:.4f}/1k context; shared x{profile.shared_slowdown}; {profile.fit_points} "
+              f"points, rms {profile.fit_rms_ms} ms, worst {profile.fit_worst_error:.1%}")
+    print(f"run folders known: {len(known)}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
