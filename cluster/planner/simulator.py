@@ -19,7 +19,13 @@ from dataclasses import dataclass, field
 
 from cluster.planner.engine import Engine, EngineRequest
 from cluster.planner.overheads import load_overheads
-from cluster.planner.profiles import (KV_BYTES_PER_TOKEN, SHAPES, find_profile, load_profiles, sharing_slowdown)
+from cluster.planner.profiles import (
+    KV_BYTES_PER_TOKEN,
+    SHAPES,
+    find_profile,
+    load_profiles,
+    sharing_slowdown,
+)
 from cluster.planner.system import Layout, Overheads, RequestShape, kv_gib
 
 
@@ -80,6 +86,7 @@ class Simulator:
             for engine in on_gpu:
                 engine.mates = [e for e in on_gpu if e is not engine]
         self.latencies: list[tuple[float, float]] = []  # (start, end)
+        self.call_seconds = {"small": 0.0, "large": 0.0}  # calls' time open at a replica, summed
 
     # event core
     def at(self, when: float, fn, *args) -> None:
@@ -131,6 +138,7 @@ class Simulator:
         cost = self.overheads.for_call("glimpse" if call.kind == "glimpse" else call.pool)
         outside = cost.ms(self.open_calls[id(engine)]) / 1e3
         self.open_calls[id(engine)] += 1
+        self.call_seconds[engine.role] -= self.now
         self.at(self.now + outside / 2, self._submit, flight, engine, call, outside / 2)
 
     def _submit(self, flight: Flight, engine: Engine, call: Call, back_s: float) -> None:
@@ -138,6 +146,7 @@ class Simulator:
 
         def returned(now: float) -> None:
             self.open_calls[id(engine)] -= 1
+            self.call_seconds[engine.role] += now
             self.at(now + back_s + self.overheads.per_step_ms / 1e3 * (call.kind != "glimpse"), self._advance, flight)
 
         def step_done(now: float) -> None:
@@ -211,10 +220,12 @@ class Simulator:
                 "ms_per_busy_iteration": sum(x["busy_s"] for x in sums) * 1e3 / iterations if iterations else 0.0,
                 "decode_tokens_per_iteration": sum(e.decode_tokens for e in engines) / iterations if iterations else 0.0,
                 "cache_hit": sum(x["cached_tokens"] for x in sums) / prompt if prompt else 0.0,
+                "open_calls_mean": self.call_seconds[role] / (self.now * len(engines)) if self.now else 0.0,
             }
         return Result(throughput_rps=done / span if span else 0.0, steady_rps=steady,
                       p50_s=percentile(latency, 0.5), p95_s=percentile(latency, 0.95), requests=len(kept),
-                      pools=pools, simulated_s=self.now, unfinished=(arrivals or 0) - len(self.latencies))
+                      pools=pools, simulated_s=self.now, unfinished=arrivals - len(self.latencies) if arrivals else 0,
+                      latencies=latency)
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -234,9 +245,14 @@ class Result:
     pools: dict
     simulated_s: float
     unfinished: int = 0
+    latencies: list = field(default_factory=list, repr=False)  # sorted seconds of the requests counted
+
+    def within(self, bound_s: float) -> float:
+        """Share of the counted requests that took at most ``bound_s``."""
+        return sum(x <= bound_s for x in self.latencies) / len(self.latencies) if self.latencies else 0.0
 
     def as_dict(self) -> dict:
-        return {k: v for k, v in self.__dict__.items()}
+        return {k: v for k, v in self.__dict__.items() if k != "latencies"}
 
 
 def simulate(layout: Layout, shape: RequestShape, *, in_flight: int | None = None, requests: int | None = None,

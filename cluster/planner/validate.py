@@ -122,8 +122,8 @@ def _busy(row: Row, role: str) -> str:
 
 def table(rows: list[Row]) -> str:
     """The markdown table and its closing line of worst errors."""
-    lines = ["| run | file | card | steps | arm | in flight | req/s pred / meas | err | p50 s pred / meas | err "
-             "| p95 s pred / meas | err | busy small pred / meas | busy large pred / meas | note |",
+    lines = [("| run | file | card | steps | arm | in flight | req/s pred / meas | err | p50 s pred / meas | err "
+             "| p95 s pred / meas | err | busy small pred / meas | busy large pred / meas | note |"),
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         card = "H100" if r.gpu == H100 else "H200"
