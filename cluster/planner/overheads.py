@@ -25,10 +25,10 @@ def relative(path: Path) -> str:
     return str(path.resolve().relative_to(GPU_DOCS.parent.parent))
 
 
-def overhead_points(docs: Path = GPU_DOCS) -> dict[str, list[tuple[float, float, str]]]:
+def overhead_points(docs: Path = GPU_DOCS, exclude: frozenset[str] = frozenset()) -> dict[str, list[tuple[float, float, str]]]:
     """(calls open at the replica, ms outside the engine, file) by call kind."""
     points: dict[str, list] = {kind: [(1.0, ms, "docs/benchmarks.md")] for kind, ms in ONE_OPEN.items()}
-    for path in result_files(docs):
+    for path in result_files(docs, exclude=exclude):
         result = json.loads(path.read_text())
         facts_for(path, result)
         steps = result["steps"]
@@ -53,9 +53,9 @@ def overhead_points(docs: Path = GPU_DOCS) -> dict[str, list[tuple[float, float,
     return points
 
 
-def fit_overheads(docs: Path = GPU_DOCS) -> dict:
+def fit_overheads(docs: Path = GPU_DOCS, exclude: frozenset[str] = frozenset()) -> dict:
     fitted = {}
-    for kind, pts in overhead_points(docs).items():
+    for kind, pts in overhead_points(docs, exclude).items():
         x = np.array([[1.0, p[0]] for p in pts])
         y = np.array([p[1] for p in pts])
         base, per_open = nonnegative_lstsq(x, y)
@@ -73,10 +73,11 @@ def write_overheads(path: Path = OVERHEADS_FILE, docs: Path = GPU_DOCS) -> dict:
     return data
 
 
-def load_overheads(path: Path = OVERHEADS_FILE) -> Overheads:
-    """The fitted overheads (the defaults of ``Overheads`` where no file was written)."""
-    if not path.exists():
-        return Overheads()
-    data = json.loads(path.read_text())
+def as_overheads(data: dict) -> Overheads:
     cost = {kind: CallCost(data[kind]["base_ms"], data[kind]["per_open_ms"]) for kind in ONE_OPEN}
     return Overheads(glimpse=cost["glimpse"], small_step=cost["small"], large_step=cost["large"])
+
+
+def load_overheads(path: Path = OVERHEADS_FILE) -> Overheads:
+    """The fitted overheads (the defaults of ``Overheads`` where no file was written)."""
+    return as_overheads(json.loads(path.read_text())) if path.exists() else Overheads()

@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 from pydantic import BaseModel, Field
 
-from cluster.planner.runs import GPU_DOCS, RUNS, VERSIONS, facts_for, gpu_key
+from cluster.planner.runs import GPU_DOCS, RUNS, VERSIONS, facts_for, gpu_key, run_folder
 
 PROFILE_DIR = Path(__file__).resolve().parent / "profiles"
 TERMS = ("base_ms", "per_seq_ms", "per_prefill_token_ms", "per_kilo_context_ms")
@@ -102,16 +102,18 @@ def level_points(engine: dict, steps: int) -> list[tuple[float, float, float, fl
     return points
 
 
-def result_files(docs: Path = GPU_DOCS, key: str = "levels") -> list[Path]:
-    """Result files with load levels (``key="levels"``) or single-stream rows (``key="rows"``)."""
-    return sorted(p for p in docs.glob("**/*.json") if key in json.loads(p.read_text()))
+def result_files(docs: Path = GPU_DOCS, key: str = "levels", exclude: frozenset[str] = frozenset()) -> list[Path]:
+    """Result files with load levels (``key="levels"``) or single-stream rows (``key="rows"``), but those of the run
+    folders in ``exclude`` (a held-out check)."""
+    return sorted(p for p in docs.glob("**/*.json") if key in json.loads(p.read_text())
+                  and not (exclude and run_folder(p) in exclude))
 
 
-def single_points(docs: Path = GPU_DOCS) -> dict[tuple[str, str, str], list[tuple]]:
+def single_points(docs: Path = GPU_DOCS, exclude: frozenset[str] = frozenset()) -> dict[tuple[str, str, str], list[tuple]]:
     """One sequence at a time: each pool's step time per token in the single-stream runs (``gpu_bench single``),
     the iteration time at a batch of one (a step's uncached prefill is in it, a few percent)."""
     points: dict[tuple[str, str, str], list[tuple]] = {}
-    for path in result_files(docs, "rows"):
+    for path in result_files(docs, "rows", exclude):
         result = json.loads(path.read_text())
         facts = facts_for(path, result)
         steps, tokens = result["steps"], BENCH_REQUEST["step_tokens"]
@@ -126,10 +128,10 @@ def single_points(docs: Path = GPU_DOCS) -> dict[tuple[str, str, str], list[tupl
     return points
 
 
-def alone_points(docs: Path = GPU_DOCS) -> dict[tuple[str, str, str], list[tuple]]:
+def alone_points(docs: Path = GPU_DOCS, exclude: frozenset[str] = frozenset()) -> dict[tuple[str, str, str], list[tuple]]:
     """Fit points by (model, card, graphs) from the layouts where each engine has its GPU."""
     points: dict[tuple[str, str, str], list[tuple]] = {}
-    for path in result_files(docs):
+    for path in result_files(docs, exclude=exclude):
         result = json.loads(path.read_text())
         if result["layout"] not in ("routed-2gpu", "large-only-2gpu"):
             continue
@@ -179,11 +181,11 @@ def fit_coefficients(points: list[tuple]) -> tuple[Coefficients, float, float]:
             float(np.sqrt(np.mean((fitted - y) ** 2))), float(np.max(np.abs(fitted - y) / y)))
 
 
-def fit_slowdowns(profiles: dict[tuple, Profile], docs: Path = GPU_DOCS) -> dict[tuple, list[float]]:
+def fit_slowdowns(profiles: dict[tuple, Profile], docs: Path = GPU_DOCS, exclude: frozenset[str] = frozenset()) -> dict[tuple, list[float]]:
     """Sharing factors from shared-layout levels with busy counters: measured busy ms per iteration against the
     alone profile at that batch, the excess put on the share of time the other engine on the GPU was busy."""
     factors: dict[tuple, list[float]] = {}
-    for path in result_files(docs):
+    for path in result_files(docs, exclude=exclude):
         result = json.loads(path.read_text())
         if result["layout"] != "shared-2gpu" or result.get("mps"):
             continue
@@ -207,10 +209,10 @@ def fit_slowdowns(profiles: dict[tuple, Profile], docs: Path = GPU_DOCS) -> dict
     return factors
 
 
-def fit_all(docs: Path = GPU_DOCS, sweeps: list[Path] = ()) -> list[Profile]:
-    """Every profile the committed runs (and any sweep files) support."""
-    points = alone_points(docs)
-    for key, pts in single_points(docs).items():
+def fit_all(docs: Path = GPU_DOCS, sweeps: list[Path] = (), exclude: frozenset[str] = frozenset()) -> list[Profile]:
+    """Every profile the committed runs (and any sweep files) support, leaving out the run folders in ``exclude``."""
+    points = alone_points(docs, exclude)
+    for key, pts in single_points(docs, exclude).items():
         points.setdefault(key, []).extend(pts)
     shared_sweep: dict[tuple, list[tuple]] = {}
     for sweep in sweeps:
@@ -224,14 +226,16 @@ def fit_all(docs: Path = GPU_DOCS, sweeps: list[Path] = ()) -> list[Profile]:
         profiles[key] = Profile(model=model, gpu=gpu, graphs=graphs, coefficients=coef, kv_cache_tokens=kv,
                                 sources=sorted({p[4] for p in pts}), fit_points=len(pts), fit_rms_ms=round(rms, 3),
                                 fit_worst_error=round(worst, 3))
-    for key, values in fit_slowdowns(profiles, docs).items():
+    for key, values in fit_slowdowns(profiles, docs, exclude).items():
         profiles[key].shared_slowdown = round(float(np.mean(values)), 3)
     for key, pts in shared_sweep.items():  # a sweep of two engines on one GPU: the mean ratio to the alone fit
         if key in profiles:
             ratios = [p[3] / profiles[key].iteration_ms(*p[:3]) for p in pts]
             profiles[key].shared_slowdown = round(float(np.mean(ratios)), 3)
+    root = GPU_DOCS.parent.parent
     for profile in profiles.values():
-        profile.sources = [str(Path(s).resolve().relative_to(GPU_DOCS.parent.parent)) for s in profile.sources]
+        profile.sources = [str(Path(s).resolve().relative_to(root)) if Path(s).resolve().is_relative_to(root) else s
+                           for s in profile.sources]
     return list(profiles.values())
 
 

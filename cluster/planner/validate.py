@@ -15,6 +15,8 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from cluster.planner.overheads import as_overheads, fit_overheads
+from cluster.planner.profiles import fit_all
 from cluster.planner.runs import GPU_DOCS, H100, facts_for, run_folder
 from cluster.planner.simulator import Hardware, simulate
 from cluster.planner.system import NAMED, Layout, RequestShape, Routing
@@ -57,7 +59,7 @@ def notes(facts, result: dict, level: dict | None, first: bool) -> str:
     return "; ".join(out)
 
 
-def level_rows(path: Path, seed: int = 0) -> list[Row]:
+def level_rows(path: Path, seed: int = 0, profiles: dict | None = None, overheads=None) -> list[Row]:
     result = json.loads(path.read_text())
     facts = facts_for(path, result)
     layout = Layout(NAMED[result["layout"]], result["layout"])
@@ -70,7 +72,8 @@ def level_rows(path: Path, seed: int = 0) -> list[Row]:
                 continue
             arm = "large" if policy == "large_only" else "stream"
             shape = RequestShape(steps=result["steps"], arm=arm, routing=Routing(0.25, facts.phase))
-            sim = simulate(layout, shape, in_flight=1, requests=len(times), hardware=hardware, seed=seed)
+            sim = simulate(layout, shape, in_flight=1, requests=len(times), hardware=hardware, seed=seed,
+                           profiles=profiles, overheads=overheads)
             measured = {"throughput_rps": len(times) / sum(times), "p50_s": statistics.median(times),
                         "p95_s": max(times)}
             rows.append(Row(run_folder(path), path.name, result["layout"], facts.gpu, result["steps"], arm, 1,
@@ -83,7 +86,7 @@ def level_rows(path: Path, seed: int = 0) -> list[Row]:
         placement = facts.phase if arm != "random" else "random"
         shape = RequestShape(steps=result["steps"], arm=arm, routing=Routing(level["large_fraction"], placement))
         sim = simulate(layout, shape, in_flight=level["concurrency"], requests=level["requests"], hardware=hardware,
-                       seed=seed)
+                       seed=seed, profiles=profiles, overheads=overheads)
         engines = level.get("engines")
         busy = {role: e.get("busy_fraction") for role, e in engines.items()} if isinstance(engines, dict) else {}
         measured = {"throughput_rps": level["throughput_rps"], "p50_s": level["p50_s"], "p95_s": level["p95_s"],
@@ -99,13 +102,47 @@ def predicted(sim) -> dict:
             **{f"busy_{role}": pool["busy_fraction"] for role, pool in sim.pools.items()}}
 
 
+def measured_files(docs: Path = GPU_DOCS) -> list[Path]:
+    return [p for p in sorted(docs.glob("**/*.json")) if {"levels", "rows"} & set(json.loads(p.read_text()))]
+
+
 def all_rows(docs: Path = GPU_DOCS) -> list[Row]:
-    rows = []
-    for path in sorted(docs.glob("**/*.json")):
-        data = json.loads(path.read_text())
-        if "levels" in data or "rows" in data:
-            rows += level_rows(path)
-    return rows
+    return [row for path in measured_files(docs) for row in level_rows(path)]
+
+
+def held_out_rows(docs: Path = GPU_DOCS) -> dict[str, list[Row] | str]:
+    """Each run folder's rows predicted from profiles and overheads fitted without that folder (a leave-one-run-out
+    check of the fit); a folder whose card has no profile left gets the reason instead."""
+    out: dict[str, list[Row] | str] = {}
+    by_folder: dict[str, list[Path]] = {}
+    for path in measured_files(docs):
+        by_folder.setdefault(run_folder(path), []).append(path)
+    for folder, paths in by_folder.items():
+        left = frozenset({folder})
+        profiles = {p.key: p for p in fit_all(docs, exclude=left)}
+        overheads = as_overheads(fit_overheads(docs, left))
+        try:
+            out[folder] = [row for path in paths for row in level_rows(path, profiles=profiles, overheads=overheads)]
+        except KeyError as exc:
+            out[folder] = f"no profile without this run ({exc.args[0].split(';')[0]})"
+    return out
+
+
+def held_out_table(rows: list[Row], held: dict[str, list[Row] | str]) -> str:
+    """Per run folder: median and worst |error| of throughput and p95, fitted on all runs against held out."""
+    def stats(subset: list[Row], key: str) -> str:
+        errors = [abs(r.error(key)) for r in subset]
+        return f"{statistics.median(errors):.0%} / {max(errors):.0%}"
+    lines = ["| run | rows | throughput, all runs fitted: median / worst | held out | p95, all runs fitted | held out |",
+             "|---|---|---|---|---|---|"]
+    for folder in held:
+        mine = [r for r in rows if r.run == folder]
+        other = held[folder]
+        out_thr = stats(other, "throughput_rps") if isinstance(other, list) else other
+        out_p95 = stats(other, "p95_s") if isinstance(other, list) else "-"
+        lines.append(f"| {folder} | {len(mine)} | {stats(mine, 'throughput_rps')} | {out_thr} | {stats(mine, 'p95_s')} "
+                     f"| {out_p95} |")
+    return "\n".join(lines)
 
 
 def _pct(x: float | None) -> str:
@@ -168,7 +205,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--write", type=Path, help="replace the doc's table with the recomputed one")
     args = parser.parse_args(argv)
     rows = all_rows()
-    text = table(rows)
+    text = table(rows) + "\n\n" + summary(rows) + "\n\nLeft out of the fit, one run folder at a time:\n\n" + \
+        held_out_table(rows, held_out_rows())
     if args.write:
         doc = args.write.read_text()
         head, rest = doc.split(BEGIN, 1)
@@ -179,7 +217,6 @@ def main(argv: list[str] | None = None) -> int:
         return 0 if same else 1
     if not args.write:
         print(text)
-        print(summary(rows))
     return 0
 
 
