@@ -41,8 +41,10 @@ def load_calibration(path: Path) -> tuple[list[float], list[float]]:
     except OSError as exc:
         raise ValueError(f"cannot read calibration {path}: {exc.strerror}") from exc
     except (json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
-        raise ValueError(f"calibration {path}: expected JSON {{\"taus\": [...], \"large_fraction\": [...]}} "
-                         f"of numbers ({type(exc).__name__}: {exc})") from exc
+        raise ValueError(
+            f'calibration {path}: expected JSON {{"taus": [...], "large_fraction": [...]}} '
+            f"of numbers ({type(exc).__name__}: {exc})"
+        ) from exc
     if len(taus) != len(fractions) or len(taus) < 2:
         raise ValueError(f"calibration {path}: 'taus' and 'large_fraction' need the same length, at least 2")
     if any(b <= a for a, b in itertools.pairwise(taus)):
@@ -55,9 +57,14 @@ def load_calibration(path: Path) -> tuple[list[float], list[float]]:
 def _shape(args, fraction: float):
     from cluster.planner.system import RequestShape, Routing
 
-    return RequestShape(prompt_tokens=args.prompt_tokens, steps=int(args.steps), step_tokens=int(args.step_tokens),
-                        final_tokens=int(args.final_tokens), arm=getattr(args, "arm", "stream"),
-                        routing=Routing(fraction, args.placement))
+    return RequestShape(
+        prompt_tokens=args.prompt_tokens,
+        steps=int(args.steps),
+        step_tokens=int(args.step_tokens),
+        final_tokens=int(args.final_tokens),
+        arm=getattr(args, "arm", "stream"),
+        routing=Routing(fraction, args.placement),
+    )
 
 
 def _fraction(args) -> float:
@@ -85,8 +92,16 @@ def cmd_plan(args: argparse.Namespace) -> int:
     target = search.Target(args.p95, args.goodput, args.bound)
     closed = args.in_flight is not None
     load = args.in_flight if closed else args.rate
-    result = search.plan(_shape(args, fraction), load, target, closed=closed, hardware=hardware,
-                         max_cell_gpus=args.max_cell_gpus, max_gpus=args.max_gpus, duration_s=args.duration)
+    result = search.plan(
+        _shape(args, fraction),
+        load,
+        target,
+        closed=closed,
+        hardware=hardware,
+        max_cell_gpus=args.max_cell_gpus,
+        max_gpus=args.max_gpus,
+        duration_s=args.duration,
+    )
     if args.json:
         print(json.dumps({"large_fraction": fraction, "tau": args.tau, **report.plan_dict(result)}, indent=2))
     else:
@@ -98,8 +113,11 @@ def cmd_plan(args: argparse.Namespace) -> int:
         for role, t in search.autoscaling_targets(result.best).items():
             bound = getattr(cfg.pools, role).autoscaling.max_replicas
             if t["replicas"] > bound:
-                print(f"warning: the {role} pool needs {t['replicas']} replicas, above "
-                      f"pools.{role}.autoscaling.max_replicas = {bound}", file=sys.stderr)
+                print(
+                    f"warning: the {role} pool needs {t['replicas']} replicas, above "
+                    f"pools.{role}.autoscaling.max_replicas = {bound}",
+                    file=sys.stderr,
+                )
     if args.plot:
         report.plot(result, _shape(args, fraction), hardware, args.plot)
         print(f"wrote {args.plot}", file=sys.stderr)
@@ -126,7 +144,9 @@ def cmd_predict(args: argparse.Namespace) -> int:
     hardware = Hardware(gpu=GPUS[args.gpu], small_graphs=args.small_graphs)
     if args.in_flight is not None:
         n = int(args.in_flight)
-        result = simulate(layout, shape, in_flight=n, requests=args.requests or 2 * n, hardware=hardware, seed=args.seed)
+        result = simulate(
+            layout, shape, in_flight=n, requests=args.requests or 2 * n, hardware=hardware, seed=args.seed
+        )
         load = f"closed loop, {n} in flight, {result.requests} requests"
     else:
         result = simulate(layout, shape, rate=args.rate, duration_s=args.duration, hardware=hardware, seed=args.seed)
@@ -140,6 +160,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 def _number(low: float, *, above: bool = False, high: float = math.inf):
     """An argparse type: a float >= ``low`` (> with ``above``) and <= ``high``."""
+
     def parse(text: str) -> float:
         try:
             value = float(text)
@@ -161,32 +182,47 @@ def _request_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--steps", type=positive, required=True, help="reasoning steps per request")
     p.add_argument("--step-tokens", type=positive, default=96, help="tokens per step (default: %(default)s)")
     p.add_argument("--prompt-tokens", type=int, default=200, help="prompt tokens (default: %(default)s)")
-    p.add_argument("--final-tokens", type=nonnegative, default=128, help="answer tokens, large pool (default: %(default)s)")
+    p.add_argument(
+        "--final-tokens", type=nonnegative, default=128, help="answer tokens, large pool (default: %(default)s)"
+    )
     share = p.add_mutually_exclusive_group(required=True)
     share.add_argument("--large-fraction", type=_number(0, high=1), help="fraction F of steps the large pool writes")
     share.add_argument("--tau", type=nonnegative, help="entropy threshold; F read from --calibration")
     p.add_argument("--calibration", type=Path, help="JSON {taus, large_fraction} from `cluster calibrate --out`")
-    p.add_argument("--placement", choices=("per_request", "aligned", "random"), default="per_request",
-                   help="which steps go large: evenly spaced at each request's phase (default), at one phase for all, "
-                        "or at random")
-    p.add_argument("--gpu", choices=sorted(GPUS), default="h200", help="card the profiles are for (default: %(default)s)")
-    p.add_argument("--small-graphs", choices=("FULL", "default"), default="FULL",
-                   help="the small engine's CUDA-graph mode (default: %(default)s, the benchmark's)")
+    p.add_argument(
+        "--placement",
+        choices=("per_request", "aligned", "random"),
+        default="per_request",
+        help="which steps go large: evenly spaced at each request's phase (default), at one phase for all, "
+        "or at random",
+    )
+    p.add_argument(
+        "--gpu", choices=sorted(GPUS), default="h200", help="card the profiles are for (default: %(default)s)"
+    )
+    p.add_argument(
+        "--small-graphs",
+        choices=("FULL", "default"),
+        default="FULL",
+        help="the small engine's CUDA-graph mode (default: %(default)s, the benchmark's)",
+    )
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add the ``plan`` command to a CLI; its ``func(args)`` returns the exit code."""
     positive = _number(0, above=True)
-    p = subparsers.add_parser("plan", help="cheapest replica mix and layout for a load and a p95 target",
-                              description=__doc__.splitlines()[0])
+    p = subparsers.add_parser(
+        "plan", help="cheapest replica mix and layout for a load and a p95 target", description=__doc__.splitlines()[0]
+    )
     _request_flags(p)
     p.add_argument("--p95", type=positive, required=True, help="p95 latency target, seconds")
     p.add_argument("--goodput", type=_number(0, above=True, high=1), help="also this share of requests within --bound")
     p.add_argument("--bound", type=positive, help="latency bound of --goodput, seconds")
     p.add_argument("--max-cell-gpus", type=int, default=2, help="largest cell searched, GPUs (default: %(default)s)")
     p.add_argument("--max-gpus", type=int, help="most GPUs the plan may use")
-    p.add_argument("--duration", type=positive, default=180.0, help="simulated seconds per trial (default: %(default)s)")
+    p.add_argument(
+        "--duration", type=positive, default=180.0, help="simulated seconds per trial (default: %(default)s)"
+    )
     p.add_argument("--config", help="config file or shipped name: warn where a pool needs more than its max_replicas")
     p.add_argument("--plot", type=Path, metavar="PATH.png", help="plot predicted p95 against load per GPU")
     p.set_defaults(func=cmd_plan)
@@ -194,14 +230,27 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def register_predict(subparsers: argparse._SubParsersAction) -> None:
     """Add the ``predict`` command: the simulator's prediction for one layout, request shape and load."""
-    p = subparsers.add_parser("predict", help="predicted throughput and latency of a layout at a load",
-                              description="The simulator's prediction (docs/planning.md) for one layout and load.")
-    p.add_argument("--layout", required=True, help="a benchmark layout (routed-2gpu, shared-2gpu, ...) or a spec: GPUs "
-                   "separated by commas, each [Kx]ROLE[+ROLE] with s and l, e.g. s,l or 2xs+l or s+s,3xl")
+    p = subparsers.add_parser(
+        "predict",
+        help="predicted throughput and latency of a layout at a load",
+        description="The simulator's prediction (docs/planning.md) for one layout and load.",
+    )
+    p.add_argument(
+        "--layout",
+        required=True,
+        help="a benchmark layout (routed-2gpu, shared-2gpu, ...) or a spec: GPUs "
+        "separated by commas, each [Kx]ROLE[+ROLE] with s and l, e.g. s,l or 2xs+l or s+s,3xl",
+    )
     _request_flags(p)
-    p.add_argument("--arm", choices=("stream", "fused", "instep", "random", "large"), default="stream",
-                   help="client arm of gpu_bench (large: policy large_only)")
+    p.add_argument(
+        "--arm",
+        choices=("stream", "fused", "instep", "random", "large"),
+        default="stream",
+        help="client arm of gpu_bench (large: policy large_only)",
+    )
     p.add_argument("--requests", type=int, help="closed loop: requests in all (default: two per slot)")
-    p.add_argument("--duration", type=_number(0, above=True), default=600.0, help="open loop: seconds (default: %(default)s)")
+    p.add_argument(
+        "--duration", type=_number(0, above=True), default=600.0, help="open loop: seconds (default: %(default)s)"
+    )
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_predict)

@@ -57,15 +57,30 @@ def test_plan_json_meets_its_target(capsys):
 
 
 def test_plan_in_flight_and_tau(capsys, calibration):
-    argv = ["plan", "--in-flight", "8", *SHAPE, "--p95", "20", "--max-cell-gpus", "1", "--tau", "1.5",
-            "--calibration", str(calibration), "--json"]
+    argv = [
+        "plan",
+        "--in-flight",
+        "8",
+        *SHAPE,
+        "--p95",
+        "20",
+        "--max-cell-gpus",
+        "1",
+        "--tau",
+        "1.5",
+        "--calibration",
+        str(calibration),
+        "--json",
+    ]
     assert main(argv) == 0
     result = json.loads(capsys.readouterr().out)
     assert result["large_fraction"] == pytest.approx(0.2) and result["unit"] == "in flight"
 
 
 def test_plan_unreachable_target_exits_1(capsys):
-    assert main([*PLAN[:-4], "--p95", "0.01", "--max-cell-gpus", "1", "--duration", "30", "--large-fraction", "0.25"]) == 1
+    assert (
+        main([*PLAN[:-4], "--p95", "0.01", "--max-cell-gpus", "1", "--duration", "30", "--large-fraction", "0.25"]) == 1
+    )
     assert "no cell meets the target" in capsys.readouterr().out
 
 
@@ -89,28 +104,34 @@ def test_predict_large_only_layout_runs_the_large_policy(capsys):
     assert set(json.loads(capsys.readouterr().out)["pools"]) == {"large"}
 
 
-@pytest.mark.parametrize(("args", "message"), [
-    ([*PLAN[:2], "-1", *PLAN[3:], "--large-fraction", "0.2"], "argument --rate: must be > 0"),
-    ([*PLAN, "--large-fraction", "1.5"], "argument --large-fraction: must be >= 0 and <= 1"),
-    ([*PLAN, "--tau", "1.0"], "--tau needs --calibration"),
-    ([*PLAN, "--large-fraction", "0.2", "--tau", "1.0"], "not allowed with argument"),
-    ([*PLAN, "--large-fraction", "0.2", "--goodput", "0.9"], "--goodput and --bound go together"),
-    ([*PREDICT[:2], "s+x", *SHAPE, "--large-fraction", "0.2", "--rate", "1"], "roles are s (small)"),
-    ([*PREDICT[:2], "2xs", *SHAPE, "--large-fraction", "0.2", "--rate", "1"], "no large replica"),
-])
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        ([*PLAN[:2], "-1", *PLAN[3:], "--large-fraction", "0.2"], "argument --rate: must be > 0"),
+        ([*PLAN, "--large-fraction", "1.5"], "argument --large-fraction: must be >= 0 and <= 1"),
+        ([*PLAN, "--tau", "1.0"], "--tau needs --calibration"),
+        ([*PLAN, "--large-fraction", "0.2", "--tau", "1.0"], "not allowed with argument"),
+        ([*PLAN, "--large-fraction", "0.2", "--goodput", "0.9"], "--goodput and --bound go together"),
+        ([*PREDICT[:2], "s+x", *SHAPE, "--large-fraction", "0.2", "--rate", "1"], "roles are s (small)"),
+        ([*PREDICT[:2], "2xs", *SHAPE, "--large-fraction", "0.2", "--rate", "1"], "no large replica"),
+    ],
+)
 def test_cli_bad_input(capsys, args, message):
     assert run(args) == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
 
 
-@pytest.mark.parametrize(("content", "message"), [
-    ("not json", "expected JSON"),
-    ('{"taus": [1, 2]}', "expected JSON"),
-    ('{"taus": [2, 1], "large_fraction": [0.3, 0.2]}', "strictly increasing"),
-    ('{"taus": [1], "large_fraction": [0.3]}', "at least 2"),
-    ('{"taus": [1, 2], "large_fraction": [0.3, 1.2]}', "[0, 1]"),
-])
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        ("not json", "expected JSON"),
+        ('{"taus": [1, 2]}', "expected JSON"),
+        ('{"taus": [2, 1], "large_fraction": [0.3, 0.2]}', "strictly increasing"),
+        ('{"taus": [1], "large_fraction": [0.3]}', "at least 2"),
+        ('{"taus": [1, 2], "large_fraction": [0.3, 1.2]}', "[0, 1]"),
+    ],
+)
 def test_cli_bad_calibration(tmp_path, capsys, content, message):
     path = tmp_path / "calibration.json"
     path.write_text(content)

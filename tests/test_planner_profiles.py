@@ -18,10 +18,22 @@ def synthetic(n: int = 40, noise: float = 0.0, seed: int = 0) -> list[dict]:
     for _ in range(n):
         seqs, prefill = rng.randint(1, 128), rng.choice([0, 0, rng.randint(16, 2048)])
         context = seqs * rng.randint(200, 4000)
-        ms = (TRUE["base_ms"] + TRUE["per_seq_ms"] * seqs + TRUE["per_prefill_token_ms"] * prefill
-              + TRUE["per_kilo_context_ms"] * context / 1000)
-        rows.append({"model": "qwen2.5-14b", "shared": False, "decode_seqs": seqs, "prefill_tokens": prefill,
-                     "context_tokens": context, "iter_ms": ms * (1 + rng.gauss(0, noise))})
+        ms = (
+            TRUE["base_ms"]
+            + TRUE["per_seq_ms"] * seqs
+            + TRUE["per_prefill_token_ms"] * prefill
+            + TRUE["per_kilo_context_ms"] * context / 1000
+        )
+        rows.append(
+            {
+                "model": "qwen2.5-14b",
+                "shared": False,
+                "decode_seqs": seqs,
+                "prefill_tokens": prefill,
+                "context_tokens": context,
+                "iter_ms": ms * (1 + rng.gauss(0, noise)),
+            }
+        )
     return rows
 
 
@@ -34,8 +46,10 @@ def test_fit_recovers_a_synthetic_profile():
 
 
 def test_fit_with_noise_stays_close():
-    points = [(r["decode_seqs"], r["prefill_tokens"], r["context_tokens"], r["iter_ms"], "x")
-              for r in synthetic(200, noise=0.03)]
+    points = [
+        (r["decode_seqs"], r["prefill_tokens"], r["context_tokens"], r["iter_ms"], "x")
+        for r in synthetic(200, noise=0.03)
+    ]
     coef, _, _ = profiles.fit_coefficients(points)
     assert coef.base_ms == pytest.approx(TRUE["base_ms"], rel=0.1)
     assert coef.per_prefill_token_ms == pytest.approx(TRUE["per_prefill_token_ms"], rel=0.1)

@@ -71,8 +71,12 @@ def test_prefix_cache_hits_follow_who_wrote_the_tokens():
 
 def test_more_large_steps_cost_more():
     fractions = [0.1, 0.5, 0.9]
-    rps = [simulate(parse_layout("s,l"), RequestShape(steps=8, routing=Routing(f)), in_flight=64,
-                    hardware=H200).throughput_rps for f in fractions]
+    rps = [
+        simulate(
+            parse_layout("s,l"), RequestShape(steps=8, routing=Routing(f)), in_flight=64, hardware=H200
+        ).throughput_rps
+        for f in fractions
+    ]
     assert rps[0] > rps[1] > rps[2]
 
 

@@ -142,11 +142,14 @@ class Engine:
         iterations = sum(self.iterations.values())
         busy = sum(self.busy_ms.values())
         return {
-            "iterations": iterations, "busy_s": busy / 1e3, "busy_fraction": busy / 1e3 / wall_s if wall_s else 0.0,
+            "iterations": iterations,
+            "busy_s": busy / 1e3,
+            "busy_fraction": busy / 1e3 / wall_s if wall_s else 0.0,
             "ms_per_busy_iteration": busy / iterations if iterations else 0.0,
             "decode_tokens_per_iteration": self.decode_tokens / iterations if iterations else 0.0,
             "ms_by_phase": {p: self.busy_ms[p] / n for p, n in self.iterations.items() if n},
             "mixed_fraction": self.iterations["mixed"] / iterations if iterations else 0.0,
-            "prefill_tokens": self.prefill_tokens, "prompt_tokens": self.prompt_tokens,
+            "prefill_tokens": self.prefill_tokens,
+            "prompt_tokens": self.prompt_tokens,
             "cached_tokens": self.cached_tokens,
         }

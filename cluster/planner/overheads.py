@@ -25,7 +25,9 @@ def relative(path: Path) -> str:
     return str(path.resolve().relative_to(GPU_DOCS.parent.parent))
 
 
-def overhead_points(docs: Path = GPU_DOCS, exclude: frozenset[str] = frozenset()) -> dict[str, list[tuple[float, float, str]]]:
+def overhead_points(
+    docs: Path = GPU_DOCS, exclude: frozenset[str] = frozenset()
+) -> dict[str, list[tuple[float, float, str]]]:
     """(calls open at the replica, ms outside the engine, file) by call kind."""
     points: dict[str, list] = {kind: [(1.0, ms, "docs/benchmarks.md")] for kind, ms in ONE_OPEN.items()}
     for path in result_files(docs, exclude=exclude):
@@ -59,15 +61,21 @@ def fit_overheads(docs: Path = GPU_DOCS, exclude: frozenset[str] = frozenset()) 
         x = np.array([[1.0, p[0]] for p in pts])
         y = np.array([p[1] for p in pts])
         base, per_open = nonnegative_lstsq(x, y)
-        fitted[kind] = {"base_ms": round(float(base), 3), "per_open_ms": round(float(per_open), 4),
-                        "points": [[round(p[0], 2), round(p[1], 1), p[2]] for p in pts]}
+        fitted[kind] = {
+            "base_ms": round(float(base), 3),
+            "per_open_ms": round(float(per_open), 4),
+            "points": [[round(p[0], 2), round(p[1], 1), p[2]] for p in pts],
+        }
     return fitted
 
 
 def write_overheads(path: Path = OVERHEADS_FILE, docs: Path = GPU_DOCS) -> dict:
     fitted = fit_overheads(docs)
-    data = {"host": "the 2 x H100 80GB host of the ninth run (32 CPU cores), router with 4 replicas",
-            "formula": "ms outside the engine = base_ms + per_open_ms * calls open at the replica", **fitted}
+    data = {
+        "host": "the 2 x H100 80GB host of the ninth run (32 CPU cores), router with 4 replicas",
+        "formula": "ms outside the engine = base_ms + per_open_ms * calls open at the replica",
+        **fitted,
+    }
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(data, indent=1) + "\n")
     return data

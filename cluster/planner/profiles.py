@@ -44,8 +44,11 @@ class Profile(BaseModel):
     gpu: str = Field(description="The card, as nvidia-smi names it.")
     graphs: str = Field("default", description="CUDA-graph mode: default (vLLM's) or FULL.")
     coefficients: Coefficients
-    shared_slowdown: float | None = Field(None, description="Iteration time multiplier while another engine on the "
-                                          "same GPU is busy; None where no shared run was measured on this card.")
+    shared_slowdown: float | None = Field(
+        None,
+        description="Iteration time multiplier while another engine on the "
+        "same GPU is busy; None where no shared run was measured on this card.",
+    )
     max_num_seqs: int = Field(256, description="Engine's max_num_seqs in the runs it was fitted from.")
     max_num_batched_tokens: int = Field(8192, description="Chunked-prefill budget (vLLM's default on these cards).")
     kv_cache_tokens: int = Field(description="KV cache capacity in tokens at the benchmark's kv_cache_gib.")
@@ -62,12 +65,19 @@ class Profile(BaseModel):
     def iteration_ms(self, decode_seqs: float, prefill_tokens: float, context_tokens: float) -> float:
         """One iteration's time alone on its GPU."""
         c = self.coefficients
-        return (c.base_ms + c.per_seq_ms * decode_seqs + c.per_prefill_token_ms * prefill_tokens
-                + c.per_kilo_context_ms * context_tokens / 1000)
+        return (
+            c.base_ms
+            + c.per_seq_ms * decode_seqs
+            + c.per_prefill_token_ms * prefill_tokens
+            + c.per_kilo_context_ms * context_tokens / 1000
+        )
 
 
-KV_BYTES_PER_TOKEN = {"qwen2.5-1.5b": 2 * 28 * 2 * 128 * 2, "qwen2.5-14b": 2 * 48 * 8 * 128 * 2,
-                      "qwen2.5-32b": 2 * 64 * 8 * 128 * 2}  # K and V, layers, KV heads, head dim, bf16
+KV_BYTES_PER_TOKEN = {
+    "qwen2.5-1.5b": 2 * 28 * 2 * 128 * 2,
+    "qwen2.5-14b": 2 * 48 * 8 * 128 * 2,
+    "qwen2.5-32b": 2 * 64 * 8 * 128 * 2,
+}  # K and V, layers, KV heads, head dim, bf16
 KV_GIB = {"qwen2.5-1.5b": 16, "qwen2.5-14b": 40}  # the split layouts' kv_cache_gib (loadtests/gpu_bench.py)
 
 
@@ -105,11 +115,16 @@ def level_points(engine: dict, steps: int) -> list[tuple[float, float, float, fl
 def result_files(docs: Path = GPU_DOCS, key: str = "levels", exclude: frozenset[str] = frozenset()) -> list[Path]:
     """Result files with load levels (``key="levels"``) or single-stream rows (``key="rows"``), but those of the run
     folders in ``exclude`` (a held-out check)."""
-    return sorted(p for p in docs.glob("**/*.json") if key in json.loads(p.read_text())
-                  and not (exclude and run_folder(p) in exclude))
+    return sorted(
+        p
+        for p in docs.glob("**/*.json")
+        if key in json.loads(p.read_text()) and not (exclude and run_folder(p) in exclude)
+    )
 
 
-def single_points(docs: Path = GPU_DOCS, exclude: frozenset[str] = frozenset()) -> dict[tuple[str, str, str], list[tuple]]:
+def single_points(
+    docs: Path = GPU_DOCS, exclude: frozenset[str] = frozenset()
+) -> dict[tuple[str, str, str], list[tuple]]:
     """One sequence at a time: each pool's step time per token in the single-stream runs (``gpu_bench single``),
     the iteration time at a batch of one (a step's uncached prefill is in it, a few percent)."""
     points: dict[tuple[str, str, str], list[tuple]] = {}
@@ -119,16 +134,21 @@ def single_points(docs: Path = GPU_DOCS, exclude: frozenset[str] = frozenset()) 
         steps, tokens = result["steps"], BENCH_REQUEST["step_tokens"]
         for row in result["rows"]:
             large = row["large_steps"]
-            for role, seconds, count in (("small", row["small_steps_s"], row["steps"] - large),
-                                         ("large", row["large_steps_s"], large)):
+            for role, seconds, count in (
+                ("small", row["small_steps_s"], row["steps"] - large),
+                ("large", row["large_steps_s"], large),
+            ):
                 if count:
                     key = (SHAPES[role], facts.gpu, facts.small_graphs if role == "small" else "default")
                     points.setdefault(key, []).append(
-                        (1.0, 0.0, mean_context(steps), seconds * 1e3 / (count * tokens), str(path)))
+                        (1.0, 0.0, mean_context(steps), seconds * 1e3 / (count * tokens), str(path))
+                    )
     return points
 
 
-def alone_points(docs: Path = GPU_DOCS, exclude: frozenset[str] = frozenset()) -> dict[tuple[str, str, str], list[tuple]]:
+def alone_points(
+    docs: Path = GPU_DOCS, exclude: frozenset[str] = frozenset()
+) -> dict[tuple[str, str, str], list[tuple]]:
     """Fit points by (model, card, graphs) from the layouts where each engine has its GPU."""
     points: dict[tuple[str, str, str], list[tuple]] = {}
     for path in result_files(docs, exclude=exclude):
@@ -154,15 +174,21 @@ def sweep_points(path: Path) -> dict[tuple[str, str, str, bool], list[tuple]]:
     (a list, or ``{"gpu": ..., "rows": [...]}``; the card from the file or its name)."""
     data = json.loads(path.read_text())
     rows = data["rows"] if isinstance(data, dict) else data
-    gpu = (data.get("gpu") if isinstance(data, dict) else None) or ("NVIDIA H100 80GB HBM3" if "h100" in path.name
-                                                                      else "NVIDIA H200")
+    gpu = (data.get("gpu") if isinstance(data, dict) else None) or (
+        "NVIDIA H100 80GB HBM3" if "h100" in path.name else "NVIDIA H200"
+    )
     points: dict[tuple, list[tuple]] = {}
     for row in rows:
         model = row["model"].lower().split("/")[-1]
-        key = (model, row.get("gpu", gpu), row.get("graphs", "FULL" if "1.5b" in model else "default"),
-               bool(row.get("shared")))
-        points.setdefault(key, []).append((row["decode_seqs"], row["prefill_tokens"], row["context_tokens"],
-                                           row["iter_ms"], str(path)))
+        key = (
+            model,
+            row.get("gpu", gpu),
+            row.get("graphs", "FULL" if "1.5b" in model else "default"),
+            bool(row.get("shared")),
+        )
+        points.setdefault(key, []).append(
+            (row["decode_seqs"], row["prefill_tokens"], row["context_tokens"], row["iter_ms"], str(path))
+        )
     return points
 
 
@@ -177,11 +203,16 @@ def fit_coefficients(points: list[tuple]) -> tuple[Coefficients, float, float]:
     y = np.array([p[3] for p in points])
     coef = nonnegative_lstsq(np.vstack([x, np.diag(RIDGE)]), np.concatenate([y, np.zeros(len(RIDGE))]))
     fitted = x @ coef
-    return (Coefficients(**dict(zip(TERMS, (round(float(c), 5) for c in coef)))),
-            float(np.sqrt(np.mean((fitted - y) ** 2))), float(np.max(np.abs(fitted - y) / y)))
+    return (
+        Coefficients(**dict(zip(TERMS, (round(float(c), 5) for c in coef)))),
+        float(np.sqrt(np.mean((fitted - y) ** 2))),
+        float(np.max(np.abs(fitted - y) / y)),
+    )
 
 
-def fit_slowdowns(profiles: dict[tuple, Profile], docs: Path = GPU_DOCS, exclude: frozenset[str] = frozenset()) -> dict[tuple, list[float]]:
+def fit_slowdowns(
+    profiles: dict[tuple, Profile], docs: Path = GPU_DOCS, exclude: frozenset[str] = frozenset()
+) -> dict[tuple, list[float]]:
     """Sharing factors from shared-layout levels with busy counters: measured busy ms per iteration against the
     alone profile at that batch, the excess put on the share of time the other engine on the GPU was busy."""
     factors: dict[tuple, list[float]] = {}
@@ -223,9 +254,17 @@ def fit_all(docs: Path = GPU_DOCS, sweeps: list[Path] = (), exclude: frozenset[s
         coef, rms, worst = fit_coefficients(pts)
         model, gpu, graphs = key
         kv = int(KV_GIB.get(model, 24) * 2**30 / KV_BYTES_PER_TOKEN[model])
-        profiles[key] = Profile(model=model, gpu=gpu, graphs=graphs, coefficients=coef, kv_cache_tokens=kv,
-                                sources=sorted({p[4] for p in pts}), fit_points=len(pts), fit_rms_ms=round(rms, 3),
-                                fit_worst_error=round(worst, 3))
+        profiles[key] = Profile(
+            model=model,
+            gpu=gpu,
+            graphs=graphs,
+            coefficients=coef,
+            kv_cache_tokens=kv,
+            sources=sorted({p[4] for p in pts}),
+            fit_points=len(pts),
+            fit_rms_ms=round(rms, 3),
+            fit_worst_error=round(worst, 3),
+        )
     for key, values in fit_slowdowns(profiles, docs, exclude).items():
         profiles[key].shared_slowdown = round(float(np.mean(values)), 3)
     for key, pts in shared_sweep.items():  # a sweep of two engines on one GPU: the mean ratio to the alone fit
@@ -234,8 +273,10 @@ def fit_all(docs: Path = GPU_DOCS, sweeps: list[Path] = (), exclude: frozenset[s
             profiles[key].shared_slowdown = round(float(np.mean(ratios)), 3)
     root = GPU_DOCS.parent.parent
     for profile in profiles.values():
-        profile.sources = [str(Path(s).resolve().relative_to(root)) if Path(s).resolve().is_relative_to(root) else s
-                           for s in profile.sources]
+        profile.sources = [
+            str(Path(s).resolve().relative_to(root)) if Path(s).resolve().is_relative_to(root) else s
+            for s in profile.sources
+        ]
     return list(profiles.values())
 
 
@@ -263,7 +304,9 @@ def find_profile(profiles: dict, model: str, gpu: str, graphs: str = "default") 
     for key in ((model, gpu, graphs), *((m, g, gr) for m, g, gr in profiles if m == model and g == gpu)):
         if key in profiles:
             return profiles[key]
-    raise KeyError(f"no profile for {model} on {gpu}; have: " + ", ".join(f"{m} on {g} ({gr})" for m, g, gr in profiles))
+    raise KeyError(
+        f"no profile for {model} on {gpu}; have: " + ", ".join(f"{m} on {g} ({gr})" for m, g, gr in profiles)
+    )
 
 
 def sharing_slowdown(profiles: dict, profile: Profile) -> float:
@@ -279,17 +322,24 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("fit", help="fit the profiles from docs/gpu/**.json (and sweep files) and write them")
     p.add_argument("--docs", type=Path, default=GPU_DOCS)
-    p.add_argument("--sweep", type=Path, action="append", default=[], help="engine sweep JSON (rows of model, shared, "
-                   "decode_seqs, prefill_tokens, context_tokens, iter_ms)")
+    p.add_argument(
+        "--sweep",
+        type=Path,
+        action="append",
+        default=[],
+        help="engine sweep JSON (rows of model, shared, decode_seqs, prefill_tokens, context_tokens, iter_ms)",
+    )
     p.add_argument("--out", type=Path, default=PROFILE_DIR)
     args = parser.parse_args(argv)
     known = set(RUNS)
     profiles = fit_all(args.docs, args.sweep)
     for path, profile in zip(write_profiles(profiles, args.out), profiles):
         c = profile.coefficients
-        print(f"{path.name}: {c.base_ms:.3f} ms + {c.per_seq_ms:.4f}/seq + {c.per_prefill_token_ms:.5f}/prefill token "
-              f"+ {c.per_kilo_context_ms:.4f}/1k context; shared x{profile.shared_slowdown}; {profile.fit_points} "
-              f"points, rms {profile.fit_rms_ms} ms, worst {profile.fit_worst_error:.1%}")
+        print(
+            f"{path.name}: {c.base_ms:.3f} ms + {c.per_seq_ms:.4f}/seq + {c.per_prefill_token_ms:.5f}/prefill token "
+            f"+ {c.per_kilo_context_ms:.4f}/1k context; shared x{profile.shared_slowdown}; {profile.fit_points} "
+            f"points, rms {profile.fit_rms_ms} ms, worst {profile.fit_worst_error:.1%}"
+        )
     print(f"run folders known: {len(known)}", file=sys.stderr)
     return 0
 

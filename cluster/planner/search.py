@@ -53,10 +53,15 @@ class Cell:
     per_copy: Result | None = None
 
     def as_dict(self) -> dict:
-        return {"layout": spec_of(self.layout), "gpus_per_copy": len(self.layout.gpus), "capacity": self.capacity,
-                "copies": self.copies, "gpus": self.gpus,
-                "p95_s": self.per_copy.p95_s if self.per_copy else None,
-                "p50_s": self.per_copy.p50_s if self.per_copy else None}
+        return {
+            "layout": spec_of(self.layout),
+            "gpus_per_copy": len(self.layout.gpus),
+            "capacity": self.capacity,
+            "copies": self.copies,
+            "gpus": self.gpus,
+            "p95_s": self.per_copy.p95_s if self.per_copy else None,
+            "p50_s": self.per_copy.p50_s if self.per_copy else None,
+        }
 
 
 @dataclass
@@ -84,7 +89,9 @@ class Plan:
             return False
         if self.large_only is None:
             return True
-        return self.best.gpus < self.large_only.gpus or (self.best.gpus == self.large_only.gpus and (self.gain or 0) > 1)
+        return self.best.gpus < self.large_only.gpus or (
+            self.best.gpus == self.large_only.gpus and (self.gain or 0) > 1
+        )
 
 
 def meets(result: Result, target: Target) -> bool:
@@ -95,16 +102,24 @@ def meets(result: Result, target: Target) -> bool:
     return result.p95_s <= target.p95_s
 
 
-def run(layout: Layout, shape: RequestShape, load: float, closed: bool, hardware: Hardware, duration_s: float,
-        seed: int = 0) -> Result:
+def run(
+    layout: Layout, shape: RequestShape, load: float, closed: bool, hardware: Hardware, duration_s: float, seed: int = 0
+) -> Result:
     if closed:
         n = max(1, round(load))
         return simulate(layout, shape, in_flight=n, requests=max(2 * n, 20), hardware=hardware, seed=seed)
     return simulate(layout, shape, rate=load, duration_s=duration_s, hardware=hardware, seed=seed)
 
 
-def capacity(layout: Layout, shape: RequestShape, target: Target, closed: bool, hardware: Hardware,
-             duration_s: float = 180.0, steps: int = 5) -> tuple[float, Result | None]:
+def capacity(
+    layout: Layout,
+    shape: RequestShape,
+    target: Target,
+    closed: bool,
+    hardware: Hardware,
+    duration_s: float = 180.0,
+    steps: int = 5,
+) -> tuple[float, Result | None]:
     """The highest load one copy of ``layout`` serves within the target (0 if not even the least), by doubling
     then bisection."""
     lo, hi, best = 0.0, 1.0 if closed else 0.25, None
@@ -130,9 +145,18 @@ def capacity(layout: Layout, shape: RequestShape, target: Target, closed: bool, 
     return lo, best
 
 
-def plan(shape: RequestShape, load: float, target: Target, *, closed: bool = False, hardware: Hardware | None = None,
-         max_cell_gpus: int = 2, max_gpus: int | None = None, duration_s: float = 180.0,
-         cells: list[Layout] | None = None) -> Plan:
+def plan(
+    shape: RequestShape,
+    load: float,
+    target: Target,
+    *,
+    closed: bool = False,
+    hardware: Hardware | None = None,
+    max_cell_gpus: int = 2,
+    max_gpus: int | None = None,
+    duration_s: float = 180.0,
+    cells: list[Layout] | None = None,
+) -> Plan:
     """Search the candidate cells for ``load`` (req/s, or requests in flight with ``closed``)."""
     hardware = hardware or Hardware()
     routed_cells = cells if cells is not None else candidate_cells(max_cell_gpus)
@@ -152,7 +176,7 @@ def plan(shape: RequestShape, load: float, target: Target, *, closed: bool = Fal
                 cell.per_copy = run(layout, shape_here, load / cell.copies, closed, hardware, duration_s)
         evaluated.append(cell)
     feasible = [c for c in evaluated if c.capacity > 0 and (max_gpus is None or c.gpus <= max_gpus)]
-    key = (lambda c: (c.gpus, -c.capacity / len(c.layout.gpus)))
+    key = lambda c: (c.gpus, -c.capacity / len(c.layout.gpus))
     best = min(feasible, key=key, default=None)
     large_only = min((c for c in evaluated if not c.layout.count("small") and c.capacity > 0), key=key, default=None)
     routed = min((c for c in feasible if c.layout.count("small")), key=key, default=None)
@@ -177,8 +201,11 @@ def autoscaling_targets(cell: Cell) -> dict[str, dict]:
             continue
         replicas = per_copy * cell.copies
         ongoing = result.pools.get(role, {}).get("open_calls_mean", 0.0)
-        out[role] = {"replicas": replicas, "min_replicas": max(1, replicas // 4),
-                     "max_replicas": max(replicas, math.ceil(replicas * 1.2)),
-                     "target_ongoing_requests": round(max(1.0, ongoing), 1),
-                     "busy_fraction": round(result.pools.get(role, {}).get("busy_fraction", 0.0), 2)}
+        out[role] = {
+            "replicas": replicas,
+            "min_replicas": max(1, replicas // 4),
+            "max_replicas": max(replicas, math.ceil(replicas * 1.2)),
+            "target_ongoing_requests": round(max(1.0, ongoing), 1),
+            "busy_fraction": round(result.pools.get(role, {}).get("busy_fraction", 0.0), 2),
+        }
     return out

@@ -61,8 +61,15 @@ class Flight:
 class Simulator:
     """Runs requests of one shape over a layout; ``closed_loop`` and ``open_loop`` return ``Result``."""
 
-    def __init__(self, layout: Layout, shape: RequestShape, hardware: Hardware = Hardware(),
-                 overheads: Overheads | None = None, profiles: dict | None = None, seed: int = 0):
+    def __init__(
+        self,
+        layout: Layout,
+        shape: RequestShape,
+        hardware: Hardware = Hardware(),
+        overheads: Overheads | None = None,
+        profiles: dict | None = None,
+        seed: int = 0,
+    ):
         self.layout, self.shape = layout, shape
         self.overheads = overheads if overheads is not None else load_overheads()
         self.rng = random.Random(seed)
@@ -76,10 +83,15 @@ class Simulator:
                 model = hardware.models[role]
                 graphs = hardware.small_graphs if role == "small" else "default"
                 profile = find_profile(profiles, model, hardware.gpu, graphs)
-                engine = Engine(role, profile.iteration_ms, self,
-                                slowdown=sharing_slowdown(profiles, profile) if len(gpu) > 1 else 1.0,
-                                max_num_seqs=profile.max_num_seqs, max_num_batched_tokens=profile.max_num_batched_tokens,
-                                kv_tokens=int(kv_gib(role, gpu) * 2**30 / KV_BYTES_PER_TOKEN[model]))
+                engine = Engine(
+                    role,
+                    profile.iteration_ms,
+                    self,
+                    slowdown=sharing_slowdown(profiles, profile) if len(gpu) > 1 else 1.0,
+                    max_num_seqs=profile.max_num_seqs,
+                    max_num_batched_tokens=profile.max_num_batched_tokens,
+                    kv_tokens=int(kv_gib(role, gpu) * 2**30 / KV_BYTES_PER_TOKEN[model]),
+                )
                 on_gpu.append(engine)
                 self.pools[role].append(engine)
                 self.open_calls[id(engine)] = 0
@@ -118,8 +130,9 @@ class Simulator:
         yield Call("small" if not self.pools["large"] else "large", "final", context + 4, s.final_tokens)
 
     def _start(self, index: int) -> Flight:
-        flight = Flight(index, self.now, iter(()),
-                        {role: self.rng.randrange(len(es)) for role, es in self.pools.items() if es})
+        flight = Flight(
+            index, self.now, iter(()), {role: self.rng.randrange(len(es)) for role, es in self.pools.items() if es}
+        )
         flight.loop = self._loop(flight)
         self.at(self.now + self.overheads.per_request_ms / 2e3, self._advance, flight)
         return flight
@@ -218,14 +231,23 @@ class Simulator:
                 "busy_fraction": sum(x["busy_s"] for x in sums) / (self.now * len(engines)) if self.now else 0.0,
                 "iterations_per_request": iterations / max(1, len(self.latencies)),
                 "ms_per_busy_iteration": sum(x["busy_s"] for x in sums) * 1e3 / iterations if iterations else 0.0,
-                "decode_tokens_per_iteration": sum(e.decode_tokens for e in engines) / iterations if iterations else 0.0,
+                "decode_tokens_per_iteration": sum(e.decode_tokens for e in engines) / iterations
+                if iterations
+                else 0.0,
                 "cache_hit": sum(x["cached_tokens"] for x in sums) / prompt if prompt else 0.0,
                 "open_calls_mean": self.call_seconds[role] / (self.now * len(engines)) if self.now else 0.0,
             }
-        return Result(throughput_rps=done / span if span else 0.0, steady_rps=steady,
-                      p50_s=percentile(latency, 0.5), p95_s=percentile(latency, 0.95), requests=len(kept),
-                      pools=pools, simulated_s=self.now, unfinished=arrivals - len(self.latencies) if arrivals else 0,
-                      latencies=latency)
+        return Result(
+            throughput_rps=done / span if span else 0.0,
+            steady_rps=steady,
+            p50_s=percentile(latency, 0.5),
+            p95_s=percentile(latency, 0.95),
+            requests=len(kept),
+            pools=pools,
+            simulated_s=self.now,
+            unfinished=arrivals - len(self.latencies) if arrivals else 0,
+            latencies=latency,
+        )
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -255,9 +277,19 @@ class Result:
         return {k: v for k, v in self.__dict__.items() if k != "latencies"}
 
 
-def simulate(layout: Layout, shape: RequestShape, *, in_flight: int | None = None, requests: int | None = None,
-             rate: float | None = None, duration_s: float = 600.0, hardware: Hardware = Hardware(),
-             overheads: Overheads | None = None, profiles: dict | None = None, seed: int = 0) -> Result:
+def simulate(
+    layout: Layout,
+    shape: RequestShape,
+    *,
+    in_flight: int | None = None,
+    requests: int | None = None,
+    rate: float | None = None,
+    duration_s: float = 600.0,
+    hardware: Hardware = Hardware(),
+    overheads: Overheads | None = None,
+    profiles: dict | None = None,
+    seed: int = 0,
+) -> Result:
     """One prediction: a closed loop at ``in_flight`` (``requests`` in all, default two rounds) or Poisson
     arrivals at ``rate`` for ``duration_s``."""
     sim = Simulator(layout, shape, hardware, overheads, profiles, seed)

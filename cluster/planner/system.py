@@ -34,7 +34,11 @@ NAMED = {  # loadtests/gpu_bench.py LAYOUTS
     "large-only-2gpu": (("large",), ("large",)),
 }
 KV_GIB = {  # the benchmark's kv_cache_gib: a pool alone on its GPU, sharing it with the other pool, two small
-    ("small", 1): 16, ("large", 1): 40, ("small", 2): 6, ("large", 2): 24, ("small", "dp"): 12,
+    ("small", 1): 16,
+    ("large", 1): 40,
+    ("small", 2): 6,
+    ("large", 2): 24,
+    ("small", "dp"): 12,
 }
 
 

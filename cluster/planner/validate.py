@@ -49,8 +49,12 @@ def notes(facts, result: dict, level: dict | None, first: bool) -> str:
         out.append("code before the levers")
     if result.get("mps"):
         out.append("MPS")
-    if facts.phase == "aligned" and level is not None and level.get("arm", "stream") not in ("large", "random") \
-            and result["layout"] != "large-only-2gpu":
+    if (
+        facts.phase == "aligned"
+        and level is not None
+        and level.get("arm", "stream") not in ("large", "random")
+        and result["layout"] != "large-only-2gpu"
+    ):
         out.append("aligned large steps")
     if facts.cold_first_level and first and level is not None:
         out.append("first level after compile")
@@ -72,12 +76,36 @@ def level_rows(path: Path, seed: int = 0, profiles: dict | None = None, overhead
                 continue
             arm = "large" if policy == "large_only" else "stream"
             shape = RequestShape(steps=result["steps"], arm=arm, routing=Routing(0.25, facts.phase))
-            sim = simulate(layout, shape, in_flight=1, requests=len(times), hardware=hardware, seed=seed,
-                           profiles=profiles, overheads=overheads)
-            measured = {"throughput_rps": len(times) / sum(times), "p50_s": statistics.median(times),
-                        "p95_s": max(times)}
-            rows.append(Row(run_folder(path), path.name, result["layout"], facts.gpu, result["steps"], arm, 1,
-                            len(times), measured, predicted(sim), notes(facts, result, None, False)))
+            sim = simulate(
+                layout,
+                shape,
+                in_flight=1,
+                requests=len(times),
+                hardware=hardware,
+                seed=seed,
+                profiles=profiles,
+                overheads=overheads,
+            )
+            measured = {
+                "throughput_rps": len(times) / sum(times),
+                "p50_s": statistics.median(times),
+                "p95_s": max(times),
+            }
+            rows.append(
+                Row(
+                    run_folder(path),
+                    path.name,
+                    result["layout"],
+                    facts.gpu,
+                    result["steps"],
+                    arm,
+                    1,
+                    len(times),
+                    measured,
+                    predicted(sim),
+                    notes(facts, result, None, False),
+                )
+            )
         return rows
     for i, level in enumerate(result["levels"]):
         arm = level.get("arm") or "stream"
@@ -85,21 +113,49 @@ def level_rows(path: Path, seed: int = 0, profiles: dict | None = None, overhead
             arm = "large"
         placement = facts.phase if arm != "random" else "random"
         shape = RequestShape(steps=result["steps"], arm=arm, routing=Routing(level["large_fraction"], placement))
-        sim = simulate(layout, shape, in_flight=level["concurrency"], requests=level["requests"], hardware=hardware,
-                       seed=seed, profiles=profiles, overheads=overheads)
+        sim = simulate(
+            layout,
+            shape,
+            in_flight=level["concurrency"],
+            requests=level["requests"],
+            hardware=hardware,
+            seed=seed,
+            profiles=profiles,
+            overheads=overheads,
+        )
         engines = level.get("engines")
         busy = {role: e.get("busy_fraction") for role, e in engines.items()} if isinstance(engines, dict) else {}
-        measured = {"throughput_rps": level["throughput_rps"], "p50_s": level["p50_s"], "p95_s": level["p95_s"],
-                    **{f"busy_{role}": b for role, b in busy.items() if b is not None}}
-        rows.append(Row(run_folder(path), path.name, result["layout"], facts.gpu, result["steps"], arm,
-                        level["concurrency"], level["requests"], measured, predicted(sim),
-                        notes(facts, result, level, i == 0)))
+        measured = {
+            "throughput_rps": level["throughput_rps"],
+            "p50_s": level["p50_s"],
+            "p95_s": level["p95_s"],
+            **{f"busy_{role}": b for role, b in busy.items() if b is not None},
+        }
+        rows.append(
+            Row(
+                run_folder(path),
+                path.name,
+                result["layout"],
+                facts.gpu,
+                result["steps"],
+                arm,
+                level["concurrency"],
+                level["requests"],
+                measured,
+                predicted(sim),
+                notes(facts, result, level, i == 0),
+            )
+        )
     return rows
 
 
 def predicted(sim) -> dict:
-    return {"throughput_rps": sim.throughput_rps, "p50_s": sim.p50_s, "p95_s": sim.p95_s,
-            **{f"busy_{role}": pool["busy_fraction"] for role, pool in sim.pools.items()}}
+    return {
+        "throughput_rps": sim.throughput_rps,
+        "p50_s": sim.p50_s,
+        "p95_s": sim.p95_s,
+        **{f"busy_{role}": pool["busy_fraction"] for role, pool in sim.pools.items()},
+    }
 
 
 def measured_files(docs: Path = GPU_DOCS) -> list[Path]:
@@ -130,18 +186,23 @@ def held_out_rows(docs: Path = GPU_DOCS) -> dict[str, list[Row] | str]:
 
 def held_out_table(rows: list[Row], held: dict[str, list[Row] | str]) -> str:
     """Per run folder: median and worst |error| of throughput and p95, fitted on all runs against held out."""
+
     def stats(subset: list[Row], key: str) -> str:
         errors = [abs(r.error(key)) for r in subset]
         return f"{statistics.median(errors):.0%} / {max(errors):.0%}"
-    lines = ["| run | rows | throughput, all runs fitted: median / worst | held out | p95, all runs fitted | held out |",
-             "|---|---|---|---|---|---|"]
-    for folder in held:
+
+    lines = [
+        "| run | rows | throughput, all runs fitted: median / worst | held out | p95, all runs fitted | held out |",
+        "|---|---|---|---|---|---|",
+    ]
+    for folder, other in held.items():
         mine = [r for r in rows if r.run == folder]
-        other = held[folder]
         out_thr = stats(other, "throughput_rps") if isinstance(other, list) else other
         out_p95 = stats(other, "p95_s") if isinstance(other, list) else "-"
-        lines.append(f"| {folder} | {len(mine)} | {stats(mine, 'throughput_rps')} | {out_thr} | {stats(mine, 'p95_s')} "
-                     f"| {out_p95} |")
+        lines.append(
+            f"| {folder} | {len(mine)} | {stats(mine, 'throughput_rps')} | {out_thr} | {stats(mine, 'p95_s')} "
+            f"| {out_p95} |"
+        )
     return "\n".join(lines)
 
 
@@ -159,17 +220,23 @@ def _busy(row: Row, role: str) -> str:
 
 def table(rows: list[Row]) -> str:
     """The markdown table and its closing line of worst errors."""
-    lines = [("| run | file | card | steps | arm | in flight | req/s pred / meas | err | p50 s pred / meas | err "
-             "| p95 s pred / meas | err | busy small pred / meas | busy large pred / meas | note |"),
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        (
+            "| run | file | card | steps | arm | in flight | req/s pred / meas | err | p50 s pred / meas | err "
+            "| p95 s pred / meas | err | busy small pred / meas | busy large pred / meas | note |"
+        ),
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in rows:
         card = "H100" if r.gpu == H100 else "H200"
         lines.append(
             f"| {r.run} | {r.file} | {card} | {r.steps} | {r.arm} | {r.in_flight} | "
-            f"{r.predicted['throughput_rps']:.3f} / {r.measured['throughput_rps']:.3f} | {_pct(r.error('throughput_rps'))} | "
+            f"{r.predicted['throughput_rps']:.3f} / {r.measured['throughput_rps']:.3f} | "
+            f"{_pct(r.error('throughput_rps'))} | "
             f"{r.predicted['p50_s']:.1f} / {r.measured['p50_s']:.1f} | {_pct(r.error('p50_s'))} | "
             f"{r.predicted['p95_s']:.1f} / {r.measured['p95_s']:.1f} | {_pct(r.error('p95_s'))} | "
-            f"{_busy(r, 'small')} | {_busy(r, 'large')} | {r.note} |")
+            f"{_busy(r, 'small')} | {_busy(r, 'large')} | {r.note} |"
+        )
     lines.append("")
     lines.append(worst_line(rows))
     return "\n".join(lines)
@@ -183,13 +250,17 @@ def worst_line(rows: list[Row]) -> str:
 
 def summary(rows: list[Row]) -> str:
     """How many rows meet the targets (throughput within 10%, p95 within 15%), overall and by note."""
+
     def share(subset):
         ok = sum(abs(r.error("throughput_rps")) <= 0.10 and abs(r.error("p95_s")) <= 0.15 for r in subset)
         return f"{ok} of {len(subset)}"
+
     clean = [r for r in rows if not r.note]
-    return (f"rows meeting both targets: {share(rows)} in all; {share(clean)} of the rows without a note; "
-            f"median |error| throughput {statistics.median(abs(r.error('throughput_rps')) for r in rows):.1%}, "
-            f"p95 {statistics.median(abs(r.error('p95_s')) for r in rows):.1%}")
+    return (
+        f"rows meeting both targets: {share(rows)} in all; {share(clean)} of the rows without a note; "
+        f"median |error| throughput {statistics.median(abs(r.error('throughput_rps')) for r in rows):.1%}, "
+        f"p95 {statistics.median(abs(r.error('p95_s')) for r in rows):.1%}"
+    )
 
 
 def doc_table(path: Path) -> str:
@@ -205,8 +276,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--write", type=Path, help="replace the doc's table with the recomputed one")
     args = parser.parse_args(argv)
     rows = all_rows()
-    text = table(rows) + "\n\n" + summary(rows) + "\n\nLeft out of the fit, one run folder at a time:\n\n" + \
-        held_out_table(rows, held_out_rows())
+    text = (
+        table(rows)
+        + "\n\n"
+        + summary(rows)
+        + "\n\nLeft out of the fit, one run folder at a time:\n\n"
+        + held_out_table(rows, held_out_rows())
+    )
     if args.write:
         doc = args.write.read_text()
         head, rest = doc.split(BEGIN, 1)
