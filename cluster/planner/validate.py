@@ -263,6 +263,15 @@ def summary(rows: list[Row]) -> str:
     )
 
 
+def document(rows: list[Row], held: dict[str, list[Row] | str]) -> str:
+    """What goes between the doc's markers: the table and its worst line, the share meeting the targets, and the
+    held-out check."""
+    return (
+        f"{table(rows)}\n\n{summary(rows)}\n\nLeft out of the fit, one run folder at a time (the profiles and "
+        f"call costs refitted without it):\n\n{held_out_table(rows, held)}"
+    )
+
+
 def doc_table(path: Path) -> str:
     text = path.read_text()
     if BEGIN not in text or END not in text:
@@ -275,14 +284,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--check", type=Path, help="a doc whose table must equal the recomputed one")
     parser.add_argument("--write", type=Path, help="replace the doc's table with the recomputed one")
     args = parser.parse_args(argv)
-    rows = all_rows()
-    text = (
-        table(rows)
-        + "\n\n"
-        + summary(rows)
-        + "\n\nLeft out of the fit, one run folder at a time:\n\n"
-        + held_out_table(rows, held_out_rows())
-    )
+    text = document(all_rows(), held_out_rows())
     if args.write:
         doc = args.write.read_text()
         head, rest = doc.split(BEGIN, 1)
