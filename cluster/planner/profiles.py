@@ -3,12 +3,13 @@ squares from the pools' own counters in the committed GPU runs (``docs/gpu/**.js
 
     iteration ms = base + per_seq * decode sequences + per_prefill_token * prefill tokens
                    + per_kilo_context * (context tokens of the decode sequences / 1000)
+                   + mixed (only in an iteration that computes prefill tokens: it leaves the decode-only path)
 
 A result level's engine block gives two points per pool: its decode-only iterations (decode sequences per
 iteration, no prefill) and its mixed ones (the same sequences plus the prefill tokens per mixed iteration), each
 at the context the request shape gives (prompt plus half the reasoning on average). An engine that shares its
-GPU runs ``shared_slowdown`` times slower while the other engine on it is busy; that factor is fitted from the
-shared layout's busy time per iteration. ``python -m cluster.planner.profiles fit`` writes
+GPU runs ``shared_slowdown`` times slower while the other engine on it is busy: measured by a side-by-side sweep
+where one exists, else the time-slicing factor 2 (``sharing_slowdown``). ``python -m cluster.planner.profiles fit`` writes
 ``cluster/planner/profiles/*.json``.
 """
 
@@ -25,7 +26,7 @@ from pydantic import BaseModel, Field
 from cluster.planner.runs import GPU_DOCS, RUNS, VERSIONS, facts_for, gpu_key, run_folder
 
 PROFILE_DIR = Path(__file__).resolve().parent / "profiles"
-TERMS = ("base_ms", "per_seq_ms", "per_prefill_token_ms", "per_kilo_context_ms")
+TERMS = ("base_ms", "per_seq_ms", "per_prefill_token_ms", "per_kilo_context_ms", "mixed_ms")
 SHAPES = {"small": "qwen2.5-1.5b", "large": "qwen2.5-14b"}  # the benchmark config's pools
 BENCH_REQUEST = {"prompt_tokens": 200, "step_tokens": 96, "final_tokens": 128}  # cluster/configs/gpu-bench.yaml
 
@@ -35,6 +36,7 @@ class Coefficients(BaseModel):
     per_seq_ms: float = Field(description="Cost of each decode sequence in the batch.")
     per_prefill_token_ms: float = Field(description="Cost of each prompt token computed in the iteration.")
     per_kilo_context_ms: float = Field(description="Cost of each 1000 context tokens the decode sequences attend to.")
+    mixed_ms: float = Field(0.0, description="Fixed extra cost of an iteration that computes prefill tokens.")
 
 
 class Profile(BaseModel):
@@ -47,7 +49,7 @@ class Profile(BaseModel):
     shared_slowdown: float | None = Field(
         None,
         description="Iteration time multiplier while another engine on the "
-        "same GPU is busy; None where no shared run was measured on this card.",
+        "same GPU is busy, from a side-by-side sweep; None where none was measured (time slicing, 2, applies).",
     )
     max_num_seqs: int = Field(256, description="Engine's max_num_seqs in the runs it was fitted from.")
     max_num_batched_tokens: int = Field(8192, description="Chunked-prefill budget (vLLM's default on these cards).")
@@ -70,6 +72,7 @@ class Profile(BaseModel):
             + c.per_seq_ms * decode_seqs
             + c.per_prefill_token_ms * prefill_tokens
             + c.per_kilo_context_ms * context_tokens / 1000
+            + (c.mixed_ms if prefill_tokens else 0.0)
         )
 
 
@@ -192,14 +195,14 @@ def sweep_points(path: Path) -> dict[tuple[str, str, str, bool], list[tuple]]:
     return points
 
 
-RIDGE = (0.0, 10.0, 0.0, 10.0)  # pull per_seq and per_kilo_context toward 0 where the points cannot tell them from base
+RIDGE = (0.0, 10.0, 0.0, 10.0, 0.0)  # pull per_seq and per_kilo_context toward 0 where the points cannot tell them from base
 
 
 def fit_coefficients(points: list[tuple]) -> tuple[Coefficients, float, float]:
     """Coefficients, rms error (ms) and worst relative error of the nonnegative least-squares fit. The runs'
     batches vary little (26-46 sequences), so a small ridge term keeps the per-sequence and context terms at
     what the points show, not at whatever trades off against the base."""
-    x = np.array([[1.0, p[0], p[1], p[2] / 1000] for p in points])
+    x = np.array([[1.0, p[0], p[1], p[2] / 1000, float(p[1] > 0)] for p in points])
     y = np.array([p[3] for p in points])
     coef = nonnegative_lstsq(np.vstack([x, np.diag(RIDGE)]), np.concatenate([y, np.zeros(len(RIDGE))]))
     fitted = x @ coef
@@ -208,36 +211,6 @@ def fit_coefficients(points: list[tuple]) -> tuple[Coefficients, float, float]:
         float(np.sqrt(np.mean((fitted - y) ** 2))),
         float(np.max(np.abs(fitted - y) / y)),
     )
-
-
-def fit_slowdowns(
-    profiles: dict[tuple, Profile], docs: Path = GPU_DOCS, exclude: frozenset[str] = frozenset()
-) -> dict[tuple, list[float]]:
-    """Sharing factors from shared-layout levels with busy counters: measured busy ms per iteration against the
-    alone profile at that batch, the excess put on the share of time the other engine on the GPU was busy."""
-    factors: dict[tuple, list[float]] = {}
-    for path in result_files(docs, exclude=exclude):
-        result = json.loads(path.read_text())
-        if result["layout"] != "shared-2gpu" or result.get("mps"):
-            continue
-        facts = facts_for(path, result)
-        for level in result["levels"]:
-            engines = level.get("engines")
-            if not isinstance(engines, dict) or len(engines) < 2:
-                continue
-            if any(e.get("ms_per_busy_iteration") is None for e in engines.values()):
-                continue
-            for role, engine in engines.items():
-                other = engines["large" if role == "small" else "small"]
-                key = (SHAPES[role], facts.gpu, facts.small_graphs if role == "small" else "default")
-                if key not in profiles:
-                    continue
-                prefill = engine["prefill_tokens_per_s"] / engine["iterations_per_s"]
-                seqs = engine["decode_tokens_per_iteration"]
-                alone = profiles[key].iteration_ms(seqs, prefill, seqs * mean_context(result["steps"]))
-                excess = engine["ms_per_busy_iteration"] / alone - 1
-                factors.setdefault(key, []).append(1 + excess / max(other["busy_fraction"], 0.05))
-    return factors
 
 
 def fit_all(docs: Path = GPU_DOCS, sweeps: list[Path] = (), exclude: frozenset[str] = frozenset()) -> list[Profile]:
@@ -265,8 +238,6 @@ def fit_all(docs: Path = GPU_DOCS, sweeps: list[Path] = (), exclude: frozenset[s
             fit_rms_ms=round(rms, 3),
             fit_worst_error=round(worst, 3),
         )
-    for key, values in fit_slowdowns(profiles, docs, exclude).items():
-        profiles[key].shared_slowdown = round(float(np.mean(values)), 3)
     for key, pts in shared_sweep.items():  # a sweep of two engines on one GPU: the mean ratio to the alone fit
         if key in profiles:
             ratios = [p[3] / profiles[key].iteration_ms(*p[:3]) for p in pts]
@@ -309,12 +280,14 @@ def find_profile(profiles: dict, model: str, gpu: str, graphs: str = "default") 
     )
 
 
+TIME_SLICING = 2.0  # two processes on one GPU without MPS take turns: while both compute, each gets half of it
+
+
 def sharing_slowdown(profiles: dict, profile: Profile) -> float:
-    """The profile's sharing factor, else the mean of the same model's on other cards (measured on H200 only)."""
-    if profile.shared_slowdown is not None:
-        return profile.shared_slowdown
-    others = [p.shared_slowdown for p in profiles.values() if p.model == profile.model and p.shared_slowdown]
-    return float(np.mean(others)) if others else 1.0
+    """The profile's sharing factor where a side-by-side sweep measured it, else the time-slicing factor (the one
+    shared-layout level with busy counters, the fifth run's first, ran right after a compile and says 2.0-2.2x
+    for the small engine and about 1.7x for the large one, too thin to fit)."""
+    return profile.shared_slowdown if profile.shared_slowdown is not None else TIME_SLICING
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -337,7 +310,7 @@ def main(argv: list[str] | None = None) -> int:
         c = profile.coefficients
         print(
             f"{path.name}: {c.base_ms:.3f} ms + {c.per_seq_ms:.4f}/seq + {c.per_prefill_token_ms:.5f}/prefill token "
-            f"+ {c.per_kilo_context_ms:.4f}/1k context; shared x{profile.shared_slowdown}; {profile.fit_points} "
+            f"+ {c.per_kilo_context_ms:.4f}/1k context + {c.mixed_ms:.3f} if mixed; shared x{profile.shared_slowdown}; {profile.fit_points} "
             f"points, rms {profile.fit_rms_ms} ms, worst {profile.fit_worst_error:.1%}"
         )
     print(f"run folders known: {len(known)}", file=sys.stderr)
