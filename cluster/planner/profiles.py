@@ -9,8 +9,8 @@ A result level's engine block gives two points per pool: its decode-only iterati
 iteration, no prefill) and its mixed ones (the same sequences plus the prefill tokens per mixed iteration), each
 at the context the request shape gives (prompt plus half the reasoning on average). An engine that shares its
 GPU runs ``shared_slowdown`` times slower while the other engine on it is busy: measured by a side-by-side sweep
-where one exists, else the time-slicing factor 2 (``sharing_slowdown``). ``python -m cluster.planner.profiles fit`` writes
-``cluster/planner/profiles/*.json``.
+where one exists, else the time-slicing factor 2 (``sharing_slowdown``).
+``python -m cluster.planner.profiles fit`` writes ``cluster/planner/profiles/*.json``.
 """
 
 from __future__ import annotations
@@ -195,7 +195,7 @@ def sweep_points(path: Path) -> dict[tuple[str, str, str, bool], list[tuple]]:
     return points
 
 
-RIDGE = (0.0, 10.0, 0.0, 10.0, 0.0)  # pull per_seq and per_kilo_context toward 0 where the points cannot tell them from base
+RIDGE = (0.0, 10.0, 0.0, 10.0, 0.0)  # per_seq and per_kilo_context toward 0 where the points cannot tell them from base
 
 
 def fit_coefficients(points: list[tuple]) -> tuple[Coefficients, float, float]:
@@ -207,7 +207,7 @@ def fit_coefficients(points: list[tuple]) -> tuple[Coefficients, float, float]:
     coef = nonnegative_lstsq(np.vstack([x, np.diag(RIDGE)]), np.concatenate([y, np.zeros(len(RIDGE))]))
     fitted = x @ coef
     return (
-        Coefficients(**dict(zip(TERMS, (round(float(c), 5) for c in coef)))),
+        Coefficients(**dict(zip(TERMS, (round(float(c), 5) for c in coef), strict=True))),
         float(np.sqrt(np.mean((fitted - y) ** 2))),
         float(np.max(np.abs(fitted - y) / y)),
     )
@@ -306,12 +306,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     known = set(RUNS)
     profiles = fit_all(args.docs, args.sweep)
-    for path, profile in zip(write_profiles(profiles, args.out), profiles):
+    for path, profile in zip(write_profiles(profiles, args.out), profiles, strict=True):
         c = profile.coefficients
         print(
             f"{path.name}: {c.base_ms:.3f} ms + {c.per_seq_ms:.4f}/seq + {c.per_prefill_token_ms:.5f}/prefill token "
-            f"+ {c.per_kilo_context_ms:.4f}/1k context + {c.mixed_ms:.3f} if mixed; shared x{profile.shared_slowdown}; {profile.fit_points} "
-            f"points, rms {profile.fit_rms_ms} ms, worst {profile.fit_worst_error:.1%}"
+            f"+ {c.per_kilo_context_ms:.4f}/1k context + {c.mixed_ms:.3f} if mixed; shared x{profile.shared_slowdown}; "
+            f"{profile.fit_points} points, rms {profile.fit_rms_ms} ms, worst {profile.fit_worst_error:.1%}"
         )
     print(f"run folders known: {len(known)}", file=sys.stderr)
     return 0

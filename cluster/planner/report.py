@@ -60,8 +60,8 @@ def plan_lines(p: Plan, hardware: Hardware) -> list[str]:
         r = p.best_routed
         why = (
             (
-                f": the best routed cell, {r.copies} x [{describe(r.layout)}] = {r.gpus} GPUs, serves {gain:.2f}x the "
-                f"load per GPU of large only"
+                f": the best routed cell, {r.copies} x [{describe(r.layout)}] = {r.gpus} GPU{'s' * (r.gpus > 1)}, "
+                f"serves {gain:.2f}x the load per GPU of large only"
             )
             if r is not None and gain
             else ""
