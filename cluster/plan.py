@@ -57,22 +57,43 @@ def load_calibration(path: Path) -> tuple[list[float], list[float]]:
 def _shape(args, fraction: float):
     from cluster.planner.system import RequestShape, Routing
 
+    entropy = {}
+    if args.entropy is not None and args.tau is not None:  # each step's entropy drawn, routed against tau
+        entropy = {"entropy_mu": args.entropy[0], "entropy_sigma": args.entropy[1], "tau": args.tau}
     return RequestShape(
         prompt_tokens=args.prompt_tokens,
         steps=int(args.steps),
         step_tokens=int(args.step_tokens),
         final_tokens=int(args.final_tokens),
+        step_tokens_range=args.step_tokens_range,
         arm=getattr(args, "arm", "stream"),
-        routing=Routing(fraction, args.placement),
+        routing=Routing(fraction, args.placement, **entropy),
     )
 
 
+def _pair(kind, what: str):
+    """An argparse type: ``A:B`` of two ``kind`` values."""
+
+    def parse(text: str):
+        try:
+            a, b = (kind(x) for x in text.split(":"))
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"want {what}, got {text!r}") from None
+        return a, b
+
+    return parse
+
+
 def _fraction(args) -> float:
-    """F from --large-fraction, or from --tau through --calibration (ValueError says what is wrong)."""
+    """F from --large-fraction, or from --tau through --calibration or --entropy (ValueError says what is wrong)."""
     if args.tau is None:
         return args.large_fraction
+    if args.entropy is not None:
+        from cluster.planner.system import Routing
+
+        return Routing(entropy_mu=args.entropy[0], entropy_sigma=args.entropy[1], tau=args.tau).fraction()
     if not args.calibration:
-        raise ValueError("--tau needs --calibration FILE (from `cluster calibrate --out FILE`)")
+        raise ValueError("--tau needs --calibration FILE (from `cluster calibrate --out FILE`) or --entropy MU:SIGMA")
     return fraction_at_tau(args.tau, *load_calibration(args.calibration))
 
 
@@ -189,6 +210,18 @@ def _request_flags(p: argparse.ArgumentParser) -> None:
     share.add_argument("--large-fraction", type=_number(0, high=1), help="fraction F of steps the large pool writes")
     share.add_argument("--tau", type=nonnegative, help="entropy threshold; F read from --calibration")
     p.add_argument("--calibration", type=Path, help="JSON {taus, large_fraction} from `cluster calibrate --out`")
+    p.add_argument(
+        "--entropy",
+        type=_pair(float, "MU:SIGMA"),
+        metavar="MU:SIGMA",
+        help="with --tau: each step's first-token entropy is lognormal(MU, SIGMA), the step large above tau",
+    )
+    p.add_argument(
+        "--step-tokens-range",
+        type=_pair(int, "LO:HI"),
+        metavar="LO:HI",
+        help="steps of LO to HI tokens, uniform (instead of --step-tokens each)",
+    )
     p.add_argument(
         "--placement",
         choices=("per_request", "aligned", "random"),

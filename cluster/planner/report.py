@@ -93,9 +93,10 @@ def plan_dict(p: Plan) -> dict:
 
 
 def predict_lines(layout: Layout, shape: RequestShape, result: Result, load: str, hardware: Hardware) -> list[str]:
+    tokens = "-".join(map(str, shape.step_tokens_range or [shape.step_tokens]))
     lines = [
         (
-            f"{describe(layout)} on {hardware.gpu}; {shape.steps} steps of {shape.step_tokens} tokens, prompt "
+            f"{describe(layout)} on {hardware.gpu}; {shape.steps} steps of {tokens} tokens, prompt "
             f"{shape.prompt_tokens}, answer {shape.final_tokens}; arm {shape.arm}, large fraction "
             f"{1.0 if shape.arm == 'large' else shape.routing.fraction():.3f}; {load}"
         ),
