@@ -121,7 +121,7 @@ def result_files(docs: Path = GPU_DOCS, key: str = "levels", exclude: frozenset[
     return sorted(
         p
         for p in docs.glob("**/*.json")
-        if key in json.loads(p.read_text()) and not (exclude and run_folder(p) in exclude)
+        if {key, "layout"} <= set(json.loads(p.read_text())) and not (exclude and run_folder(p) in exclude)
     )
 
 
@@ -172,25 +172,29 @@ def alone_points(
     return points
 
 
+SMALL_GRAPH_LIMIT = 512  # prefill tokens: above vLLM's capture size a FULL-graph iteration runs without graphs
+
+
 def sweep_points(path: Path) -> dict[tuple[str, str, str, bool], list[tuple]]:
-    """Points of an engine sweep file: rows of model, shared, decode_seqs, prefill_tokens, context_tokens, iter_ms
-    (a list, or ``{"gpu": ..., "rows": [...]}``; the card from the file or its name)."""
+    """Points of an engine sweep file (``loadtests/engine_sweep.py``): rows of model, shared, decode_seqs,
+    prefill_tokens, context_tokens (each sequence's), iter_ms, in a list or under ``rows`` (the card from
+    ``versions.gpu`` or ``gpu``, else the file's name). Rows under CUDA MPS are left out, and the small model's
+    rows above ``SMALL_GRAPH_LIMIT`` prefill tokens (they run without CUDA graphs, which the pools never do)."""
     data = json.loads(path.read_text())
     rows = data["rows"] if isinstance(data, dict) else data
-    gpu = (data.get("gpu") if isinstance(data, dict) else None) or (
-        "NVIDIA H100 80GB HBM3" if "h100" in path.name else "NVIDIA H200"
-    )
+    meta = data if isinstance(data, dict) else {}
+    gpu = meta.get("versions", {}).get("gpu") or meta.get("gpu")
+    gpu = gpu or ("NVIDIA H100 80GB HBM3" if "h100" in path.name else "NVIDIA H200")
     points: dict[tuple, list[tuple]] = {}
     for row in rows:
         model = row["model"].lower().split("/")[-1]
-        key = (
-            model,
-            row.get("gpu", gpu),
-            row.get("graphs", "FULL" if "1.5b" in model else "default"),
-            bool(row.get("shared")),
-        )
+        small = "1.5b" in model
+        if row.get("mps") or (small and row["prefill_tokens"] > SMALL_GRAPH_LIMIT):
+            continue
+        key = (model, row.get("gpu", gpu), row.get("graphs", "FULL" if small else "default"), bool(row.get("shared")))
+        context = row["decode_seqs"] * row["context_tokens"]
         points.setdefault(key, []).append(
-            (row["decode_seqs"], row["prefill_tokens"], row["context_tokens"], row["iter_ms"], str(path))
+            (row["decode_seqs"], row["prefill_tokens"], context, row["iter_ms"], str(path))
         )
     return points
 
@@ -213,15 +217,23 @@ def fit_coefficients(points: list[tuple]) -> tuple[Coefficients, float, float]:
     )
 
 
-def fit_all(docs: Path = GPU_DOCS, sweeps: list[Path] = (), exclude: frozenset[str] = frozenset()) -> list[Profile]:
-    """Every profile the committed runs (and any sweep files) support, leaving out the run folders in ``exclude``."""
+def fit_all(
+    docs: Path = GPU_DOCS, sweeps: list[Path] | None = None, exclude: frozenset[str] = frozenset(), sweep_times=False
+) -> list[Profile]:
+    """Every profile the committed runs support, leaving out the run folders in ``exclude``. Engine sweeps
+    (``sweeps``) give the sharing factor: each side-by-side row over the row of the same batch alone. Their
+    iteration times join the fit only with ``sweep_times``: a sweep times the engine core's own loop in process,
+    which the pools' busy time per iteration need not equal."""
     points = alone_points(docs, exclude)
     for key, pts in single_points(docs, exclude).items():
         points.setdefault(key, []).extend(pts)
-    shared_sweep: dict[tuple, list[tuple]] = {}
-    for sweep in sweeps:
-        for (*key, shared), pts in sweep_points(sweep).items():
-            (shared_sweep if shared else points).setdefault(tuple(key), []).extend(pts)
+    sweeps = sweeps or []
+    by_sweep = [sweep_points(sweep) for sweep in sweeps]
+    if sweep_times:
+        for found in by_sweep:
+            for (*key, shared), pts in found.items():
+                if not shared:
+                    points.setdefault(tuple(key), []).extend(pts)
     profiles = {}
     for key, pts in sorted(points.items()):
         coef, rms, worst = fit_coefficients(pts)
@@ -238,10 +250,16 @@ def fit_all(docs: Path = GPU_DOCS, sweeps: list[Path] = (), exclude: frozenset[s
             fit_rms_ms=round(rms, 3),
             fit_worst_error=round(worst, 3),
         )
-    for key, pts in shared_sweep.items():  # a sweep of two engines on one GPU: the mean ratio to the alone fit
-        if key in profiles:
-            ratios = [p[3] / profiles[key].iteration_ms(*p[:3]) for p in pts]
+    for found in by_sweep:
+        for (*key, shared), pts in found.items():
+            key = tuple(key)
+            if not shared or key not in profiles:
+                continue
+            alone = {p[:3]: p[3] for p in found.get((*key, False), [])}
+            ratios = [p[3] / alone[p[:3]] for p in pts if p[:3] in alone]
+            ratios = ratios or [p[3] / profiles[key].iteration_ms(*p[:3]) for p in pts]
             profiles[key].shared_slowdown = round(float(np.mean(ratios)), 3)
+            profiles[key].sources = sorted({*profiles[key].sources, pts[0][4]})
     root = GPU_DOCS.parent.parent
     for profile in profiles.values():
         profile.sources = [
@@ -284,10 +302,15 @@ TIME_SLICING = 2.0  # two processes on one GPU without MPS take turns: while bot
 
 
 def sharing_slowdown(profiles: dict, profile: Profile) -> float:
-    """The profile's sharing factor where a side-by-side sweep measured it, else the time-slicing factor (the one
-    shared-layout level with busy counters, the fifth run's first, ran right after a compile and says 2.0-2.2x
-    for the small engine and about 1.7x for the large one, too thin to fit)."""
-    return profile.shared_slowdown if profile.shared_slowdown is not None else TIME_SLICING
+    """The profile's sharing factor where a side-by-side sweep measured it (or measured it for the same model on
+    the same card with other graphs), else the time-slicing factor (the one shared-layout level with busy
+    counters, the fifth run's first, ran right after a compile and says 2.0-2.2x for the small engine and about
+    1.7x for the large one, too thin to fit)."""
+    if profile.shared_slowdown is not None:
+        return profile.shared_slowdown
+    same = [p.shared_slowdown for p in profiles.values() if (p.model, p.gpu) == (profile.model, profile.gpu)]
+    measured = [x for x in same if x is not None]
+    return float(np.mean(measured)) if measured else TIME_SLICING
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -302,10 +325,13 @@ def main(argv: list[str] | None = None) -> int:
         default=[],
         help="engine sweep JSON (rows of model, shared, decode_seqs, prefill_tokens, context_tokens, iter_ms)",
     )
+    p.add_argument(
+        "--sweep-times", action="store_true", help="fit the sweeps' iteration times too, not only their sharing factors"
+    )
     p.add_argument("--out", type=Path, default=PROFILE_DIR)
     args = parser.parse_args(argv)
     known = set(RUNS)
-    profiles = fit_all(args.docs, args.sweep)
+    profiles = fit_all(args.docs, args.sweep or None, sweep_times=args.sweep_times)
     for path, profile in zip(write_profiles(profiles, args.out), profiles, strict=True):
         c = profile.coefficients
         print(

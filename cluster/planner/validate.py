@@ -159,7 +159,12 @@ def predicted(sim) -> dict:
 
 
 def measured_files(docs: Path = GPU_DOCS) -> list[Path]:
-    return [p for p in sorted(docs.glob("**/*.json")) if {"levels", "rows"} & set(json.loads(p.read_text()))]
+    files = []
+    for path in sorted(docs.glob("**/*.json")):
+        keys = set(json.loads(path.read_text()))
+        if "layout" in keys and {"levels", "rows"} & keys:
+            files.append(path)
+    return files
 
 
 def all_rows(docs: Path = GPU_DOCS) -> list[Row]:
