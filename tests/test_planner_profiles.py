@@ -13,7 +13,7 @@ TRUE = {"base_ms": 9.0, "per_seq_ms": 0.05, "per_prefill_token_ms": 0.03, "per_k
 
 
 def synthetic(n: int = 40, noise: float = 0.0, seed: int = 0) -> list[dict]:
-    """Sweep rows drawn from ``TRUE``; each row's context is each sequence's, as loadtests/engine_sweep.py writes."""
+    """Sweep rows drawn from ``TRUE``; each row's context is each sequence's, as the engine sweep writes it."""
     rng = random.Random(seed)
     rows = []
     for _ in range(n):

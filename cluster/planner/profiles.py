@@ -176,7 +176,7 @@ SMALL_GRAPH_LIMIT = 512  # prefill tokens: above vLLM's capture size a FULL-grap
 
 
 def sweep_points(path: Path) -> dict[tuple[str, str, str, bool], list[tuple]]:
-    """Points of an engine sweep file (``loadtests/engine_sweep.py``): rows of model, shared, decode_seqs,
+    """Points of an engine sweep file (the format of the tenth run's sweep): rows of model, shared, decode_seqs,
     prefill_tokens, context_tokens (each sequence's), iter_ms, in a list or under ``rows`` (the card from
     ``versions.gpu`` or ``gpu``, else the file's name). Rows under CUDA MPS are left out, and the small model's
     rows above ``SMALL_GRAPH_LIMIT`` prefill tokens (they run without CUDA graphs, which the pools never do)."""
