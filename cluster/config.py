@@ -82,6 +82,10 @@ class EngineSettings(StrictModel):
         "whole (where the attention backend allows: FlashAttention 3); vLLM's default, FULL_AND_PIECEWISE "
         "(those run piecewise, attention outside the graph), when unset."
     )
+    async_scheduling: bool | None = Field(
+        None, description="GPU only: vLLM's asynchronous scheduling (the next iteration is scheduled while the GPU runs "
+        "this one); vLLM's default, on where nothing excludes it, when unset."
+    )
     enforce_eager: bool = Field(False, description="Skip compilation / CUDA graphs (faster start, slower steps).")
     disable_custom_all_reduce: bool = Field(
         False, description="GPU, tensor parallel only: all-reduce through NCCL instead of vLLM's custom all-reduce "
@@ -234,6 +238,27 @@ class StepSettings(StrictModel):
     temperature: float = Field(0.6, ge=0, le=2, description="Step sampling temperature.")
     top_p: float = Field(0.95, gt=0, le=1, description="Step nucleus sampling.")
     ignore_eos: bool = Field(False, description="Benchmarks on random weights: steps and answer run to their token limits.")
+    cap_last_step: bool = Field(
+        False, description="Serving variant: cap each step at what is left of token_budget, so the steps never exceed "
+        "it. The reference (default) gives every step its full step_max_tokens and stops after the step that reaches "
+        "the budget, keeping that step whole.")
+    stop_on_eos: bool = Field(
+        False, description="Serving variant: end the thinking phase after a step that ends with EOS. The reference "
+        "(default) writes the next step from the prefix as usual.")
+    completion_limit: int | None = Field(
+        None, ge=1, le=1_000_000, description="Most completion tokens of the whole request, reasoning and answer "
+        "together (a request's max_completion_tokens): every step is capped at what is left of it, the answer gets "
+        "the rest. None: no such limit.")
+
+    def reasoning_budget(self) -> int:
+        """The output tokens after which no step starts: the token budget, within the completion limit."""
+        return min(self.token_budget, self.completion_limit or self.token_budget)
+
+    def most_reasoning_tokens(self) -> int:
+        """The most output tokens the steps can take: the last step may cross the budget unless it is capped."""
+        if self.cap_last_step or self.completion_limit is not None:
+            return self.reasoning_budget()
+        return self.token_budget - 1 + self.step_max_tokens
 
 
 class TauControllerSettings(StrictModel):
@@ -336,6 +361,17 @@ class ClusterConfig(StrictModel):
 
 class ConfigError(ValueError):
     """A config file is missing, not YAML, or invalid; the message names each bad field."""
+
+
+def set_fields(data: dict, changes: dict) -> dict:
+    """``data`` (a config as plain data) with each ``{dotted.path: value}`` of ``changes`` set."""
+    for dotted, value in changes.items():
+        *parents, leaf = dotted.split(".")
+        node = data
+        for key in parents:
+            node = node.setdefault(key, {})
+        node[leaf] = value
+    return data
 
 
 def format_validation_error(err: ValidationError) -> str:

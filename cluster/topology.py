@@ -58,20 +58,26 @@ def pool_options(role: PoolRole, settings: PoolSettings, prefix_affinity: bool) 
     return options
 
 
-def router_options(cfg: ClusterConfig) -> dict:
-    """The Router (ingress) deployment's Serve options."""
-    return {
+def router_options(cfg: ClusterConfig, router_resource: str | None = None) -> dict:
+    """The Router (ingress) deployment's Serve options. With ``router_resource`` (Kubernetes: a custom resource
+    only the router pods advertise, one unit each), each replica takes one unit of it and at most one runs per
+    node."""
+    options = {
         "name": ROUTER_DEPLOYMENT,
         "num_replicas": cfg.router.num_replicas,
         "max_ongoing_requests": cfg.router.max_ongoing_requests,
         "ray_actor_options": {"num_cpus": cfg.router.num_cpus},
     }
+    if router_resource:
+        options["max_replicas_per_node"] = 1
+        options["ray_actor_options"]["resources"] = {router_resource: 1}
+    return options
 
 
-def deployment_options(cfg: ClusterConfig) -> list[dict]:
+def deployment_options(cfg: ClusterConfig, router_resource: str | None = None) -> list[dict]:
     """Every deployment's options, pools first: what the builder binds and the Serve config lists."""
     pools = [pool_options(role, pool, cfg.router.prefix_affinity) for role, pool in cfg.pools.items()]
-    return [*pools, router_options(cfg)]
+    return [*pools, router_options(cfg, router_resource)]
 
 
 def model_cache_dir() -> Path:

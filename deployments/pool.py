@@ -32,6 +32,8 @@ def engine_args(settings: PoolSettings) -> dict:
         "compilation_config": {"cudagraph_mode": eng.cudagraph_mode} if eng.cudagraph_mode else None,
         "disable_custom_all_reduce": eng.disable_custom_all_reduce,
     }
+    # False is a setting too, so it is kept apart from the optional ones above
+    scheduling = {} if eng.async_scheduling is None else {"async_scheduling": eng.async_scheduling}
     return {
         "model": model_dir(settings),
         "tokenizer": tokenizer_dir(settings),
@@ -47,6 +49,7 @@ def engine_args(settings: PoolSettings) -> dict:
         "stream_interval": eng.stream_interval,
         "disable_log_stats": False,
         **{key: value for key, value in optional.items() if value},
+        **scheduling,
     }
 
 

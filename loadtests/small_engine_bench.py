@@ -29,7 +29,8 @@ from typing import NamedTuple
 
 from cluster.config import ConfigError, PoolSettings, load_config
 from deployments.pool import BusyClock, engine_args
-from loadtests.gpu_bench import parse_override, phase_figures, with_overrides
+from loadtests.gpu_bench.layouts import parse_override, with_overrides
+from loadtests.gpu_bench.stats import phase_figures
 from loadtests.gpu_models import build_model, build_tokenizer
 
 STEP_TOKENS, STEPS, PROMPT_TOKENS = 96, 16, 200

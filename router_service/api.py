@@ -7,6 +7,7 @@ its events come back as a JSON response or an SSE stream, its errors as OpenAI e
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import AsyncIterator
 
 import redis.asyncio as aioredis
@@ -19,6 +20,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 
+from cluster import metrics
 from cluster.config import ClusterConfig
 from cluster.topology import ROUTER_DEPLOYMENT, tokenizer_dir
 from router_service import responses
@@ -28,7 +30,7 @@ from router_service.headers import ratelimit_headers, refusal_headers
 from router_service.loop import AnswerDelta, ReasoningDelta, StepDone
 from router_service.pools import ServePoolClient
 from router_service.prompts import PromptRenderer
-from router_service.service import Finished, RequestService, Run
+from router_service.service import BASE_ID, Finished, RequestService, Run
 from router_service.tenancy import RateLimited, is_admin_key
 
 # No unauthenticated docs: every route but /health needs a key (the schema: `python -m cluster render openapi`)
@@ -39,6 +41,7 @@ install_error_handlers(app)
 
 @app.exception_handler(RateLimited)
 async def _rate_limited(_: Request, exc: RateLimited):
+    metrics.inc("glimprouter_rejections", tenant=exc.tenant, reason=exc.reason)
     return APIError(429, str(exc), code="rate_limit_exceeded", headers=refusal_headers(exc)).response()
 
 
@@ -74,6 +77,16 @@ def bearer_key(request: Request) -> str:
     return key.strip()
 
 
+def http_request_id(request: Request) -> str | None:
+    """The HTTP request's id: the client's ``x-request-id``, else the one Serve's proxy gave it (the proxy returns
+    it in the response's ``x-request-id``); 400 for an id that cannot name a request."""
+    value = request.headers.get("x-request-id")
+    if value is not None and not BASE_ID.match(value):
+        raise APIError(400, f"x-request-id must match {BASE_ID.pattern}", param="x-request-id",
+                       code="invalid_request_id")
+    return value
+
+
 def redis_client(cfg: ClusterConfig) -> aioredis.Redis:
     """The replica's Redis client: a connection dropped (Redis restarted) is redialled, not a 503."""
     return aioredis.Redis.from_url(
@@ -94,6 +107,7 @@ class Router:
         pools = {"small": ServePoolClient(small, "small"), "large": ServePoolClient(large, "large")}
         replica = serve.get_replica_context().replica_id.unique_id
         self.service = RequestService(self.cfg, redis_client(self.cfg), pools, renderers, replica)
+        self.created = int(time.time())
 
     @app.get("/health")
     async def health(self) -> dict:
@@ -104,8 +118,19 @@ class Router:
     async def models(self, request: Request) -> dict:
         """The routed model, as OpenAI's model list."""
         await self.service.authenticate(bearer_key(request))
-        return {"object": "list", "data": [{"id": self.cfg.name, "object": "model", "owned_by": "glimprouter",
-                                            "pools": {r: p.model.name for r, p in self.cfg.pools.items()}}]}
+        return {"object": "list", "data": [self._model()]}
+
+    @app.get("/v1/models/{model_id}")
+    async def model(self, model_id: str, request: Request) -> dict:
+        """One model, as OpenAI's model object (404 for a model not served)."""
+        await self.service.authenticate(bearer_key(request))
+        if model_id != self.cfg.name:
+            raise APIError(404, f"model {model_id!r} does not exist", param="model", code="model_not_found")
+        return self._model()
+
+    def _model(self) -> dict:
+        return {"id": self.cfg.name, "object": "model", "created": self.created, "owned_by": "glimprouter",
+                "pools": {r: p.model.name for r, p in self.cfg.pools.items()}}
 
     @app.post("/v1/chat/completions", openapi_extra=openapi_body(ChatCompletionRequest))
     async def chat_completions(self, request: Request):
@@ -123,10 +148,13 @@ class Router:
         return await self.service.trace(await self.service.authenticate(bearer_key(request)), request_id)
 
     @app.get("/v1/requests")
-    async def list_requests(self, request: Request) -> dict:
-        """Ids of the caller's own requests (another tenant's never appear)."""
+    async def list_requests(self, request: Request, limit: int = 20) -> dict:
+        """Ids of the caller's own requests, newest first (another tenant's never appear; the admin key lists
+        every tenant's, as ``tenant/id``)."""
         tenant = await self.service.authenticate(bearer_key(request))
-        return {"object": "list", "data": await self.service.request_ids(tenant)}
+        ids, more = await self.service.request_ids(tenant, limit)
+        return {"object": "list", "data": ids, "first_id": ids[0] if ids else None,
+                "last_id": ids[-1] if ids else None, "has_more": more}
 
     @app.get("/v1/admin/tenants/{name}/usage")
     async def tenant_usage(self, name: str, request: Request, day: str | None = None) -> dict:
@@ -150,13 +178,13 @@ class Router:
             body = model_cls.model_validate(data)
         except ValidationError as exc:
             raise validation_error(exc) from None
-        return await self._respond(await self.service.start(tenant, body, endpoint))
+        return await self._respond(await self.service.start(tenant, body, endpoint, http_request_id(request)))
 
     async def _respond(self, run: Run):
         """The run as one JSON response, or as an SSE stream whose status is that of its first event."""
         self.service.start_background()
         events = self.service.events(run)
-        headers = {**ratelimit_headers(run.admission.state), "x-request-id": run.loop.request_id}
+        headers = ratelimit_headers(run.admission.state)  # Serve's proxy adds the one x-request-id
         if not run.loop.stream:
             finished = None
             async for event in events:
@@ -171,7 +199,7 @@ class Router:
         build = responses.chat_completion if run.stored.endpoint == "chat" else responses.text_completion
         return build(run.loop.request_id, run.stored.model,
                      responses.reasoning_text(finished.steps, run.stored.steps.delimiter), finished.answer,
-                     finished.usage, responses.routing_summary(run.stored.policy.model_dump(), finished.steps))
+                     finished.usage, responses.routing_summary(run.stored.policy, finished.steps))
 
     @staticmethod
     async def _sse(run: Run, first, events) -> AsyncIterator[str]:
@@ -202,7 +230,7 @@ class Router:
                 elif isinstance(event, AnswerDelta):
                     yield writer.delta(content=event.text)
                 elif isinstance(event, Finished):
-                    routing = responses.routing_summary(run.stored.policy.model_dump(), event.steps)
+                    routing = responses.routing_summary(run.stored.policy, event.steps)
                     yield writer.finish(event.answer.finish_reason or "stop", routing)
                     if run.stored.include_usage:
                         yield writer.usage(event.usage)

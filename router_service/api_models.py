@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from cluster.config import PolicyName, PriorityClass
 
@@ -50,6 +50,12 @@ class RoutingOverrides(APIModel):
     glimpse_in_step: bool | None = Field(None, description="Take each glimpse from the first token of a small step call.")
     token_budget: int | None = Field(None, ge=1, le=1_000_000, description="Most output tokens of all steps.")
     step_max_tokens: int | None = Field(None, ge=1, le=32_768, description="Most tokens of one step.")
+    final_max_tokens: int | None = Field(None, ge=1, le=32_768, description="Most tokens of the final answer alone "
+                                         "(within max_completion_tokens, when that is given too).")
+    cap_last_step: bool | None = Field(None, description="Cap each step at what is left of token_budget (a serving "
+                                       "variant; the reference keeps the step that crosses the budget whole).")
+    stop_on_eos: bool | None = Field(None, description="End thinking after a step that ends with EOS (a serving "
+                                     "variant; the reference writes the next step).")
     max_large_fraction: float | None = Field(None, ge=0, le=1, description="glimprouter: large-step budget, the "
                                              "share of steps the router sends to the large pool.")
     priority: PriorityClass | None = Field(None, description="interactive, standard or batch: at most the key's "
@@ -62,19 +68,27 @@ class SamplingFields(RoutingOverrides):
     model: str = Field(min_length=1)
     temperature: float | None = Field(None, ge=0, le=2)
     top_p: float | None = Field(None, gt=0, le=1)
-    max_tokens: int | None = Field(None, ge=1, le=32_768, description="Most tokens of the final answer.")
+    max_tokens: int | None = Field(None, ge=1, le=1_000_000, description="Most completion tokens, reasoning and "
+                                   "answer together (chat: the deprecated name of max_completion_tokens).")
     stream: bool = False
     stream_options: StreamOptions | None = None
     seed: int | None = Field(None, ge=0, le=2**31 - 1)
     n: int = Field(1, ge=1, le=1, description="Only one choice is supported.")
     user: str | None = Field(None, max_length=256)
 
+    @model_validator(mode="after")
+    def _stream_options_need_stream(self):
+        if self.stream_options is not None and not self.stream:
+            raise ValueError("stream_options: only allowed when stream is true")
+        return self
+
 
 class ChatCompletionRequest(SamplingFields):
     """``POST /v1/chat/completions``."""
 
     messages: list[ChatMessage] = Field(min_length=1, max_length=256)
-    max_completion_tokens: int | None = Field(None, ge=1, le=32_768)
+    max_completion_tokens: int | None = Field(None, ge=1, le=1_000_000, description="Most completion tokens, "
+                                              "reasoning and answer together, as for OpenAI's reasoning models.")
 
     @field_validator("messages")
     @classmethod
@@ -87,8 +101,8 @@ class ChatCompletionRequest(SamplingFields):
         """Messages as chat-template dicts."""
         return [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in self.messages]
 
-    def final_max_tokens(self) -> int | None:
-        """``max_completion_tokens`` wins over the deprecated ``max_tokens``."""
+    def completion_limit(self) -> int | None:
+        """The most completion tokens (reasoning and answer): ``max_completion_tokens``, else ``max_tokens``."""
         return self.max_completion_tokens or self.max_tokens
 
 
@@ -101,8 +115,8 @@ class CompletionRequest(SamplingFields):
         """The prompt as a one-message chat."""
         return [{"role": "user", "content": self.prompt}]
 
-    def final_max_tokens(self) -> int | None:
-        """The final answer's limit."""
+    def completion_limit(self) -> int | None:
+        """The most completion tokens (reasoning and answer)."""
         return self.max_tokens
 
 

@@ -9,7 +9,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 _TYPES = {
     400: "invalid_request_error", 401: "authentication_error", 403: "permission_error", 404: "not_found_error",
-    409: "conflict_error", 413: "invalid_request_error", 422: "invalid_request_error", 429: "rate_limit_error",
+    409: "conflict_error", 413: "invalid_request_error", 429: "rate_limit_error",
     500: "server_error", 503: "service_unavailable",
 }
 
@@ -33,8 +33,9 @@ class APIError(Exception):
         return JSONResponse(self.body(), status_code=self.status, headers=self.headers)
 
 
-def validation_error(exc: Exception, status: int = 422) -> APIError:
-    """A pydantic validation failure as an error (422 unless ``status`` says otherwise) naming the first bad field."""
+def validation_error(exc: Exception, status: int = 400) -> APIError:
+    """A pydantic validation failure as an error naming the first bad field: 400, as OpenAI and vLLM answer
+    (``BadRequestError`` in the SDK)."""
     errors = exc.errors() if hasattr(exc, "errors") else []
     if not errors:
         return APIError(status, str(exc))

@@ -92,16 +92,36 @@ async def _continued(first: StepChunk, rest: AsyncIterator[StepChunk]) -> AsyncI
         yield chunk
 
 
-def thinking_finished(steps: list[StepRecord], budget: int) -> bool:
-    """The stop rules: ``</think>`` or EOS in the last step, two identical last steps, budget spent."""
+def thinking_finished(steps: list[StepRecord], cfg: StepSettings) -> bool:
+    """The reference's stop rules, checked after each step: ``</think>`` in the last step, more than two steps
+    and the last two identical, the budget reached (the step that reaches it is kept whole). An EOS step stops
+    thinking only with the ``stop_on_eos`` variant."""
     if not steps:
         return False
     last = steps[-1]
-    if THINK_CLOSE in last.text or last.ended_by_eos:
+    if THINK_CLOSE in last.text or (cfg.stop_on_eos and last.ended_by_eos):
         return True
     if len(steps) > 2 and steps[-1].text == steps[-2].text:
         return True
-    return sum(s.output_tokens for s in steps) >= budget
+    return sum(s.output_tokens for s in steps) >= cfg.reasoning_budget()
+
+
+def step_max_tokens(cfg: StepSettings, used: int) -> int:
+    """A step's token limit after ``used`` output tokens: the full per-step maximum (the reference), capped at what
+    is left of the budget with ``cap_last_step`` and always at what is left of a completion limit."""
+    limits = [cfg.step_max_tokens]
+    if cfg.cap_last_step:
+        limits.append(cfg.token_budget - used)
+    if cfg.completion_limit is not None:
+        limits.append(cfg.completion_limit - used)
+    return min(limits)
+
+
+def answer_max_tokens(cfg: StepSettings, used: int) -> int:
+    """The final answer's token limit: final_max_tokens, within what the steps left of a completion limit."""
+    if cfg.completion_limit is None:
+        return cfg.final_max_tokens
+    return max(0, min(cfg.final_max_tokens, cfg.completion_limit - used))
 
 
 class StepLoop:
@@ -122,14 +142,14 @@ class StepLoop:
         """
         cfg = req.steps
         steps, fused = list(done), None
-        while not thinking_finished(steps, cfg.token_budget):
+        while not thinking_finished(steps, cfg):
             record = None
             async for event in self._one_step(req, steps, fused):
                 if isinstance(event, StepDone):
                     record, fused = event.record, event.next_glimpse
                 yield event
             steps.append(record)
-        async for event in self._final_answer(req, [s.text for s in steps]):
+        async for event in self._final_answer(req, [s.text for s in steps], sum(s.output_tokens for s in steps)):
             yield event
 
     async def _one_step(self, req: LoopRequest, steps: list[StepRecord], fused: Glimpse | None) -> AsyncIterator[LoopEvent]:
@@ -150,14 +170,14 @@ class StepLoop:
         glimpsed = needs_glimpse(policy)
         used = sum(s.output_tokens for s in steps)
         sampling = StepSampling(
-            max_tokens=min(cfg.step_max_tokens, cfg.token_budget - used), temperature=req.temperature,
+            max_tokens=step_max_tokens(cfg, used), temperature=req.temperature,
             top_p=req.top_p, stop=[cfg.delimiter], seed=None if req.seed is None else req.seed + index,
             ignore_eos=cfg.ignore_eos,
         )
-        glimpse_ms, logprobs, small_call = 0.0, None, None
+        glimpse_ms, logprobs, small_call, glimpse = 0.0, None, None, None  # glimpse: one a call of its own prefilled
         t0 = time.perf_counter()
         if glimpsed and fused is not None:
-            glimpse_ms, logprobs = fused.ms, fused.top_logprobs
+            glimpse_ms, logprobs, glimpse = fused.ms, fused.top_logprobs, fused
         elif glimpsed and policy.glimpse_in_step:  # the small step call glimpses: its first item holds the glimpse
             small_call = self.pools["small"].step(prompt_for("small"), sampling, req.stream, req.request_id,
                                                   glimpse_top_k=cfg.top_k)
@@ -177,7 +197,7 @@ class StepLoop:
             # fuse the next glimpse into a small step that leaves budget for another step; not into step 0, whose
             # prompt (the generation prompt) is not a prefix of step 1's ("<think>" opens the assistant turn)
             ask_next = glimpsed and policy.fused_glimpse and decision.pool == "small" and index > 0 and \
-                used + sampling.max_tokens < cfg.token_budget
+                used + sampling.max_tokens < cfg.reasoning_budget()
             chunks = self.pools[decision.pool].step(prompt_for(decision.pool), sampling, req.stream, req.request_id,
                                                     NextGlimpse(cfg.top_k, cfg.delimiter) if ask_next else None)
         t0 = time.perf_counter()
@@ -194,12 +214,18 @@ class StepLoop:
             glimpse_ms=round(glimpse_ms, 3), step_ms=round(step_ms, 3),
             finish_reason=last.finish_reason, ended_by_eos=last.ended_by_eos,
             glimpse_fused=glimpsed and fused is not None,
+            glimpse_prompt_tokens=glimpse.prompt_tokens if glimpse else 0,
+            glimpse_cached_tokens=glimpse.cached_tokens if glimpse else 0,
         ), glimpsed, last.next_glimpse)
 
-    async def _final_answer(self, req: LoopRequest, texts: list[str]) -> AsyncIterator[LoopEvent]:
+    async def _final_answer(self, req: LoopRequest, texts: list[str], used: int) -> AsyncIterator[LoopEvent]:
         pool: PoolRole = "small" if req.policy.policy == "small_only" else "large"
+        max_tokens = answer_max_tokens(req.steps, used)
+        if max_tokens == 0:  # the steps took the whole completion limit: an empty answer, as OpenAI's models give
+            yield AnswerDone(pool, "", 0, 0, 0, "length", 0.0)
+            return
         prompt = self.renderers[pool].final_prompt(req.messages, texts, req.steps.delimiter)
-        sampling = StepSampling(max_tokens=req.steps.final_max_tokens, temperature=req.temperature,
+        sampling = StepSampling(max_tokens=max_tokens, temperature=req.temperature,
                                 top_p=req.top_p, seed=req.seed, ignore_eos=req.steps.ignore_eos)
         t0 = time.perf_counter()
         async for chunk in self.pools[pool].step(prompt, sampling, req.stream, req.request_id):

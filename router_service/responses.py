@@ -5,15 +5,28 @@ from __future__ import annotations
 import json
 import time
 
+from cluster.config import PolicySettings
 from router_service.loop import AnswerDone
 from router_service.state import StepRecord
 
 
-def routing_summary(policy: dict, steps: list[StepRecord]) -> dict:
-    """The ``routing`` extension object: per step pool, entropy, tokens and times."""
+# the settings each policy reads: the routing object shows those, and no other
+POLICY_FIELDS: dict[str, tuple[str, ...]] = {
+    "glimprouter": ("tau", "max_large_fraction", "fused_glimpse", "glimpse_in_step"),
+    "large_only": (),
+    "small_only": (),
+    "random": ("large_fraction", "seed"),
+    "forced_fraction": ("large_fraction", "seed", "fused_glimpse", "glimpse_in_step"),
+}
+
+
+def routing_summary(policy: PolicySettings, steps: list[StepRecord]) -> dict:
+    """The ``routing`` extension object: the policy and the settings it reads, per step pool, entropy, tokens
+    and times."""
     large = sum(1 for s in steps if s.pool == "large")
     return {
-        **policy,
+        "policy": policy.policy,
+        **{name: getattr(policy, name) for name in POLICY_FIELDS[policy.policy]},
         "large_step_fraction": round(large / len(steps), 4) if steps else 0.0,
         "steps": [{"index": s.index, "pool": s.pool, "entropy": s.entropy, "tokens": s.output_tokens,
                    "glimpse_ms": s.glimpse_ms, "glimpse_fused": s.glimpse_fused, "step_ms": s.step_ms} for s in steps],
@@ -21,7 +34,9 @@ def routing_summary(policy: dict, steps: list[StepRecord]) -> dict:
 
 
 def usage(steps: list[StepRecord], answer: AnswerDone, prompt_tokens: int, glimpses: int) -> dict:
-    """OpenAI usage plus ``per_pool``: engine-reported tokens of each pool (glimpses are small-pool calls)."""
+    """OpenAI usage plus ``per_pool``: engine-reported tokens of each pool. Glimpses are small-pool calls: their
+    prompt tokens count in the small pool's ``prompt_tokens`` (and apart, as ``glimpse_prompt_tokens``); the
+    glimpsed token itself is thrown away, so it is no completion token."""
     per_pool = {pool: {"steps": 0, "completion_tokens": 0, "prompt_tokens": 0, "cached_prompt_tokens": 0}
                 for pool in ("small", "large")}
     for s in steps:
@@ -33,7 +48,11 @@ def usage(steps: list[StepRecord], answer: AnswerDone, prompt_tokens: int, glimp
     per_pool[answer.pool]["completion_tokens"] += answer.output_tokens
     per_pool[answer.pool]["prompt_tokens"] += answer.prompt_tokens
     per_pool[answer.pool]["cached_prompt_tokens"] += answer.cached_tokens
-    per_pool["small"]["glimpses"] = glimpses
+    small = per_pool["small"]
+    small["glimpses"] = glimpses
+    small["glimpse_prompt_tokens"] = sum(s.glimpse_prompt_tokens for s in steps)  # in small's prompt_tokens too
+    small["prompt_tokens"] += small["glimpse_prompt_tokens"]
+    small["cached_prompt_tokens"] += sum(s.glimpse_cached_tokens for s in steps)
     reasoning = sum(s.output_tokens for s in steps)
     return {
         "prompt_tokens": prompt_tokens,

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import time
 import uuid
 from collections.abc import AsyncIterator, Mapping
@@ -35,6 +36,7 @@ from router_service.state import (
     FAILED,
     FINISHED,
     RequestNotFound,
+    RequestState,
     RequestStateStore,
     StateConflict,
     StepRecord,
@@ -46,8 +48,17 @@ from router_service.tenancy import Admission, Tenant, TenantSettings, TenantStor
 log = logging.getLogger("ray.serve")
 # the policy fields a request may set for itself
 POLICY_OVERRIDES = tuple(k for k in RoutingOverrides.model_fields if k in PolicySettings.model_fields)
+STEP_OVERRIDES = ("cap_last_step", "stop_on_eos")  # the step-loop variants a request may ask for
 POOL_ERRORS = (RayError, RayServeException)  # a pool call that failed after its retry
 CONTEXT_MARGIN_TOKENS = 16  # room for the answer's template tokens beyond the budget
+ID_PREFIXES = {"chat": "chatcmpl-", "completions": "cmpl-"}  # a request's id: the prefix, then its HTTP request's id
+BASE_ID = re.compile(r"^[A-Za-z0-9._~-]{1,128}$")  # what a client's x-request-id may be
+MAX_LIST_LIMIT = 100
+
+
+def completion_id(endpoint: str, base_id: str) -> str:
+    """The id of a request (the response's ``id``, the key of its state) from its HTTP request's id."""
+    return ID_PREFIXES[endpoint] + base_id
 
 
 @dataclass
@@ -121,12 +132,26 @@ class RequestService:
         return tenant
 
     async def trace(self, tenant: Tenant, request_id: str) -> dict:
-        """The whole trace of one of the tenant's requests (404 for anyone else's)."""
-        return (await redis_call(self.store.get(tenant.name, request_id))).trace()
+        """The whole trace of one of the tenant's requests (404 for anyone else's; the admin sees every one), by
+        its id or by its HTTP request's id (``x-request-id``)."""
+        return (await redis_call(self._find(tenant, request_id))).trace()
 
-    async def request_ids(self, tenant: Tenant) -> list[str]:
-        """Ids of the tenant's own requests."""
-        return await redis_call(self.store.list_ids(tenant.name))
+    async def _find(self, tenant: Tenant, request_id: str) -> RequestState:
+        prefixed = request_id.startswith(tuple(ID_PREFIXES.values()))
+        for rid in [request_id] if prefixed else [prefix + request_id for prefix in ID_PREFIXES.values()]:
+            try:
+                owner = await self.store.tenant_of(rid) if tenant is self.admin else tenant.name
+                return await self.store.get(owner, rid)
+            except RequestNotFound:
+                continue
+        raise RequestNotFound(request_id)
+
+    async def request_ids(self, tenant: Tenant, limit: int) -> tuple[list[str], bool]:
+        """Ids of the tenant's own requests, newest first (the admin's: every tenant's, as ``tenant/id``), at most
+        ``limit``, and whether there are more."""
+        if not 1 <= limit <= MAX_LIST_LIMIT:
+            raise APIError(400, f"limit must be from 1 to {MAX_LIST_LIMIT}, not {limit}", param="limit")
+        return await redis_call(self.store.list_ids(None if tenant is self.admin else tenant.name, limit))
 
     async def tenant_usage(self, name: str, day: str | None) -> dict:
         """A tenant's usage per pool for one UTC day."""
@@ -141,8 +166,9 @@ class RequestService:
 
     # ---- a request's start ----------------------------------------------------------------------------
 
-    async def start(self, tenant: Tenant, body, endpoint: str) -> Run:
-        """Settle a validated body's settings, admit it and store it as a running request owned here."""
+    async def start(self, tenant: Tenant, body, endpoint: str, base_id: str | None = None) -> Run:
+        """Settle a validated body's settings, admit it and store it as a running request owned here, under the id
+        ``completion_id(endpoint, base_id)`` (``base_id``: the HTTP request's id; a new one if None)."""
         if body.model != self.cfg.name or not tenant.settings.allows_model(body.model):
             raise APIError(404, f"model {body.model!r} does not exist or you have no access to it", param="model",
                            code="model_not_found")
@@ -157,9 +183,9 @@ class RequestService:
             temperature=body.temperature if body.temperature is not None else steps.temperature,
             top_p=body.top_p if body.top_p is not None else steps.top_p, seed=body.seed, stream=body.stream,
             include_usage=bool(body.stream_options and body.stream_options.include_usage),
-            prompt_tokens=self._check_context(messages, steps), priority=priority,
+            prompt_tokens=self._check_context(messages, steps), user=body.user, priority=priority,
         )
-        request_id = ("chatcmpl-" if endpoint == "chat" else "cmpl-") + uuid.uuid4().hex
+        request_id = completion_id(endpoint, base_id or uuid.uuid4().hex)
         self.fairness.check_admission(priority)  # 503 while the fair queue is past this class's depth
         admission = await redis_call(self.tenants.admit(tenant, request_id))
         try:
@@ -171,7 +197,8 @@ class RequestService:
         return Run(tenant, self._loop_request(tenant, request_id, stored, stored.stream), stored, [], admission)
 
     async def resume(self, tenant: Tenant, request_id: str, stream: bool) -> Run:
-        """Take over a running request whose owner died, from its last complete step."""
+        """Take over one of the tenant's running requests whose owner died, from its last complete step."""
+        request_id = (await redis_call(self._find(tenant, request_id))).request_id
         await redis_call(self.store.claim(tenant.name, request_id, self.replica))
         state = await redis_call(self.store.get(tenant.name, request_id))
         admission = await redis_call(self.tenants.admit(tenant, request_id))
@@ -186,35 +213,55 @@ class RequestService:
                            tenant.name, stored.priority)
 
     def _settings(self, tenant: Tenant, body) -> tuple[PolicySettings, StepSettings]:
-        """The request's policy and step limits: router defaults < tenant defaults < request fields."""
+        """The request's policy and step limits: router defaults < tenant defaults < request fields. A request's
+        ``seed`` seeds the policy's draws too. A completion limit (``max_completion_tokens``) bounds reasoning and
+        answer together: without a ``token_budget`` the steps may take all of it but what is kept for the answer
+        (``final_max_tokens``, at most half of the limit); the answer may take all the steps leave, or at most
+        the request's ``final_max_tokens``."""
         overrides = {k: v for k in POLICY_OVERRIDES if (v := getattr(body, k)) is not None}
+        if body.seed is not None:
+            overrides["seed"] = body.seed
         try:  # each field is valid alone (the body's model); together they may not be
             policy = PolicySettings.model_validate({**tenant.settings.policy.model_dump(), **overrides})
         except ValidationError as exc:
-            raise validation_error(exc, status=400) from None
+            raise validation_error(exc) from None
         base = self.cfg.router.steps
-        limit = tenant.settings.max_token_budget
-        budget = body.token_budget or min(base.token_budget, limit)
-        if budget > limit:
-            raise APIError(400, f"token_budget {budget} exceeds this key's limit of {limit}", param="token_budget",
+        ceiling, completion_limit = tenant.settings.max_token_budget, body.completion_limit()
+        answer = body.final_max_tokens or base.final_max_tokens
+        default = min(base.token_budget, ceiling)
+        if completion_limit is not None:
+            default = min(default, max(1, completion_limit - min(answer, completion_limit // 2)))
+            answer = body.final_max_tokens or completion_limit  # the answer may take what the steps leave
+        budget = body.token_budget or default
+        if budget > ceiling:
+            raise APIError(400, f"token_budget {budget} exceeds this key's limit of {ceiling}", param="token_budget",
                            code="budget_too_large")
+        if completion_limit is not None and budget > completion_limit:
+            raise APIError(400, f"token_budget {budget} exceeds max_completion_tokens {completion_limit}",
+                           param="token_budget", code="budget_too_large")
         steps = base.model_copy(update={
             "token_budget": budget,
             "step_max_tokens": body.step_max_tokens or base.step_max_tokens,
-            "final_max_tokens": body.final_max_tokens() or base.final_max_tokens,
+            "completion_limit": completion_limit,
+            "final_max_tokens": min(answer, 32_768),
+            **{k: v for k in STEP_OVERRIDES if (v := getattr(body, k)) is not None},
         })
         return policy, steps
 
     def _check_context(self, messages: list[dict], steps: StepSettings) -> int:
-        """The prompt's tokens; 400 if the prompt, a full budget of steps and the answer cannot fit a pool."""
+        """The prompt's tokens; 400 if the prompt, the most tokens the steps can take and the answer cannot fit a
+        pool's context."""
         prompt_tokens = 0
+        most = steps.most_reasoning_tokens() + steps.final_max_tokens
+        if steps.completion_limit is not None:
+            most = min(most, steps.completion_limit)
         for role, pool in self.cfg.pools.items():
             try:
                 n = len(self.renderers[role].step_prompt(messages, [], steps.delimiter))
             except Exception as exc:  # a template that cannot render these messages
                 raise APIError(400, f"messages cannot be rendered by the {role} model's chat template: {exc}",
                                param="messages") from None
-            if n + steps.token_budget + steps.final_max_tokens + CONTEXT_MARGIN_TOKENS > pool.engine.max_model_len:
+            if n + most + CONTEXT_MARGIN_TOKENS > pool.engine.max_model_len:
                 raise APIError(400, f"prompt ({n} tokens) plus token_budget and max_tokens exceed the {role} model's "
                                f"context of {pool.engine.max_model_len} tokens", param="messages",
                                code="context_length_exceeded")
@@ -229,9 +276,13 @@ class RequestService:
         admission is released at the end, whatever happened."""
         tenant, req, rid = run.tenant, run.loop, run.loop.request_id
         steps = list(run.done)
-        start, outcome = time.perf_counter(), FAILED
+        start, outcome, first_output = time.perf_counter(), FAILED, True
         try:
             async for event in self.loop.run(req, run.done):
+                if first_output:  # every event carries output: a token (streamed) or a step, then the answer
+                    metrics.observe("glimprouter_request_ttft_seconds", time.perf_counter() - start,
+                                    stream=str(req.stream).lower())
+                    first_output = False
                 if isinstance(event, StepDone):
                     await self._record_step(tenant, rid, event)
                     steps.append(event.record)

@@ -3,6 +3,9 @@
 Layout (namespaced by tenant, all keys share the request's TTL):
   ``{ns}:t:{tenant}:req:{id}``        hash: request (JSON), status, owner, lease_until, counters, final, error
   ``{ns}:t:{tenant}:req:{id}:steps``  list: one JSON record per complete step, in order
+  ``{ns}:t:{tenant}:reqs``            sorted set: the tenant's request ids by creation time (listings)
+  ``{ns}:reqs``                       sorted set: ``{tenant}/{id}`` by creation time (the admin's listing)
+  ``{ns}:rid:{id}``                   the tenant of a request (the admin's lookups)
 A step is appended only by the lease owner and only at the index it expects, so a replica that dies
 leaves a consistent prefix of complete steps, and a resumed request never duplicates a step.
 """
@@ -22,12 +25,21 @@ from cluster.config import PolicySettings, PriorityClass, StepSettings, StrictMo
 RUNNING, FINISHED, FAILED, CANCELLED = "running", "finished", "failed", "cancelled"
 
 _CREATE = """
--- KEYS[1] hash; ARGV: request json, owner, lease_until, now, ttl. Refuses an existing id.
+-- KEYS: hash, tenant's index, global index, id's tenant; ARGV: request json, owner, lease_until, now, ttl, id,
+-- tenant. Refuses an id the tenant uses; drops index entries older than the TTL. (Another tenant may use the
+-- same id: the admin's lookup finds the first.)
 if redis.call('EXISTS', KEYS[1]) == 1 then return -4 end
 redis.call('HSET', KEYS[1], 'request', ARGV[1], 'status', 'running', 'owner', ARGV[2], 'lease_until', ARGV[3],
   'created_at', ARGV[4], 'steps_small', 0, 'steps_large', 0, 'output_tokens_small', 0, 'output_tokens_large', 0,
   'glimpses', 0)
-redis.call('EXPIRE', KEYS[1], tonumber(ARGV[5]))
+local ttl = tonumber(ARGV[5])
+redis.call('EXPIRE', KEYS[1], ttl)
+redis.call('SET', KEYS[4], ARGV[7], 'EX', ttl, 'NX')
+for i, member in ipairs({ARGV[6], ARGV[7] .. '/' .. ARGV[6]}) do
+  redis.call('ZADD', KEYS[i + 1], ARGV[4], member)
+  redis.call('ZREMRANGEBYSCORE', KEYS[i + 1], '-inf', tonumber(ARGV[4]) - ttl)
+  redis.call('EXPIRE', KEYS[i + 1], ttl)
+end
 return 1
 """
 
@@ -86,6 +98,7 @@ class StoredRequest(StrictModel):
     top_p: float = Field(description="Nucleus sampling of every step and of the answer.")
     seed: int | None = Field(None, description="The client's seed (step i samples with seed + i).")
     stream: bool = Field(False, description="Whether the client asked for a stream.")
+    user: str | None = Field(None, description="The client's end-user id (OpenAI's ``user``), kept in the trace.")
     include_usage: bool = Field(False, description="Stream a usage chunk at the end.")
     prompt_tokens: int = Field(0, ge=0, description="Tokens of the rendered prompt.")
     priority: PriorityClass = Field("standard", description="The request's class (at most its tenant's).")
@@ -107,6 +120,8 @@ class StepRecord:
     finish_reason: str | None
     ended_by_eos: bool = False
     glimpse_fused: bool = False  # its glimpse came from the previous small step's call
+    glimpse_prompt_tokens: int = 0  # the prompt tokens its glimpse's call processed (0: none, or in the step call)
+    glimpse_cached_tokens: int = 0  # of those, the ones the small pool's prefix cache held
 
     @classmethod
     def from_json(cls, raw: bytes | str) -> StepRecord:
@@ -155,12 +170,17 @@ class RequestStateStore:
         base = f"{self.namespace}:t:{tenant}:req:{request_id}"
         return base, base + ":steps"
 
+    def _indexes(self, tenant: str) -> tuple[str, str]:
+        return f"{self.namespace}:t:{tenant}:reqs", f"{self.namespace}:reqs"
+
     async def create(self, tenant: str, request_id: str, request: StoredRequest, owner: str) -> None:
-        """Record a new running request owned by ``owner``, with its TTL, in one atomic script."""
+        """Record a new running request owned by ``owner``, with its TTL, and index it, in one atomic script."""
         key, _ = self._keys(tenant, request_id)
         now = time.time()
-        if await self._create(keys=[key], args=[request.model_dump_json(), owner, now + self.lease_s, now, self.ttl_s]) < 0:
-            raise StateConflict(f"request {request_id} already exists")
+        keys = [key, *self._indexes(tenant), f"{self.namespace}:rid:{request_id}"]
+        args = [request.model_dump_json(), owner, now + self.lease_s, now, self.ttl_s, request_id, tenant]
+        if await self._create(keys=keys, args=args) < 0:
+            raise StateConflict(f"request id {request_id} is in use")
 
     async def append_step(self, tenant: str, request_id: str, owner: str, step: StepRecord, glimpsed: bool) -> int:
         """Append step ``step.index`` atomically (owner and index checked); renews the lease."""
@@ -214,17 +234,24 @@ class RequestStateStore:
             final=json.loads(f["final"]) if "final" in f else None, error=f.get("error"), glimpses=int(f.get("glimpses", 0)),
         )
 
-    async def list_ids(self, tenant: str, limit: int = 100) -> list[str]:
-        """Request ids of one tenant (newest first is not guaranteed)."""
-        prefix = f"{self.namespace}:t:{tenant}:req:"
-        ids = []
-        async for key in self.redis.scan_iter(match=prefix + "*", count=500):
-            rest = (key.decode() if isinstance(key, bytes) else key)[len(prefix):]
-            if ":" not in rest:
-                ids.append(rest)
-                if len(ids) >= limit:
-                    break
-        return ids
+    async def list_ids(self, tenant: str | None, limit: int = 20) -> tuple[list[str], bool]:
+        """One tenant's request ids (every tenant's as ``tenant/id`` when ``tenant`` is None), newest first, at
+        most ``limit``; and whether there are more."""
+        index = self._indexes(tenant or "")[1 if tenant is None else 0]
+        await self.redis.zremrangebyscore(index, "-inf", time.time() - self.ttl_s)
+        ids = [_text(i) for i in await self.redis.zrevrange(index, 0, limit)]
+        return ids[:limit], len(ids) > limit
+
+    async def tenant_of(self, request_id: str) -> str:
+        """The tenant a request belongs to (the admin's lookups), else RequestNotFound."""
+        tenant = await self.redis.get(f"{self.namespace}:rid:{request_id}")
+        if tenant is None:
+            raise RequestNotFound(request_id)
+        return _text(tenant)
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
 
 
 _REASONS = {-1: "request is not running", -2: "another replica holds the lease", -3: "step out of order"}

@@ -15,8 +15,8 @@ def test_extension_fields_accepted():
         **BASE, "policy": "random", "tau": 0.9, "large_fraction": 0.3, "token_budget": 100, "step_max_tokens": 50,
         "stream": True, "stream_options": {"include_usage": True}, "seed": 5, "max_tokens": 64})
     assert (req.policy, req.tau, req.large_fraction, req.token_budget, req.step_max_tokens) == ("random", 0.9, 0.3, 100, 50)
-    assert req.stream_options.include_usage and req.final_max_tokens() == 64
-    assert ChatCompletionRequest.model_validate({**BASE, "max_tokens": 64, "max_completion_tokens": 32}).final_max_tokens() == 32
+    assert req.stream_options.include_usage and req.completion_limit() == 64
+    assert ChatCompletionRequest.model_validate({**BASE, "max_tokens": 64, "max_completion_tokens": 32}).completion_limit() == 32
     plain = ChatCompletionRequest.model_validate(BASE)
     assert (plain.policy, plain.tau, plain.n, plain.stream) == (None, None, 1, False)
 
@@ -40,6 +40,7 @@ def test_chat_messages():
     ({"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]}, "messages"),
     ({"messages": [{"role": "user", "content": "   "}]}, "messages"),
     ({"messages": [{"role": "user", "content": "Hi", "extra": 1}]}, "messages.0.extra"),
+    ({"stream_options": {"include_usage": True}}, ""),  # OpenAI: stream_options only with stream
 ])
 def test_chat_request_rejected(patch, field):
     with pytest.raises(ValidationError) as err:

@@ -16,7 +16,7 @@ from ray import serve
 from deployments.protocol import StepSampling
 
 pytestmark = pytest.mark.cluster
-SMALL = {"token_budget": 40, "step_max_tokens": 16, "max_tokens": 12, "temperature": 0}
+SMALL = {"token_budget": 40, "step_max_tokens": 16, "final_max_tokens": 12, "temperature": 0}
 QUESTION = "What is 12 times 3? Think step by step."
 
 
@@ -38,8 +38,12 @@ def chat(client, content=QUESTION, **fields):
 
 # ---- the algorithm, against a loop written here from glimprouter-algorithm.md ----------------------------
 
-def reference_loop(local_cluster, question: str, tau: float, budget: int, step_max: int) -> list[tuple[str, str]]:
-    """Greedy GlimpRouter with the pools' handles and the models' own tokenizers: [(pool, step text)]."""
+def reference_loop(local_cluster, question: str, tau: float, budget: int, step_max: int,
+                   answer_max: int) -> tuple[list[tuple[str, str]], str]:
+    """Greedy GlimpRouter by the reference's rules (glimprouter-algorithm.md), with the pools' handles and the
+    models' own tokenizers: ([(pool, step text)], final answer). Every step gets the full ``step_max``; thinking
+    stops after ``</think>``, after two identical last steps (more than two steps), or after the step whose
+    tokens reach ``budget`` (kept whole); an EOS step does not stop it."""
     from transformers import AutoTokenizer
 
     from cluster.ops.models import ensure_embedded_model
@@ -49,11 +53,18 @@ def reference_loop(local_cluster, question: str, tau: float, budget: int, step_m
     handles = {r: serve.get_deployment_handle(n, app_name=cfg.name) for r, n in (("small", "SmallPool"), ("large", "LargePool"))}
     messages = [{"role": "user", "content": question}]
 
-    def prompt(role, steps):
-        if not steps:
+    def render(role, turn=None):
+        if turn is None:
             return list(toks[role].apply_chat_template(messages, add_generation_prompt=True, tokenize=True)["input_ids"])
-        turn = messages + [{"role": "assistant", "content": "<think>" + "\n\n".join(steps) + "\n\n"}]
-        return list(toks[role].apply_chat_template(turn, continue_final_message=True, tokenize=True)["input_ids"])
+        chat = messages + [{"role": "assistant", "content": turn}]
+        return list(toks[role].apply_chat_template(chat, continue_final_message=True, tokenize=True)["input_ids"])
+
+    def prompt(role, steps):
+        return render(role, "<think>" + "\n\n".join(steps) + "\n\n" if steps else None)
+
+    async def generate(role, prompt_ids, sampling):
+        call = handles[role].options(method_name="step", stream=True).remote(prompt_ids, sampling)
+        return [c async for c in call][-1]
 
     async def run():
         steps, out, used = [], [], 0
@@ -62,31 +73,38 @@ def reference_loop(local_cluster, question: str, tau: float, budget: int, step_m
             probs = [math.exp(lp) for lp in glimpse.top_logprobs]
             entropy = -sum(p / sum(probs) * math.log(p / sum(probs)) for p in probs)
             role = "large" if entropy >= tau else "small"
-            sampling = StepSampling(max_tokens=min(step_max, budget - used), temperature=0.0, stop=["\n\n"])
-            chunks = [c async for c in handles[role].options(method_name="step", stream=True).remote(prompt(role, steps), sampling)]
-            last = chunks[-1]
+            last = await generate(role, prompt(role, steps), StepSampling(max_tokens=step_max, temperature=0.0,
+                                                                          stop=["\n\n"]))
             steps.append(last.text)
             out.append((role, last.text))
             used += last.output_tokens
-            eos = last.finish_reason == "stop" and last.stopped_by is None
-            if "</think>" in last.text or eos or (len(steps) > 2 and steps[-1] == steps[-2]) or used >= budget:
-                return out
+            if "</think>" in last.text or (len(steps) > 2 and steps[-1] == steps[-2]) or used >= budget:
+                thinking = "\n\n".join(steps).split("</think>", 1)[0]
+                final = await generate("large", render("large", "<think>" + thinking + "\n</think>\n\n"),
+                                       StepSampling(max_tokens=answer_max, temperature=0.0))
+                return out, final.text
 
     import asyncio
 
     return asyncio.run(run())
 
 
-@pytest.mark.parametrize("question", [QUESTION, "Name a prime number larger than 10.", "Why is the sky blue?"])
-def test_steps_and_decisions_equal_an_independent_loop(local_cluster, client, question):
-    tau = 1.0
-    response = chat(client, question, tau=tau)
+@pytest.mark.parametrize("question, tau, budget", [
+    (QUESTION, 1.0, 40), ("Name a prime number larger than 10.", 1.0, 40), ("Why is the sky blue?", 0.5, 40),
+    (QUESTION, 0.5, 21), ("Why is the sky blue?", 1.0, 27),  # budgets that end mid-step
+])
+def test_steps_decisions_and_answer_equal_the_reference_loop(local_cluster, client, question, tau, budget):
+    response = chat(client, question, tau=tau, token_budget=budget)
     assert response.status_code == 200, response.text
-    routed = [(s["pool"], s) for s in response.json()["routing"]["steps"]]
+    routed = [s["pool"] for s in response.json()["routing"]["steps"]]
     trace = client.get(f"/v1/requests/{response.json()['id']}").json()
-    expected = reference_loop(local_cluster, question, tau, SMALL["token_budget"], SMALL["step_max_tokens"])
+    expected, answer = reference_loop(local_cluster, question, tau, budget, SMALL["step_max_tokens"],
+                                      SMALL["final_max_tokens"])
     assert [(s["pool"], s["text"]) for s in trace["steps"]] == expected
-    assert [pool for pool, _ in routed] == [pool for pool, _ in expected]
+    assert routed == [pool for pool, _ in expected]
+    assert trace["final"]["text"] == answer == response.json()["choices"][0]["message"]["content"]
+    assert all(s["finish_reason"] != "length" or s["output_tokens"] == SMALL["step_max_tokens"]
+               for s in trace["steps"])  # no step was cut short of its full maximum
 
 
 @pytest.mark.parametrize("question", ["Why is the sky blue?", "Explain how to compute 17*23 step by step."])
@@ -143,7 +161,7 @@ def test_openai_client_non_streaming(local_cluster, key):
     oai = openai.OpenAI(base_url=f"{local_cluster.base_url}/v1", api_key=key)
     assert [m.id for m in oai.models.list().data] == ["glimprouter"]
     result = oai.chat.completions.create(model="glimprouter", messages=[{"role": "user", "content": QUESTION}],
-                                         temperature=0, max_tokens=12, extra_body={"token_budget": 40, "step_max_tokens": 16})
+                                         temperature=0, max_tokens=64, extra_body={"token_budget": 40, "step_max_tokens": 16})
     extra = result.model_extra
     assert result.choices[0].message.model_extra["reasoning_content"]
     assert extra["routing"]["steps"] and {s["pool"] for s in extra["routing"]["steps"]} <= {"small", "large"}
@@ -157,7 +175,7 @@ def test_openai_client_streaming_matches_stored_state(local_cluster, key):
     oai = openai.OpenAI(base_url=f"{local_cluster.base_url}/v1", api_key=key)
     stream = oai.chat.completions.create(
         model="glimprouter", messages=[{"role": "user", "content": QUESTION}], stream=True, temperature=0,
-        max_tokens=12, stream_options={"include_usage": True}, extra_body={"token_budget": 40, "step_max_tokens": 16})
+        max_tokens=64, stream_options={"include_usage": True}, extra_body={"token_budget": 40, "step_max_tokens": 16})
     reasoning, content, usage, routing, rid = [], [], None, None, None
     for chunk in stream:
         rid = chunk.id
@@ -193,11 +211,11 @@ def test_baselines_route_as_named(client, policy, pool):
 # ---- errors ---------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("body,status,param", [
-    ({"model": "glimprouter", "messages": [{"role": "user", "content": "hi"}], "bogus": 1}, 422, "bogus"),
-    ({"model": "glimprouter", "messages": [{"role": "user", "content": "hi"}], "tau": -1}, 422, "tau"),
-    ({"model": "glimprouter", "messages": [{"role": "user", "content": "hi"}], "temperature": 9}, 422, "temperature"),
-    ({"model": "glimprouter", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 0}, 422, "max_tokens"),
-    ({"model": "glimprouter", "messages": []}, 422, "messages"),
+    ({"model": "glimprouter", "messages": [{"role": "user", "content": "hi"}], "bogus": 1}, 400, "bogus"),
+    ({"model": "glimprouter", "messages": [{"role": "user", "content": "hi"}], "tau": -1}, 400, "tau"),
+    ({"model": "glimprouter", "messages": [{"role": "user", "content": "hi"}], "temperature": 9}, 400, "temperature"),
+    ({"model": "glimprouter", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 0}, 400, "max_tokens"),
+    ({"model": "glimprouter", "messages": []}, 400, "messages"),
     ({"model": "nope", "messages": [{"role": "user", "content": "hi"}]}, 404, "model"),
     ({"model": "glimprouter", "messages": [{"role": "user", "content": "word " * 3000}]}, 400, "messages"),
 ])
@@ -344,7 +362,12 @@ def test_usage_sums_equal_the_tokens_in_responses(local_cluster):
 def test_rate_limit_gives_429_with_openai_headers(local_cluster):
     from concurrent.futures import ThreadPoolExecutor
 
+    from cluster.metrics import SPECS
+    from cluster.ops import operators
+
     key = local_cluster.new_tenant("limited", requests_per_minute=1)
+    endpoints, rejections = operators.metrics_endpoints(), SPECS["glimprouter_rejections"].exported
+    before = operators.total(operators.scrape(endpoints), rejections, tenant="limited", reason="requests")
     with httpx.Client(base_url=local_cluster.base_url, headers={"Authorization": f"Bearer {key}"}, timeout=300) as c:
         # Sent together, so that both fall in the same one-minute window.
         with ThreadPoolExecutor(2) as pool:
@@ -353,3 +376,7 @@ def test_rate_limit_gives_429_with_openai_headers(local_cluster):
     assert admitted.status_code == 200 and admitted.headers["x-ratelimit-remaining-requests"] == "0"
     assert refused.status_code == 429 and refused.json()["error"]["type"] == "rate_limit_error"
     assert int(refused.headers["retry-after"]) >= 1 and "x-ratelimit-reset-requests" in refused.headers
+    deadline = time.time() + 40  # the refusal is in the project's metrics (Ray exports every few seconds)
+    while operators.total(operators.scrape(endpoints), rejections, tenant="limited", reason="requests") <= before:
+        assert time.time() < deadline, "the 429 was not counted in glimprouter_rejections"
+        time.sleep(2)

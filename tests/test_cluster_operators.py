@@ -108,8 +108,9 @@ def test_tau_controller_sends_fewer_steps_to_a_queued_large_pool(local_cluster):
 
 def test_every_metric_is_exported_and_moves(local_cluster):
     """Every counter and histogram moves with two requests here, and every gauge is exported, whatever ran
-    before: but the two that only faults move, each asserted by its own test (``glimprouter_tau_changes`` by the
-    tau controller's, ``glimprouter_pool_retries`` by tests/test_cluster_reliability.py's pool kill)."""
+    before: but the three that only faults move, each asserted by its own test (``glimprouter_tau_changes`` by the
+    tau controller's, ``glimprouter_pool_retries`` by tests/test_cluster_reliability.py's pool kill,
+    ``glimprouter_rejections`` by tests/test_cluster_api.py's rate limit)."""
     key = local_cluster.new_tenant("metrics-check")
     endpoints = operators.metrics_endpoints()
     before = operators.scrape(endpoints)
@@ -117,7 +118,7 @@ def test_every_metric_is_exported_and_moves(local_cluster):
         responses = list(pool.map(lambda _: chat(local_cluster.base_url, key, tau=0.0), range(2)))
     assert all(r.status_code == 200 for r in responses)
     series = {spec.name: spec.exported + ("_count" if spec.kind == "histogram" else "") for spec in SPECS.values()}
-    faults_only = ("glimprouter_tau_changes", "glimprouter_pool_retries")
+    faults_only = ("glimprouter_tau_changes", "glimprouter_pool_retries", "glimprouter_rejections")
     moving = [n for name, n in series.items() if SPECS[name].kind != "gauge" and name not in faults_only]
 
     def all_moved():

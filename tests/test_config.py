@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import yaml
 
-from cluster.config import CONFIG_DIR, AutoscalingSettings, ConfigError, Placement, load_config
+from cluster.config import CONFIG_DIR, AutoscalingSettings, ConfigError, Placement, load_config, set_fields
 
 
 def test_shipped_configs_load():
@@ -26,14 +26,7 @@ def test_shipped_configs_load():
 
 def _with(changes: dict) -> dict:
     """local.yaml with ``{dotted.path: value}`` set."""
-    data = yaml.safe_load((CONFIG_DIR / "local.yaml").read_text())
-    for dotted, value in changes.items():
-        *parents, leaf = dotted.split(".")
-        node = data
-        for name in parents:
-            node = node.setdefault(name, {})
-        node[leaf] = value
-    return data
+    return set_fields(yaml.safe_load((CONFIG_DIR / "local.yaml").read_text()), changes)
 
 
 @pytest.mark.parametrize("changes, named", [

@@ -15,8 +15,11 @@ import pytest
 
 from cluster.config import ConfigError, load_config
 from cluster.metrics import SPECS
-from loadtests.gpu_bench import (LAYOUTS, at_equal_p95, breakdown, comparisons, engine_figures, layout, merged,
-                                 parse_levels, parse_override, steady_throughput, summarize, tag, warm_up)
+from loadtests.gpu_bench.cli import parse_levels
+from loadtests.gpu_bench.client import warm_up
+from loadtests.gpu_bench.layouts import LAYOUTS, layout, parse_override, tag
+from loadtests.gpu_bench.report import at_equal_p95, comparisons, merged
+from loadtests.gpu_bench.stats import breakdown, engine_figures, steady_throughput, summarize
 
 
 @pytest.mark.parametrize("name", list(LAYOUTS))

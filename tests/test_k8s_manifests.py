@@ -1,25 +1,31 @@
-"""The Kubernetes manifests: each overlay builds with kustomize, validates against pinned schemas, and
-matches the config tree it is rendered from (no Ray cluster needed).
-
-Schemas: Kubernetes v1.32 (strict: unknown fields are errors) vendored in k8s/schemas/, and the KubeRay
-v1.5.1 CRDs (RayService, RayCluster), read from $KUBERAY_CRD_DIR, k8s/schemas/kuberay-v1.5.1/ or, beside
-the checkout, shared/schemas/kuberay-v1.5.1/; the CRD checks are skipped, saying so, where none exists.
+"""The Kubernetes manifests: each overlay builds with kustomize, validates strictly against the pinned
+Kubernetes schemas and the KubeRay v1.7.0 and v1.5.1 CRDs (tests/k8s_support.py says where they are read
+from; a missing one fails), and matches the config tree it is rendered from (no Ray cluster needed).
+tests/test_k8s_kuberay.py checks what KubeRay and Ray make of the manifests.
 """
 
 from __future__ import annotations
 
 import copy
-import functools
 import json
-import os
 import shutil
-import subprocess
 from pathlib import Path
 from urllib.parse import urlparse
 
 import pytest
 import yaml
-from jsonschema import Draft202012Validator
+from k8s_support import (
+    K8S,
+    KUBERAY_VERSIONS,
+    OVERLAYS,
+    ROOT,
+    by_kind,
+    crd_schema,
+    kustomize_build,
+    ray_containers,
+    ray_service,
+    schema_errors,
+)
 from ray.autoscaler._private.kuberay.autoscaling_config import _get_ray_resources_from_group_spec
 from ray.autoscaler._private.kuberay.utils import parse_quantity
 from ray.serve.schema import ServeDeploySchema
@@ -27,74 +33,7 @@ from ray.serve.schema import ServeDeploySchema
 from cluster import topology
 from cluster.ops import render
 from cluster.config import ClusterConfig, load_config
-
-ROOT = Path(__file__).resolve().parents[1]
-K8S = ROOT / "k8s"
-OVERLAYS = sorted(p.parent for p in (K8S / "overlays").glob(f"*/{render.SETTINGS_FILE}"))
-KUBERAY = "kuberay-v1.5.1"
-CRD_DIRS = [Path(os.environ.get("KUBERAY_CRD_DIR", K8S / "schemas" / KUBERAY)), ROOT.parent / "shared" / "schemas" / KUBERAY]
-CRD_DIR = next((d for d in CRD_DIRS if (d / "ray.io_rayservices.yaml").is_file()), None)
-needs_crds = pytest.mark.skipif(CRD_DIR is None, reason=f"KubeRay {KUBERAY} CRDs in none of {CRD_DIRS}")
-META = "io.k8s.apimachinery.pkg.apis.meta.v1.ObjectMeta"
-
-
-def _strict(schema: dict) -> dict:
-    """A CRD schema that rejects unknown fields, as the API server does under kubectl's default
-    (strict) field validation; objects marked x-kubernetes-preserve-unknown-fields stay open."""
-    out = dict(schema)
-    if "properties" in out:
-        out["properties"] = {name: _strict(sub) for name, sub in out["properties"].items()}
-        if "additionalProperties" not in out and not out.get("x-kubernetes-preserve-unknown-fields"):
-            out["additionalProperties"] = False
-    for key in ("items", "additionalProperties"):
-        if isinstance(out.get(key), dict):
-            out[key] = _strict(out[key])
-    for key in ("allOf", "anyOf", "oneOf"):
-        if key in out:
-            out[key] = [_strict(sub) for sub in out[key]]
-    return out
-
-
-@functools.cache
-def _validator(kind: str) -> Draft202012Validator:
-    """Validator of a core kind (or a core definition's name) or of a KubeRay custom resource."""
-    if kind in ("RayService", "RayCluster"):
-        crd = yaml.load((CRD_DIR / f"ray.io_{kind.lower()}s.yaml").read_text(), Loader=yaml.CSafeLoader)
-        version = next(v for v in crd["spec"]["versions"] if v["name"] == "v1")
-        return Draft202012Validator(_strict(version["schema"]["openAPIV3Schema"]))
-    bundle = json.loads((K8S / "schemas" / "kubernetes-v1.32.0-strict.json").read_text())
-    schema = bundle["kinds"].get(kind, {"$ref": f"#/$defs/{kind}"})
-    return Draft202012Validator({**schema, "$defs": bundle["$defs"]})
-
-
-def schema_errors(doc: dict) -> list[str]:
-    """Every schema violation of one manifest, as 'Kind/name path: message'."""
-    kind = doc["kind"]
-    checks = [(kind, doc)]
-    if kind in ("RayService", "RayCluster"):  # the CRD leaves metadata open; the API server checks it
-        checks.append((META, doc["metadata"]))
-    if kind == "RayService":  # KubeRay makes a RayCluster of this spec
-        cluster = {"apiVersion": "ray.io/v1", "kind": "RayCluster", "metadata": doc["metadata"]}
-        checks.append(("RayCluster", {**cluster, "spec": doc["spec"]["rayClusterConfig"]}))
-    name = doc["metadata"].get("name")
-    return [
-        f"{schema.rsplit('.', 1)[-1]}/{name} {'/'.join(map(str, err.absolute_path))}: {err.message}"
-        for schema, obj in checks
-        for err in _validator(schema).iter_errors(obj)
-    ]
-
-
-def kustomize_build(path: Path) -> list[dict]:
-    """The documents of ``kustomize build path`` (the kustomize binary, else the one kubectl embeds)."""
-    if shutil.which("kustomize"):
-        cmd = ["kustomize", "build", str(path)]
-    elif shutil.which("kubectl"):
-        cmd = ["kubectl", "kustomize", str(path)]
-    else:
-        pytest.skip("neither kustomize nor kubectl (which embeds kustomize) is installed")
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
-    assert done.returncode == 0, done.stderr
-    return [doc for doc in yaml.safe_load_all(done.stdout) if doc]
+from cluster.ops.serve_check import serve_config_errors
 
 
 @pytest.fixture(scope="module", params=OVERLAYS, ids=[p.name for p in OVERLAYS])
@@ -103,26 +42,13 @@ def overlay(request) -> tuple[Path, list[dict]]:
     return request.param, kustomize_build(request.param)
 
 
-def by_kind(docs: list[dict], kind: str) -> list[dict]:
-    return [d for d in docs if d["kind"] == kind]
-
-
-def ray_service(docs: list[dict]) -> dict:
-    (service,) = by_kind(docs, "RayService")
-    return service
-
-
 def serve_app(service: dict) -> dict:
-    """The one application of a RayService's serveConfigV2, checked by Ray Serve's own schema."""
-    schema = ServeDeploySchema.model_validate(yaml.safe_load(service["spec"]["serveConfigV2"]))
+    """The one application of a RayService's serveConfigV2, checked by Ray Serve's own schema and for unknown keys."""
+    config = yaml.safe_load(service["spec"]["serveConfigV2"])
+    assert serve_config_errors(config) == []
+    schema = ServeDeploySchema.model_validate(config)
     (app,) = schema.model_dump(exclude_unset=True)["applications"]
     return app
-
-
-def ray_containers(service: dict) -> list[dict]:
-    cluster = service["spec"]["rayClusterConfig"]
-    groups = [cluster["headGroupSpec"], *cluster["workerGroupSpecs"]]
-    return [c for g in groups for c in g["template"]["spec"]["containers"]]
 
 
 def test_every_overlay_found():
@@ -131,7 +57,7 @@ def test_every_overlay_found():
 
 def test_core_manifests_validate(overlay):
     _, docs = overlay
-    assert {d["kind"] for d in docs} == {"RayService", "StatefulSet", "Service", "Ingress"}
+    assert sorted(d["kind"] for d in docs) == ["Ingress", "RayService", "Service", "Service", "StatefulSet"]
     assert [e for d in docs if d["kind"] != "RayService" for e in schema_errors(d)] == []
 
 
@@ -141,21 +67,48 @@ def test_secret_template_validates():
     assert [e for d in docs for e in schema_errors(d)] == []
 
 
-@needs_crds
-def test_rayservice_validates_against_kuberay_crds(overlay):
-    assert schema_errors(ray_service(overlay[1])) == []
+@pytest.mark.parametrize("kuberay", KUBERAY_VERSIONS)
+def test_rayservice_validates_against_kuberay_crds(overlay, kuberay):
+    """Strict validation of the built RayService (and the RayCluster KubeRay makes of it) against each CRD."""
+    assert schema_errors(ray_service(overlay[1]), kuberay) == []
 
 
-@needs_crds
-def test_wrong_fields_fail_validation(overlay):
+@pytest.mark.parametrize("kuberay", KUBERAY_VERSIONS)
+def test_wrong_fields_fail_validation(overlay, kuberay):
     service = copy.deepcopy(ray_service(overlay[1]))
     group = service["spec"]["rayClusterConfig"]["workerGroupSpecs"][0]
-    group["maxReplica"] = group.pop("maxReplicas")
-    group["rayStartParams"]["num-cpus"] = 4  # KubeRay wants strings
-    errors = "\n".join(schema_errors(service))
+    group["maxReplica"] = group.pop("maxReplicas")  # unknown field and missing required field
+    group["resources"]["CPU"] = 4  # KubeRay wants strings
+    group["template"]["spec"]["containers"][0]["imagePullPolicyy"] = "Always"  # inside the pod template
+    errors = "\n".join(schema_errors(service, kuberay))
     assert "'maxReplicas' is a required property" in errors
     assert "'maxReplica' was unexpected" in errors
     assert "4 is not of type 'string'" in errors
+    assert "'imagePullPolicyy' was unexpected" in errors
+
+
+def test_broken_manifest_file_fails_validation(tmp_path):
+    """A broken rayservice.yaml in a copy of the dev overlay, built by kustomize as the real ones are: a
+    missing required field, an unknown field and a wrong type each fail against each KubeRay CRD."""
+    shutil.copytree(K8S / "base", tmp_path / "base")
+    overlay = tmp_path / "overlays" / "broken"
+    shutil.copytree(K8S / "overlays" / "dev", overlay)
+    text = (overlay / render.OUTPUT_FILE).read_text()
+    broken = text.replace("      maxReplicas: ", "      maxReplica: ", 1)
+    broken = broken.replace("    enableInTreeAutoscaling: true\n", "    enableInTreeAutoscaling: 'yes'\n", 1)
+    assert broken.count("maxReplica: ") == 1 and "'yes'" in broken
+    (overlay / render.OUTPUT_FILE).write_text(broken)
+    service = ray_service(kustomize_build(overlay))
+    for kuberay in KUBERAY_VERSIONS:
+        errors = "\n".join(schema_errors(service, kuberay))
+        assert "'maxReplicas' is a required property" in errors
+        assert "'maxReplica' was unexpected" in errors
+        assert "'yes' is not of type 'boolean'" in errors
+
+
+def test_missing_crds_fail_naming_where_they_were_looked_for(tmp_path):
+    with pytest.raises(FileNotFoundError, match=f"{tmp_path}/kuberay-v1.7.0/ray.io_rayservices.yaml"):
+        crd_schema("v1.7.0", "RayService", base=tmp_path)
 
 
 def test_wrong_core_fields_fail_validation(overlay):
@@ -193,40 +146,60 @@ def test_serve_config_of_shipped_configs(name):
     assert deployments["Router"].num_replicas == cfg.router.num_replicas
 
 
-def test_pool_replicas_fit_their_worker_pods(overlay):
-    """Each pool's Ray demand per replica fits one pod of its group, read as the Ray autoscaler reads it."""
+def demands(service: dict) -> dict[str, dict[str, float]]:
+    """Each deployment's Ray demand per replica, from the RayService's Serve config."""
+    out = {}
+    for deployment in serve_app(service)["deployments"]:
+        options = deployment["ray_actor_options"]
+        demand = {"CPU": options.get("num_cpus", 1), "GPU": options.get("num_gpus", 0), **options.get("resources", {})}
+        if "accelerator_type" in options:
+            demand[f"accelerator_type:{options['accelerator_type']}"] = 0.001
+        out[deployment["name"]] = {name: amount for name, amount in demand.items() if amount}
+    return out
+
+
+def fits(demand: dict[str, float], pod: dict[str, float]) -> bool:
+    return all(pod.get(name, 0) >= amount for name, amount in demand.items())
+
+
+def test_each_deployment_fits_its_own_group_only(overlay):
+    """Each deployment's replica fits one pod of its own group and no pod of another group (the head included),
+    read as the Ray autoscaler reads the groups; each group's bounds hold the deployment's replicas."""
     path, docs = overlay
     cfg = render.load_overlay(path)[1]
     service = ray_service(docs)
     cluster = service["spec"]["rayClusterConfig"]
+    pods = {"head": _get_ray_resources_from_group_spec(cluster["headGroupSpec"], is_head=True)}
+    pods |= {g["groupName"]: _get_ray_resources_from_group_spec(g, is_head=False) for g in cluster["workerGroupSpecs"]}
+    home = {topology.DEPLOYMENT_NAMES[role]: f"{role}-pool" for role, _ in cfg.pools.items()} | {"Router": render.ROUTER_GROUP}
+    bounds = {name: (pool.autoscaling.min_replicas, pool.autoscaling.max_replicas)
+              for name, pool in zip(home, (p for _, p in cfg.pools.items()))}
+    bounds["Router"] = (cfg.router.num_replicas, cfg.router.num_replicas)
     groups = {g["groupName"]: g for g in cluster["workerGroupSpecs"]}
-    demands = {d["name"]: d for d in serve_app(service)["deployments"]}
+    for name, demand in demands(service).items():
+        assert fits(demand, pods[home[name]]), (name, demand, pods[home[name]])
+        assert [g for g, pod in pods.items() if g != home[name] and fits(demand, pod)] == [], name
+        per_pod = min(int(pods[home[name]][r] // demand[r]) for r in ("CPU", "GPU") if r in demand)
+        group = groups[home[name]]
+        assert group["minReplicas"] * per_pod >= bounds[name][0] and group["maxReplicas"] * per_pod >= bounds[name][1]
     for role, pool in cfg.pools.items():
         group = groups[f"{role}-pool"]
-        pod = _get_ray_resources_from_group_spec(group, is_head=False)
-        options = demands[topology.DEPLOYMENT_NAMES[role]]["ray_actor_options"]
-        demand = {"CPU": options["num_cpus"], "GPU": options["num_gpus"], **options.get("resources", {})}
-        if "accelerator_type" in options:
-            demand[f"accelerator_type:{options['accelerator_type']}"] = 0.001
-        assert all(pod.get(name, 0) >= amount for name, amount in demand.items()), (role, demand, pod)
-        assert pod["GPU"] >= pool.engine.tensor_parallel_size  # a tensor-parallel replica stays on one pod
-        per_pod = min(int(pod[r] // demand[r]) for r in ("CPU", "GPU") if demand[r])
-        assert group["maxReplicas"] * per_pod >= pool.autoscaling.max_replicas
-        assert group["minReplicas"] * per_pod >= pool.autoscaling.min_replicas
+        assert pods[group["groupName"]]["GPU"] >= pool.engine.tensor_parallel_size  # one pod per tensor-parallel replica
         (container,) = group["template"]["spec"]["containers"]
         limits = container["resources"]["limits"]
         assert container["resources"]["requests"] == limits
-        assert parse_quantity(limits["cpu"]) >= pod["CPU"]
+        assert parse_quantity(limits["cpu"]) >= pods[group["groupName"]]["CPU"]
+        assert parse_quantity(limits[render.GPU]) == pods[group["groupName"]]["GPU"]
         shm = next(v for v in group["template"]["spec"]["volumes"] if v["name"] == "dshm")["emptyDir"]
         assert shm["medium"] == "Memory" and parse_quantity(shm["sizeLimit"]) < parse_quantity(limits["memory"])
         assert group["template"]["spec"]["nodeSelector"][render.NODE_POOL_LABEL]
-    head = cluster["headGroupSpec"]
-    assert _get_ray_resources_from_group_spec(head, is_head=True)["CPU"] >= cfg.router.num_replicas * cfg.router.num_cpus
-    assert all(render.GPU not in c["resources"]["limits"] for c in head["template"]["spec"]["containers"])
+    for name in ("head", render.ROUTER_GROUP):
+        group = cluster["headGroupSpec"] if name == "head" else groups[name]
+        assert render.GPU not in group["template"]["spec"]["containers"][0]["resources"]["limits"]
 
 
 def test_references_resolve(overlay):
-    """Names that tie the manifests together: API Service, Redis host, Secrets, probes on every container."""
+    """Names that tie the manifests together: API Service, Redis host, Secrets, probes and requests on Redis."""
     path, docs = overlay
     cfg = render.load_overlay(path)[1]
     service = ray_service(docs)
@@ -251,8 +224,9 @@ def test_references_resolve(overlay):
     assert refs and refs <= secrets, refs - secrets
     assert "CHANGE-ME" not in json.dumps(docs)  # placeholders stay in the template, out of the build
     redis_containers = [c for s in by_kind(docs, "StatefulSet") for c in s["spec"]["template"]["spec"]["containers"]]
-    for container in ray_containers(service) + redis_containers:
+    for container in redis_containers:
         assert container["readinessProbe"] and container["livenessProbe"] and container["resources"]["requests"]
+    assert all(c["resources"]["requests"] for c in ray_containers(service))  # their probes: KubeRay's
 
 
 def _find(node, key: str) -> list:
@@ -273,6 +247,23 @@ def test_render_refuses_configs_that_cannot_run_in_pods():
         render.rayservice(cfg.model_copy(update={"router": cfg.router.model_copy(update={"host": "127.0.0.1"})}), settings)
     cfg.pools.large.placement.node_resource = "small_pool"
     with pytest.raises(ValueError, match="node_resource"):
+        render.rayservice(cfg, settings)
+    cfg.pools.large.placement.node_resource = render.ROUTER_RESOURCE
+    with pytest.raises(ValueError, match="node_resource"):
+        render.rayservice(cfg, settings)
+
+
+def test_render_refuses_a_serve_config_with_unknown_keys(monkeypatch):
+    settings, cfg = render.load_overlay(K8S / "overlays" / "dev")
+    real = render.serve_config
+
+    def with_typo(*args, **kwargs):
+        config = real(*args, **kwargs)
+        config["applications"][0]["deployments"][0]["max_ongoing_requestz"] = 8
+        return config
+
+    monkeypatch.setattr(render, "serve_config", with_typo)
+    with pytest.raises(ValueError, match="max_ongoing_requestz: unknown key for DeploymentSchema"):
         render.rayservice(cfg, settings)
 
 

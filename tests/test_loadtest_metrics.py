@@ -9,6 +9,7 @@ import pytest
 
 from loadtests import metrics
 from loadtests.run import parse_scenario, summarize
+from cluster.config import PolicySettings
 from router_service.loop import AnswerDone
 from router_service.responses import ChunkWriter, routing_summary, usage
 from router_service.state import StepRecord
@@ -17,7 +18,7 @@ STEPS = [StepRecord(0, "small", 0.2, "a", 10, 100, 0, 1.0, 10.0, "stop"),
          StepRecord(1, "large", 2.5, "b", 20, 110, 90, 1.1, 30.0, "stop")]
 ANSWER = AnswerDone("large", "42", prompt_tokens=150, cached_tokens=140, output_tokens=11, finish_reason=None, ms=9.0)
 USAGE = usage(STEPS, ANSWER, prompt_tokens=30, glimpses=2)  # 41 completion tokens: small 10, large 31
-ROUTING = routing_summary({"policy": "glimprouter", "tau": 1.0}, STEPS)
+ROUTING = routing_summary(PolicySettings(policy="glimprouter", tau=1.0), STEPS)
 
 
 def sse(*chunks: str) -> list[str]:

@@ -35,24 +35,26 @@ def rec(text="s", tokens=4, eos=False, index=0) -> StepRecord:
     return StepRecord(index, "small", None, text, tokens, 10, 0, 0.0, 0.0, "stop", eos)
 
 
-@pytest.mark.parametrize("steps, budget, finished", [
-    ([], 100, False),
-    ([rec("a")], 100, False),
-    ([rec("a</think>b")], 100, True),
-    ([rec("a", eos=True)], 100, True),
-    ([rec("a"), rec("a")], 100, False),            # two identical steps are not yet "more than two"
-    ([rec("a"), rec("b"), rec("b")], 100, True),
-    ([rec("b"), rec("b"), rec("c")], 100, False),
-    ([rec(tokens=4), rec(tokens=5)], 9, True),
-    ([rec(tokens=4), rec(tokens=5)], 10, False),
+# the reference's stop rules (glimprouter-algorithm.md, "Stopping the thinking phase"), and the variants
+@pytest.mark.parametrize("steps, budget, stop_on_eos, finished", [
+    ([], 100, False, False),
+    ([rec("a")], 100, False, False),
+    ([rec("a</think>b")], 100, False, True),
+    ([rec("a", eos=True)], 100, False, False),     # the reference has no EOS rule
+    ([rec("a", eos=True)], 100, True, True),       # the stop_on_eos variant
+    ([rec("a"), rec("a")], 100, False, False),     # two identical steps are not yet "more than two"
+    ([rec("a"), rec("b"), rec("b")], 100, False, True),
+    ([rec("b"), rec("b"), rec("c")], 100, False, False),
+    ([rec(tokens=4), rec(tokens=5)], 9, False, True),
+    ([rec(tokens=4), rec(tokens=6)], 9, False, True),  # the step that crosses the budget ends thinking
+    ([rec(tokens=4), rec(tokens=5)], 10, False, False),
 ])
-def test_thinking_finished(steps, budget, finished):
-    assert thinking_finished(steps, budget) is finished
+def test_thinking_finished(steps, budget, stop_on_eos, finished):
+    assert thinking_finished(steps, StepSettings(token_budget=budget, stop_on_eos=stop_on_eos)) is finished
 
 
 @pytest.mark.parametrize("outputs", [
     [Out("a"), Out("b </think> c")],
-    [Out("a"), Out("b", eos=True)],
     [Out("x"), Out("x"), Out("y"), Out("y")],
 ])
 async def test_stop_rules_end_thinking(outputs):
@@ -62,11 +64,47 @@ async def test_stop_rules_end_thinking(outputs):
     assert len(large.of("step")) == len(outputs) + 1  # no step after the stop, then the answer
 
 
-async def test_token_budget_caps_last_step():
+async def test_an_eos_step_does_not_end_thinking_but_with_stop_on_eos():
+    outputs = [Out("a"), Out("b", eos=True), Out("c </think>"), Out(ANSWER)]
+    reference = await run(request("large_only"), FakePool(), FakePool(outputs))
+    assert [s.text for s in steps_of(reference)] == ["a", "b", "c </think>"]  # the next step from the prefix
+    assert steps_of(reference)[1].ended_by_eos
+    variant = await run(request("large_only", stop_on_eos=True), FakePool(), FakePool(outputs))
+    assert [s.text for s in steps_of(variant)] == ["a", "b"]
+
+
+async def test_every_step_gets_its_full_maximum_and_the_crossing_step_is_kept():
     large = FakePool([Out("a", None), Out("b", None), Out("c", None), Out(ANSWER)])
     events = await run(request("large_only", token_budget=12, step_max_tokens=5), FakePool(), large)
+    assert [s.output_tokens for s in steps_of(events)] == [5, 5, 5]  # 15 >= 12: stop after the third, whole
+    assert [c.arg.max_tokens for c in large.of("step")] == [5, 5, 5, 2048]
+
+
+async def test_cap_last_step_caps_the_last_step_at_the_budget():
+    large = FakePool([Out("a", None), Out("b", None), Out("c", None), Out(ANSWER)])
+    events = await run(request("large_only", token_budget=12, step_max_tokens=5, cap_last_step=True), FakePool(),
+                       large)
     assert [s.output_tokens for s in steps_of(events)] == [5, 5, 2]
     assert [c.arg.max_tokens for c in large.of("step")] == [5, 5, 2, 2048]
+
+
+async def test_a_completion_limit_bounds_steps_and_answer_together():
+    large = FakePool([Out("a", None), Out("b", None), Out(ANSWER, None)])
+    events = await run(request("large_only", token_budget=8, step_max_tokens=5, completion_limit=12), FakePool(),
+                       large)
+    # the step crossing the budget is kept whole (within the limit); the answer gets what is left: 12 - 10
+    assert [s.output_tokens for s in steps_of(events)] == [5, 5]
+    assert [c.arg.max_tokens for c in large.of("step")] == [5, 5, 2]
+    assert events[-1].output_tokens == 2
+
+
+async def test_a_completion_limit_the_steps_spend_leaves_an_empty_answer():
+    large = FakePool([Out("a", None), Out("b", None)])
+    events = await run(request("large_only", token_budget=10, step_max_tokens=5, completion_limit=10), FakePool(),
+                       large)
+    assert [s.output_tokens for s in steps_of(events)] == [5, 5]
+    assert len(large.calls) == 2  # no answer call: nothing was left for it
+    assert events[-1] == AnswerDone("large", "", 0, 0, 0, "length", 0.0)
 
 
 async def test_glimprouter_routes_by_entropy_and_large_answers():
@@ -126,7 +164,7 @@ async def test_fused_glimpse_prompt_is_the_next_small_steps_prompt():
     else."""
     small = FakePool([Out("s0"), Out("s1"), Out("s2", eos=True)], glimpses=[LOW, LOW], fused=[LOW, LOW])
     renderers = {"small": FakeRenderer("small"), "large": FakeRenderer("large")}
-    events = await run(request(fused=True), small, FakePool([Out(ANSWER)]), renderers=renderers)
+    events = await run(request(fused=True, stop_on_eos=True), small, FakePool([Out(ANSWER)]), renderers=renderers)
     assert [s.glimpse_fused for s in steps_of(events)] == [False, False, True]
     assert small.of("step")[2].prompt == [900 + 4]  # the fused glimpse from step 1's call (the 4th call)
     assert renderers["small"].rendered == 2 and renderers["large"].rendered == 0  # steps 0 and 1 only
@@ -163,7 +201,7 @@ async def test_glimpse_ignores_temperature():
     calls = []
     for temperature in (0.0, 1.3):
         small = FakePool([Out("s", eos=True)], glimpses=[LOW])
-        await run(request(temperature=temperature), small, FakePool([Out(ANSWER)]))
+        await run(request(temperature=temperature, stop_on_eos=True), small, FakePool([Out(ANSWER)]))
         calls.append(([(c.prompt, c.arg) for c in small.of("glimpse")], small.of("step")[0].arg.temperature))
     assert calls[0][0] == calls[1][0]
     assert (calls[0][1], calls[1][1]) == (0.0, 1.3)
@@ -174,7 +212,7 @@ async def test_large_only_never_calls_small(policy):
     large = FakePool([Out("a"), Out("b", eos=True), Out(ANSWER)])
     small = FakePool()
     renderers = {"small": FakeRenderer("small"), "large": FakeRenderer("large")}
-    events = await run(request(policy), small, large, renderers=renderers)
+    events = await run(request(policy, stop_on_eos=True), small, large, renderers=renderers)
     assert small.calls == [] and renderers["small"].rendered == 0
     assert [s.pool for s in steps_of(events)] == ["large", "large"]
     assert [s.entropy for s in steps_of(events)] == [None, None]
@@ -185,7 +223,7 @@ async def test_large_only_never_calls_small(policy):
 async def test_small_only_never_calls_large():
     small = FakePool([Out("a"), Out("b", eos=True), Out(ANSWER)])
     large = FakePool()
-    events = await run(request("small_only"), small, large)
+    events = await run(request("small_only", stop_on_eos=True), small, large)
     assert large.calls == [] and small.of("glimpse") == []
     assert [s.pool for s in steps_of(events)] == ["small", "small"]
     assert events[-1].pool == "small" and events[-1].text == ANSWER
@@ -196,7 +234,7 @@ async def test_resume_continues_after_done_steps():
     done = [rec("s0", tokens=10, index=0), rec("s1", tokens=10, index=1)]
     small = FakePool([Out("s2", tokens=5)], glimpses=[LOW])
     large = FakePool([Out(ANSWER)])
-    events = await run(request(token_budget=25, seed=100), small, large, done)
+    events = await run(request(token_budget=25, seed=100, cap_last_step=True), small, large, done)
     assert [s.index for s in steps_of(events)] == [2]
     assert [(c.kind, c.prompt[3]) for c in small.calls] == [("glimpse", ("s0", "s1")), ("step", ("s0", "s1"))]
     assert small.calls[1].arg.max_tokens == 5 and small.calls[1].arg.seed == 102  # budget counts done steps
@@ -212,7 +250,7 @@ async def test_resume_of_finished_thinking_only_answers():
 @pytest.mark.parametrize("stream", [True, False])
 async def test_deltas_only_when_streaming(stream):
     large = FakePool([Out("abcd", eos=True), Out(ANSWER)])
-    events = await run(request("large_only", stream=stream), FakePool(), large)
+    events = await run(request("large_only", stream=stream, stop_on_eos=True), FakePool(), large)
     assert [c.stream for c in large.calls] == [stream, stream]
     kinds = [type(e) for e in events]
     if stream:

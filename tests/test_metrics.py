@@ -71,3 +71,13 @@ def test_engine_stats_logger_times_the_requests_that_ran_to_their_end_by_call(mo
                if name == "glimprouter_engine_request_seconds"}
     assert seconds == {("glimpse", "queued"): 0.002, ("glimpse", "running"): 0.010, ("glimpse", "total"): 0.030,
                        ("generate", "running"): 0.010, ("generate", "total"): 0.030}  # no zero increment
+
+
+def test_adding_nothing_to_a_counter_is_a_no_op(monkeypatch):
+    """An answer of no tokens (a completion limit the steps spent) counts 0 tokens: Ray's counters refuse a zero
+    increment, so none is sent."""
+    calls = []
+    monkeypatch.setattr(metrics, "metric", lambda name: type("C", (), {"inc": lambda self, v, tags: calls.append(v)})())
+    metrics.inc("glimprouter_tokens", 0, tenant="t", pool="large")
+    metrics.inc("glimprouter_tokens", 3, tenant="t", pool="large")
+    assert calls == [3]

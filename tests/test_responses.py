@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import json
 
 import pytest
 
+from cluster.config import PolicySettings
 from router_service.loop import AnswerDone
 from router_service.responses import ChunkWriter, chat_completion, reasoning_text, routing_summary, text_completion, usage
 from router_service.state import StepRecord
@@ -26,18 +29,28 @@ def test_usage_sums_and_per_pool():
         "total_tokens": 72,
         "completion_tokens_details": {"reasoning_tokens": 35},
         "per_pool": {
-            "small": {"steps": 2, "completion_tokens": 15, "prompt_tokens": 230, "cached_prompt_tokens": 120, "glimpses": 3},
+            "small": {"steps": 2, "completion_tokens": 15, "prompt_tokens": 230, "cached_prompt_tokens": 120, "glimpses": 3,
+                      "glimpse_prompt_tokens": 0},
             "large": {"steps": 1, "completion_tokens": 27, "prompt_tokens": 260, "cached_prompt_tokens": 230},
         },
     }
 
 
+def test_glimpse_prefill_counts_in_the_small_pools_prompt_tokens():
+    glimpsed = [dataclasses.replace(s, glimpse_prompt_tokens=40, glimpse_cached_tokens=30) for s in STEPS]
+    small = usage(glimpsed, ANSWER, prompt_tokens=30, glimpses=3)["per_pool"]["small"]
+    assert (small["glimpse_prompt_tokens"], small["prompt_tokens"], small["cached_prompt_tokens"]) == (120, 350, 210)
+
+
 def test_routing_summary():
-    summary = routing_summary({"policy": "glimprouter", "tau": 1.0}, STEPS)
+    summary = routing_summary(PolicySettings(policy="glimprouter", tau=1.0, seed=7), STEPS)
     assert summary["policy"] == "glimprouter" and summary["tau"] == 1.0
+    assert "seed" not in summary and "large_fraction" not in summary  # glimprouter reads neither
     assert summary["large_step_fraction"] == 0.3333
     assert summary["steps"][1] == {"index": 1, "pool": "large", "entropy": 2.5, "tokens": 20, "glimpse_ms": 1.1, "glimpse_fused": False, "step_ms": 30.0}
-    assert routing_summary({}, [])["large_step_fraction"] == 0.0
+    assert routing_summary(PolicySettings(), [])["large_step_fraction"] == 0.0
+    drawn = routing_summary(PolicySettings(policy="random", large_fraction=0.5, seed=42), [])
+    assert (drawn["large_fraction"], drawn["seed"]) == (0.5, 42) and "tau" not in drawn
 
 
 @pytest.mark.parametrize("build, obj", [(chat_completion, "chat.completion"), (text_completion, "text_completion")])

@@ -151,3 +151,33 @@ async def test_a_model_the_service_does_not_serve_is_a_404(service):
     with pytest.raises(APIError) as info:
         await svc.start(await tenant_of(svc), body(model="gpt-4"), "chat")
     assert (info.value.status, info.value.param) == (404, "model")
+
+
+async def test_max_completion_tokens_bounds_steps_and_answer(service):
+    large = FakePool([Out("a", None), Out("b", None), Out(ANSWER, None)])
+    svc = service(FakePool(), large)
+    tenant = await tenant_of(svc)
+    run = await svc.start(tenant, body(max_completion_tokens=10, step_max_tokens=4, token_budget=None), "chat")
+    # no token_budget: the steps may take the limit but what is kept for the answer (at most half: 5)
+    assert (run.stored.steps.token_budget, run.stored.steps.completion_limit) == (5, 10)
+    finished = (await drain(svc, run))[-1]
+    assert finished.usage["completion_tokens"] <= 10
+    assert [c.arg.max_tokens for c in large.of("step")] == [4, 4, 2]  # the answer gets what is left
+
+
+async def test_a_token_budget_over_the_completion_limit_is_a_400(service):
+    svc = service(FakePool(), FakePool())
+    with pytest.raises(APIError) as info:
+        await svc.start(await tenant_of(svc), body(max_completion_tokens=10, token_budget=20), "chat")
+    assert (info.value.status, info.value.param) == (400, "token_budget")
+
+
+async def test_the_requests_seed_seeds_the_policy_and_its_id_comes_from_the_http_request(service):
+    svc = service(FakePool(), FakePool())
+    run = await svc.start(await tenant_of(svc), body(seed=42, user="u-7"), "chat", base_id="client-id-1")
+    assert run.stored.policy.seed == 42 and run.stored.user == "u-7"
+    assert run.loop.request_id == "chatcmpl-client-id-1"
+    assert (await svc.trace(run.tenant, "client-id-1"))["request_id"] == "chatcmpl-client-id-1"
+    with pytest.raises(APIError) as info:  # the id names one request of the tenant
+        await svc.start(run.tenant, body(), "chat", base_id="client-id-1")
+    assert info.value.status == 409

@@ -111,9 +111,12 @@ async def test_tenant_isolation(started):
         await started.get("other", "r1")
     await started.create(T, "r2", req(), owner="a")
     await started.create("other", "r1", req("theirs"), owner="z")
-    assert sorted(await started.list_ids(T)) == ["r1", "r2"]
-    assert await started.list_ids("other") == ["r1"]
-    assert await started.list_ids("nobody") == []
+    assert await started.list_ids(T) == (["r2", "r1"], False)  # newest first
+    assert await started.list_ids(T, limit=1) == (["r2"], True)
+    assert await started.list_ids("other") == (["r1"], False)
+    assert await started.list_ids("nobody") == ([], False)
+    assert (await started.list_ids(None))[0] == ["other/r1", f"{T}/r2", f"{T}/r1"]  # every tenant's, for the admin
+    assert await started.tenant_of("r2") == T and await started.tenant_of("r1") == T  # r1: the first tenant's
     assert (await started.get(T, "r1")).request == req("m")
     assert (await started.get("other", "r1")).steps == []
 

@@ -101,6 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
     tenants_cli.register(sub)
     render.register(sub)
     plan.register(sub)
+    plan.register_predict(sub)
     operators.register(sub)
     return parser
 

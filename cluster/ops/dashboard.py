@@ -65,6 +65,11 @@ def panels() -> list[dict]:
     return [
         panel("Requests/s by outcome", "reqps", [(rate("glimprouter_requests", "outcome"), "{{outcome}}")]),
         panel("Request latency by policy", "s", latency_targets("glimprouter_request_latency_seconds", "policy")),
+        panel("Time to first output (request)", "s",
+              latency_targets("glimprouter_request_ttft_seconds", "stream", "first output")),
+        panel("Refused by a limit (429) by tenant and limit", "short",
+              [(f'sum by (tenant, reason) (increase({series("glimprouter_rejections")}{WINDOW}))',
+                "{{tenant}} {{reason}}")]),
         panel("Steps and glimpses/s", "ops", [(f"sum by (pool) (rate({steps}{WINDOW}))", "steps {{pool}}"),
                                               (f'sum(rate({series("glimprouter_glimpses")}{WINDOW}))', "glimpses")]),
         panel("Large-step fraction", "percentunit",

@@ -1,28 +1,25 @@
-"""``plan`` command of the operators' CLI: how many replicas each pool needs for a request rate.
+"""``plan`` and ``predict`` of the operators' CLI, on the performance model of ``cluster/planner/``.
 
-Each request writes ``steps`` reasoning steps of ``step_tokens`` tokens; a fraction F of them goes to
-the large pool, the rest to the small pool, and every step costs the small pool one glimpse. The large
-pool also writes the final answer. F comes from ``--large-fraction`` or from ``--tau`` through the
-tau -> F table of ``cluster calibrate --out FILE``. Per-replica throughput is what
-``python -m loadtests.pool_bench`` measures. ``python -m cluster plan --help`` lists the flags.
+``plan`` searches replica mixes and layouts (pools split, pools sharing GPUs, data-parallel small replicas, large
+only) for the cheapest that meets a p95 (or goodput) target at a request rate or a number in flight, with the
+large-step fraction from ``--large-fraction`` or from ``--tau`` through the tau -> F table of ``cluster calibrate
+--out FILE``; it says what large only needs for the same load and whether routing pays. ``predict`` prints the
+simulator's prediction for one layout, request shape and load. ``docs/planning.md`` explains the model.
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import math
 import sys
+from dataclasses import replace
 from pathlib import Path
 
-from cluster.config import PoolRole, load_config
+from cluster.config import load_config
 
-ADVISED_BAND = (0.2, 0.3)  # large-step fraction the GlimpRouter paper advises
-FORMULA = (
-    "replicas = ceil(demand / (replica tok/s * utilization)), at least 1; "
-    "small demand = rate*steps*((1-F)*step_tokens + glimpse_cost); "
-    "large demand = rate*(steps*F*step_tokens + final_tokens)"
-)
+GPUS = {"h200": "NVIDIA H200", "h100": "NVIDIA H100 80GB HBM3"}
 
 
 def fraction_at_tau(tau: float, taus: list[float], fractions: list[float]) -> float:
@@ -36,20 +33,6 @@ def fraction_at_tau(tau: float, taus: list[float], fractions: list[float]) -> fl
     return fractions[i - 1] + share * (fractions[i] - fractions[i - 1])
 
 
-def pool_demand(rate: float, steps: float, step_tokens: float, final_tokens: float, large_fraction: float,
-                glimpse_cost: float = 1.0) -> dict[PoolRole, float]:
-    """Output tokens/s each pool must write (the small pool's includes one glimpse per step)."""
-    return {
-        "small": rate * steps * ((1 - large_fraction) * step_tokens + glimpse_cost),
-        "large": rate * (steps * large_fraction * step_tokens + final_tokens),
-    }
-
-
-def replicas_needed(demand: float, replica_tps: float, utilization: float) -> int:
-    """Replicas that serve ``demand`` tokens/s with each replica at ``utilization`` of its throughput."""
-    return max(1, math.ceil(round(demand / (replica_tps * utilization), 9)))  # round: no 3.0000000001 -> 4
-
-
 def load_calibration(path: Path) -> tuple[list[float], list[float]]:
     """The (taus, large fractions) of a calibration file; ValueError says what is wrong with it."""
     try:
@@ -58,102 +41,147 @@ def load_calibration(path: Path) -> tuple[list[float], list[float]]:
     except OSError as exc:
         raise ValueError(f"cannot read calibration {path}: {exc.strerror}") from exc
     except (json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
-        raise ValueError(f"calibration {path}: expected JSON {{\"taus\": [...], \"large_fraction\": [...]}} "
-                         f"of numbers ({type(exc).__name__}: {exc})") from exc
+        raise ValueError(
+            f'calibration {path}: expected JSON {{"taus": [...], "large_fraction": [...]}} '
+            f"of numbers ({type(exc).__name__}: {exc})"
+        ) from exc
     if len(taus) != len(fractions) or len(taus) < 2:
         raise ValueError(f"calibration {path}: 'taus' and 'large_fraction' need the same length, at least 2")
-    if any(b <= a for a, b in zip(taus, taus[1:])):
+    if any(b <= a for a, b in itertools.pairwise(taus)):
         raise ValueError(f"calibration {path}: 'taus' must be strictly increasing")
     if not all(0 <= f <= 1 for f in fractions):
         raise ValueError(f"calibration {path}: every 'large_fraction' must lie in [0, 1]")
     return taus, fractions
 
 
-def plan(args: argparse.Namespace, large_fraction: float) -> dict:
-    """Demand and replicas of both pools (with the config's bounds when ``args.config`` is set)."""
-    demand = pool_demand(args.rate, args.steps, args.step_tokens, args.final_tokens, large_fraction, args.glimpse_cost)
-    cfg = load_config(args.config) if args.config else None
-    pools = {}
-    for role, tps in (("small", args.small_tps), ("large", args.large_tps)):
-        pools[role] = {"demand_tps": demand[role], "replica_tps": tps,
-                       "replicas": replicas_needed(demand[role], tps, args.utilization)}
-        if cfg:
-            scaling = getattr(cfg.pools, role).autoscaling
-            pools[role].update(min_replicas=scaling.min_replicas, max_replicas=scaling.max_replicas)
-    return {"large_fraction": large_fraction, "tau": args.tau, "utilization": args.utilization, "pools": pools}
+def _shape(args, fraction: float):
+    from cluster.planner.system import RequestShape, Routing
+
+    entropy = {}
+    if args.entropy is not None and args.tau is not None:  # each step's entropy drawn, routed against tau
+        entropy = {"entropy_mu": args.entropy[0], "entropy_sigma": args.entropy[1], "tau": args.tau}
+    return RequestShape(
+        prompt_tokens=args.prompt_tokens,
+        steps=int(args.steps),
+        step_tokens=int(args.step_tokens),
+        final_tokens=int(args.final_tokens),
+        step_tokens_range=args.step_tokens_range,
+        arm=getattr(args, "arm", "stream"),
+        routing=Routing(fraction, args.placement, **entropy),
+    )
 
 
-def print_table(result: dict) -> None:
-    """The plan as a table, then the formula."""
-    source = f"tau {result['tau']:g} via calibration" if result["tau"] is not None else "given"
-    print(f"large-step fraction F = {result['large_fraction']:.3f} ({source}); "
-          f"utilization {result['utilization']:g}")
-    print(f"{'pool':<6} {'demand tok/s':>13} {'replica tok/s':>14} {'replicas':>9} {'min':>5} {'max':>5}")
-    for role, p in result["pools"].items():
-        print(f"{role:<6} {p['demand_tps']:>13.1f} {p['replica_tps']:>14.1f} {p['replicas']:>9} "
-              f"{p.get('min_replicas', '-'):>5} {p.get('max_replicas', '-'):>5}")
-    print(FORMULA)
+def _pair(kind, what: str):
+    """An argparse type: ``A:B`` of two ``kind`` values."""
+
+    def parse(text: str):
+        try:
+            a, b = (kind(x) for x in text.split(":"))
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"want {what}, got {text!r}") from None
+        return a, b
+
+    return parse
 
 
-def plot(args: argparse.Namespace, taus: list[float], fractions: list[float]) -> None:
-    """Write a PNG of each pool's replicas against tau over the calibration range, with F on a second axis."""
-    import matplotlib
+def _fraction(args) -> float:
+    """F from --large-fraction, or from --tau through --calibration or --entropy (ValueError says what is wrong)."""
+    if args.tau is None:
+        return args.large_fraction
+    if args.entropy is not None:
+        from cluster.planner.system import Routing
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    grid = [taus[0] + (taus[-1] - taus[0]) * i / 400 for i in range(401)]
-    shares = [fraction_at_tau(t, taus, fractions) for t in grid]
-    fig, ax = plt.subplots(figsize=(8, 4.5))
-    for role, tps in (("small", args.small_tps), ("large", args.large_tps)):
-        counts = [replicas_needed(pool_demand(args.rate, args.steps, args.step_tokens, args.final_tokens, f,
-                                              args.glimpse_cost)[role], tps, args.utilization) for f in shares]
-        ax.step(grid, counts, where="post", label=f"{role} replicas")
-    ax.set_xlabel("tau (nats)")
-    ax.set_ylabel("replicas needed")
-    ax.set_title(f"{args.rate:g} req/s, {args.steps:g} steps x {args.step_tokens:g} tokens, "
-                 f"utilization {args.utilization:g}")
-    frac_ax = ax.twinx()
-    frac_ax.plot(grid, shares, color="grey", linestyle="--", label="large-step fraction")
-    frac_ax.axhspan(*ADVISED_BAND, color="green", alpha=0.15, label="advised 20-30% large")
-    frac_ax.set_ylim(0, 1)
-    frac_ax.set_ylabel("large-step fraction")
-    if args.tau is not None:
-        ax.axvline(args.tau, color="black", linewidth=0.8, label=f"tau {args.tau:g}")
-    handles = ax.get_legend_handles_labels()[0] + frac_ax.get_legend_handles_labels()[0]
-    ax.legend(handles=handles, loc="upper right", fontsize="small")
-    fig.tight_layout()
-    fig.savefig(args.plot, format="png")
-    plt.close(fig)
+        return Routing(entropy_mu=args.entropy[0], entropy_sigma=args.entropy[1], tau=args.tau).fraction()
+    if not args.calibration:
+        raise ValueError("--tau needs --calibration FILE (from `cluster calibrate --out FILE`) or --entropy MU:SIGMA")
+    return fraction_at_tau(args.tau, *load_calibration(args.calibration))
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
+    from cluster.planner import report, search
+    from cluster.planner.simulator import Hardware
+
     try:
-        calibration = load_calibration(args.calibration) if args.calibration else None
+        fraction = _fraction(args)
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    if calibration is None and (args.tau is not None or args.plot):
-        print("error: --tau and --plot need --calibration FILE (from `cluster calibrate --out FILE`)", file=sys.stderr)
+    if (args.goodput is None) != (args.bound is None):
+        print("error: --goodput and --bound go together", file=sys.stderr)
         return 2
-    fraction = args.large_fraction if args.tau is None else fraction_at_tau(args.tau, *calibration)
-    result = plan(args, fraction)
+    hardware = Hardware(gpu=GPUS[args.gpu], small_graphs=args.small_graphs)
+    target = search.Target(args.p95, args.goodput, args.bound)
+    closed = args.in_flight is not None
+    load = args.in_flight if closed else args.rate
+    result = search.plan(
+        _shape(args, fraction),
+        load,
+        target,
+        closed=closed,
+        hardware=hardware,
+        max_cell_gpus=args.max_cell_gpus,
+        max_gpus=args.max_gpus,
+        duration_s=args.duration,
+    )
     if args.json:
-        print(json.dumps(result, indent=2))
+        print(json.dumps({"large_fraction": fraction, "tau": args.tau, **report.plan_dict(result)}, indent=2))
     else:
-        print_table(result)
-    for role, p in result["pools"].items():
-        if p["replicas"] > p.get("max_replicas", math.inf):
-            print(f"warning: the {role} pool needs {p['replicas']} replicas, above "
-                  f"pools.{role}.autoscaling.max_replicas = {p['max_replicas']}", file=sys.stderr)
+        source = f"tau {args.tau:g} via calibration" if args.tau is not None else "given"
+        print(f"large-step fraction F = {fraction:.3f} ({source})")
+        print("\n".join(report.plan_lines(result, hardware)))
+    if args.config and result.best is not None:
+        cfg = load_config(args.config)
+        for role, t in search.autoscaling_targets(result.best).items():
+            bound = getattr(cfg.pools, role).autoscaling.max_replicas
+            if t["replicas"] > bound:
+                print(
+                    f"warning: the {role} pool needs {t['replicas']} replicas, above "
+                    f"pools.{role}.autoscaling.max_replicas = {bound}",
+                    file=sys.stderr,
+                )
     if args.plot:
-        plot(args, *calibration)
+        report.plot(result, _shape(args, fraction), hardware, args.plot)
         print(f"wrote {args.plot}", file=sys.stderr)
+    return 0 if result.best is not None else 1
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from cluster.planner import report
+    from cluster.planner.simulator import Hardware, simulate
+    from cluster.planner.system import parse_layout
+
+    try:
+        fraction = _fraction(args)
+        layout = parse_layout(args.layout)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    shape = _shape(args, fraction)
+    if not layout.count("small") and shape.arm != "large":
+        shape = replace(shape, arm="large")
+    if not layout.count("large"):
+        print("error: the layout has no large replica (it writes the final answer)", file=sys.stderr)
+        return 2
+    hardware = Hardware(gpu=GPUS[args.gpu], small_graphs=args.small_graphs)
+    if args.in_flight is not None:
+        n = int(args.in_flight)
+        result = simulate(
+            layout, shape, in_flight=n, requests=args.requests or 2 * n, hardware=hardware, seed=args.seed
+        )
+        load = f"closed loop, {n} in flight, {result.requests} requests"
+    else:
+        result = simulate(layout, shape, rate=args.rate, duration_s=args.duration, hardware=hardware, seed=args.seed)
+        load = f"Poisson arrivals at {args.rate:g} req/s for {args.duration:g} s"
+    if args.json:
+        print(json.dumps({"layout": args.layout, "large_fraction": fraction, **result.as_dict()}, indent=2))
+    else:
+        print("\n".join(report.predict_lines(layout, shape, result, load, hardware)))
     return 0
 
 
 def _number(low: float, *, above: bool = False, high: float = math.inf):
     """An argparse type: a float >= ``low`` (> with ``above``) and <= ``high``."""
+
     def parse(text: str) -> float:
         try:
             value = float(text)
@@ -167,26 +195,95 @@ def _number(low: float, *, above: bool = False, high: float = math.inf):
     return parse
 
 
-def register(subparsers: argparse._SubParsersAction) -> None:
-    """Add the ``plan`` command to a CLI; its ``func(args)`` returns the exit code."""
+def _request_flags(p: argparse.ArgumentParser) -> None:
     positive, nonnegative = _number(0, above=True), _number(0)
-    p = subparsers.add_parser("plan", help="replicas each pool needs for a request rate",
-                              description=__doc__.splitlines()[0], epilog=FORMULA)
-    p.add_argument("--rate", type=positive, required=True, help="requests per second")
+    load = p.add_mutually_exclusive_group(required=True)
+    load.add_argument("--rate", type=positive, help="requests per second (Poisson arrivals)")
+    load.add_argument("--in-flight", type=positive, help="requests in flight (a closed loop)")
     p.add_argument("--steps", type=positive, required=True, help="reasoning steps per request")
-    p.add_argument("--step-tokens", type=positive, required=True, help="tokens per step")
-    p.add_argument("--final-tokens", type=nonnegative, required=True, help="answer tokens (large pool)")
+    p.add_argument("--step-tokens", type=positive, default=96, help="tokens per step (default: %(default)s)")
+    p.add_argument("--prompt-tokens", type=int, default=200, help="prompt tokens (default: %(default)s)")
+    p.add_argument(
+        "--final-tokens", type=nonnegative, default=128, help="answer tokens, large pool (default: %(default)s)"
+    )
     share = p.add_mutually_exclusive_group(required=True)
     share.add_argument("--large-fraction", type=_number(0, high=1), help="fraction F of steps the large pool writes")
     share.add_argument("--tau", type=nonnegative, help="entropy threshold; F read from --calibration")
     p.add_argument("--calibration", type=Path, help="JSON {taus, large_fraction} from `cluster calibrate --out`")
-    p.add_argument("--small-tps", type=positive, required=True, help="output tok/s one small replica sustains")
-    p.add_argument("--large-tps", type=positive, required=True, help="output tok/s one large replica sustains")
-    p.add_argument("--glimpse-cost", type=nonnegative, default=1.0,
-                   help="small-pool token-equivalents per glimpse (default: %(default)s)")
-    p.add_argument("--utilization", type=_number(0, above=True, high=1), default=0.7,
-                   help="target fraction of replica throughput (default: %(default)s)")
-    p.add_argument("--config", help="config file or shipped name: show its min/max replicas, warn above max")
+    p.add_argument(
+        "--entropy",
+        type=_pair(float, "MU:SIGMA"),
+        metavar="MU:SIGMA",
+        help="with --tau: each step's first-token entropy is lognormal(MU, SIGMA), the step large above tau",
+    )
+    p.add_argument(
+        "--step-tokens-range",
+        type=_pair(int, "LO:HI"),
+        metavar="LO:HI",
+        help="steps of LO to HI tokens, uniform (instead of --step-tokens each)",
+    )
+    p.add_argument(
+        "--placement",
+        choices=("per_request", "aligned", "random"),
+        default="per_request",
+        help="which steps go large: evenly spaced at each request's phase (default), at one phase for all, "
+        "or at random",
+    )
+    p.add_argument(
+        "--gpu", choices=sorted(GPUS), default="h200", help="card the profiles are for (default: %(default)s)"
+    )
+    p.add_argument(
+        "--small-graphs",
+        choices=("FULL", "default"),
+        default="FULL",
+        help="the small engine's CUDA-graph mode (default: %(default)s, the benchmark's)",
+    )
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    p.add_argument("--plot", type=Path, metavar="PATH.png", help="plot replicas against tau (needs --calibration)")
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add the ``plan`` command to a CLI; its ``func(args)`` returns the exit code."""
+    positive = _number(0, above=True)
+    p = subparsers.add_parser(
+        "plan", help="cheapest replica mix and layout for a load and a p95 target", description=__doc__.splitlines()[0]
+    )
+    _request_flags(p)
+    p.add_argument("--p95", type=positive, required=True, help="p95 latency target, seconds")
+    p.add_argument("--goodput", type=_number(0, above=True, high=1), help="also this share of requests within --bound")
+    p.add_argument("--bound", type=positive, help="latency bound of --goodput, seconds")
+    p.add_argument("--max-cell-gpus", type=int, default=2, help="largest cell searched, GPUs (default: %(default)s)")
+    p.add_argument("--max-gpus", type=int, help="most GPUs the plan may use")
+    p.add_argument(
+        "--duration", type=positive, default=180.0, help="simulated seconds per trial (default: %(default)s)"
+    )
+    p.add_argument("--config", help="config file or shipped name: warn where a pool needs more than its max_replicas")
+    p.add_argument("--plot", type=Path, metavar="PATH.png", help="plot predicted p95 against load per GPU")
     p.set_defaults(func=cmd_plan)
+
+
+def register_predict(subparsers: argparse._SubParsersAction) -> None:
+    """Add the ``predict`` command: the simulator's prediction for one layout, request shape and load."""
+    p = subparsers.add_parser(
+        "predict",
+        help="predicted throughput and latency of a layout at a load",
+        description="The simulator's prediction (docs/planning.md) for one layout and load.",
+    )
+    p.add_argument(
+        "--layout",
+        required=True,
+        help="a benchmark layout (routed-2gpu, shared-2gpu, ...) or a spec: GPUs "
+        "separated by commas, each [Kx]ROLE[+ROLE] with s and l, e.g. s,l or 2xs+l or s+s,3xl",
+    )
+    _request_flags(p)
+    p.add_argument(
+        "--arm",
+        choices=("stream", "fused", "instep", "random", "large"),
+        default="stream",
+        help="client arm of gpu_bench (large: policy large_only)",
+    )
+    p.add_argument("--requests", type=int, help="closed loop: requests in all (default: two per slot)")
+    p.add_argument(
+        "--duration", type=_number(0, above=True), default=600.0, help="open loop: seconds (default: %(default)s)"
+    )
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_predict)

@@ -7,7 +7,6 @@ It runs with append-only persistence in the run directory, so tenants and usage 
 from __future__ import annotations
 
 import importlib.util
-import os
 import shutil
 import subprocess
 import time

@@ -1,0 +1,3 @@
+from loadtests.gpu_bench.cli import main
+
+main()
