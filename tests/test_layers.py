@@ -17,7 +17,7 @@ LAYERS = {
     "cluster": 0, "cluster.config": 0, "cluster.metrics": 0, "cluster.topology": 0,
     "deployments": 1,
     "router_service": 2,
-    "cluster.ops": 3, "cluster.planner": 3, "cluster.__main__": 3,
+    "cluster.ops": 3, "cluster.__main__": 3,
     "loadtests": 4,
 }
 

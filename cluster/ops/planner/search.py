@@ -13,8 +13,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-from cluster.planner.simulator import Hardware, Result, simulate
-from cluster.planner.system import Layout, RequestShape, parse_layout, spec_of
+from cluster.ops.planner.simulator import Hardware, Result, simulate
+from cluster.ops.planner.system import Layout, RequestShape, parse_layout, spec_of
 
 
 def candidate_cells(max_gpus: int = 4, routed: bool = True) -> list[Layout]:
