@@ -31,7 +31,9 @@ class TauController:
             direction = "down"
         else:
             return None
-        log.info("tau controller: large pool in flight %d, tau offset %s to %.2f", large_in_flight, direction, self.offset)
+        log.info(
+            "tau controller: large pool in flight %d, tau offset %s to %.2f", large_in_flight, direction, self.offset
+        )
         return direction
 
     def apply(self, policy: PolicySettings, floor: float | None, ceiling: float | None) -> PolicySettings:

@@ -1,4 +1,5 @@
-"""The profile fitter (cluster/ops/planner/profiles.py) on synthetic points, the sweep format, and the committed files."""
+"""The profile fitter (cluster/ops/planner/profiles.py) on synthetic points, the sweep format, and the committed
+files."""
 
 from __future__ import annotations
 
@@ -79,8 +80,15 @@ def test_sweep_file_makes_a_profile_and_a_sharing_factor(tmp_path):
 
 def test_sweep_leaves_out_mps_rows_and_small_prefill_past_the_graphs(tmp_path):
     rows = [
-        {"model": "qwen2.5-1.5b", "shared": False, "decode_seqs": 32, "prefill_tokens": p, "context_tokens": 2000,
-         "iter_ms": 5.0, "mps": mps}
+        {
+            "model": "qwen2.5-1.5b",
+            "shared": False,
+            "decode_seqs": 32,
+            "prefill_tokens": p,
+            "context_tokens": 2000,
+            "iter_ms": 5.0,
+            "mps": mps,
+        }
         for p, mps in ((0, False), (256, False), (1024, False), (0, True))
     ]
     sweep = tmp_path / "engine-sweep-h200.json"

@@ -53,7 +53,9 @@ def register(subparsers) -> argparse.ArgumentParser:
 
     group = subparsers.add_parser("tenants", help="manage tenants, API keys and usage")
     cmds = group.add_subparsers(dest="tenants_cmd", required=True)
-    cmds.add_parser("create", parents=[common, limits], help="create a tenant and print its first key").add_argument("name")
+    cmds.add_parser("create", parents=[common, limits], help="create a tenant and print its first key").add_argument(
+        "name"
+    )
     cmds.add_parser("list", parents=[common], help="list tenants")
     cmds.add_parser("show", parents=[common], help="a tenant's settings and keys").add_argument("name")
     cmds.add_parser("set", parents=[common, limits], help="change a tenant's settings").add_argument("name")
@@ -85,7 +87,7 @@ def _changes(args) -> dict:
 def _table(rows: list[list], header: list[str]) -> str:
     cells = [header] + [[str(c) for c in row] for row in rows]
     widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
-    return "\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in cells)
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=False)).rstrip() for row in cells)
 
 
 def _iso(epoch: float) -> str:
@@ -105,10 +107,19 @@ async def _dispatch(args, store: TenantStore) -> tuple[object, str]:
         return data, f"created tenant {tenant.name}\napi key (shown once, store it now): {key}"
     if cmd == "list":
         tenants = await store.list_tenants()
-        rows = [[t.name, t.settings.requests_per_minute, t.settings.tokens_per_minute_small,
-                 t.settings.tokens_per_minute_large, t.settings.max_concurrent_requests,
-                 t.settings.policy.policy, t.settings.policy.tau, ",".join(t.settings.allowed_models) or "*"]
-                for t in tenants]
+        rows = [
+            [
+                t.name,
+                t.settings.requests_per_minute,
+                t.settings.tokens_per_minute_small,
+                t.settings.tokens_per_minute_large,
+                t.settings.max_concurrent_requests,
+                t.settings.policy.policy,
+                t.settings.policy.tau,
+                ",".join(t.settings.allowed_models) or "*",
+            ]
+            for t in tenants
+        ]
         header = ["tenant", "rpm", "tpm_small", "tpm_large", "concurrent", "policy", "tau", "models"]
         return [t.model_dump() for t in tenants], _table(rows, header)
     if cmd in ("show", "keys"):
@@ -136,8 +147,11 @@ async def _dispatch(args, store: TenantStore) -> tuple[object, str]:
         data = await store.usage(args.name, args.day)
         rows = [[pool, *(counts[f] for f in USAGE_FIELDS)] for pool, counts in data["pools"].items()]
         rows.append(["total", *(sum(c[f] for c in data["pools"].values()) for f in USAGE_FIELDS)])
-        text = (f"tenant {data['tenant']}  day {data['day']} (UTC)\n" + _table(rows, ["pool", *USAGE_FIELDS])
-                + f"\nlarge_step_fraction {data['large_step_fraction']:.3f}")
+        text = (
+            f"tenant {data['tenant']}  day {data['day']} (UTC)\n"
+            + _table(rows, ["pool", *USAGE_FIELDS])
+            + f"\nlarge_step_fraction {data['large_step_fraction']:.3f}"
+        )
         return data, text
     raise ValueError(f"unknown tenants command {cmd!r}")
 

@@ -48,20 +48,16 @@ class RateLimited(TenancyError):
         self.state = state
 
 
-_NOW_LUA = (
-    "local t = redis.call('TIME')\n"
-    "local now_ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)\n"
-)
+_NOW_LUA = "local t = redis.call('TIME')\nlocal now_ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)\n"
 
 
 def _window_lua(body: str) -> str:
-    """A script preceded by the current window: ``now_ms``, ``win``, ``reset_ms`` from Redis TIME and ARGV[1] (window ms)."""
+    """A script preceded by the current window: ``now_ms``, ``win``, ``reset_ms`` from Redis TIME and ARGV[1]
+    (window ms)."""
     return (
-        _NOW_LUA
-        + "local window_ms = tonumber(ARGV[1])\n"
+        _NOW_LUA + "local window_ms = tonumber(ARGV[1])\n"
         "local win = math.floor(now_ms / window_ms)\n"
-        "local reset_ms = (win + 1) * window_ms - now_ms\n"
-        + body
+        "local reset_ms = (win + 1) * window_ms - now_ms\n" + body
     )
 
 
@@ -104,14 +100,18 @@ return total
 """)
 
 # KEYS[1] in-flight set; ARGV: request_id, ttl_ms. Returns 1 if the request was still counted.
-_HEARTBEAT_LUA = _NOW_LUA + """
+_HEARTBEAT_LUA = (
+    _NOW_LUA
+    + """
 if not redis.call('ZSCORE', KEYS[1], ARGV[1]) then return 0 end
 redis.call('ZADD', KEYS[1], now_ms + tonumber(ARGV[2]), ARGV[1])
 redis.call('PEXPIRE', KEYS[1], ARGV[2])
 return 1
 """
+)
 
 # KEYS: key record, tenant's key index, tenant settings; ARGV: tenant, hash, created, prefix.
+
 
 class RateLimiter(TenantKeys):
     """A tenant's limits in Redis (``redis.asyncio`` client; decoded replies or not).
@@ -140,10 +140,18 @@ class RateLimiter(TenantKeys):
         )
 
     async def admit(self, tenant: Tenant, request_id: str) -> Admission:
-        """Let a request in, or raise RateLimited: requests per window, tokens per pool, concurrency (one atomic script)."""
+        """Let a request in, or raise RateLimited: requests per window, tokens per pool, concurrency (one atomic
+        script)."""
         s = tenant.settings
-        args = [self.window_ms, request_id, s.requests_per_minute, s.tokens_per_minute_small,
-                s.tokens_per_minute_large, s.max_concurrent_requests, self.inflight_ttl_ms]
+        args = [
+            self.window_ms,
+            request_id,
+            s.requests_per_minute,
+            s.tokens_per_minute_small,
+            s.tokens_per_minute_large,
+            s.max_concurrent_requests,
+            self.inflight_ttl_ms,
+        ]
         ok, reason, used, small, large, reset_ms, retry_ms = await self._admit(keys=[self._base(tenant)], args=args)
         state = self._state(s, used, small, large, reset_ms)
         if not ok:

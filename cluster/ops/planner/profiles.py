@@ -1,5 +1,6 @@
 """Engine cost profiles: one vLLM engine's iteration time as a linear function of its batch, fitted by least
-squares from the pools' own counters in the committed GPU runs (the JSON files under ``docs/gpu/``) or from an engine sweep.
+squares from the pools' own counters in the committed GPU runs (the JSON files under ``docs/gpu/``) or from an
+engine sweep.
 
     iteration ms = base + per_seq * decode sequences + per_prefill_token * prefill tokens
                    + per_kilo_context * (context tokens of the decode sequences / 1000)
@@ -316,7 +317,9 @@ def sharing_slowdown(profiles: dict, profile: Profile) -> float:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m cluster.ops.planner.profiles", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("fit", help="fit the profiles from the JSON files under docs/gpu/ (and sweep files) and write them")
+    p = sub.add_parser(
+        "fit", help="fit the profiles from the JSON files under docs/gpu/ (and sweep files) and write them"
+    )
     p.add_argument("--docs", type=Path, default=GPU_DOCS)
     p.add_argument(
         "--sweep",
