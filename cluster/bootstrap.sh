@@ -35,6 +35,7 @@ export PATH="$PWD/$VENV/bin:$PATH"
 case "${1:-}" in
   setup) setup ;;
   run) setup; step "starting the local cluster"; python -m cluster up "${@:2}" ;;
-  test) setup; step "running the tests"; python -m pytest -q -rs "${@:2}" ;;
+  test) setup; step "lint and format (ruff)"; ruff check . && ruff format --check .
+        step "running the tests"; python -m pytest -q -rs "${@:2}" ;;
   *) echo "usage: bash cluster/bootstrap.sh run|test|setup" >&2; exit 2 ;;
 esac

@@ -58,42 +58,61 @@ class EngineSettings(StrictModel):
 
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field("auto", description="Weights/activations dtype.")
     max_model_len: int = Field(4096, ge=128, le=1_048_576, description="Context length in tokens.")
-    enable_prefix_caching: bool = Field(True, description="Automatic prefix caching (each step is an incremental prefill).")
-    max_logprobs: int = Field(20, ge=20, le=1000, description="Most log-probs a request may ask for; the glimpse needs top-k.")
+    enable_prefix_caching: bool = Field(
+        True, description="Automatic prefix caching (each step is an incremental prefill)."
+    )
+    max_logprobs: int = Field(
+        20, ge=20, le=1000, description="Most log-probs a request may ask for; the glimpse needs top-k."
+    )
     max_num_seqs: int = Field(64, ge=1, le=4096, description="Most sequences batched at once.")
     tensor_parallel_size: int = Field(1, ge=1, le=64, description="GPUs per replica (tensor parallel).")
     kv_cache_gib: int | None = Field(
-        None, ge=1, le=1024, description="KV cache size in whole GiB (CPU: VLLM_CPU_KVCACHE_SPACE; GPU: kv_cache_memory_bytes, "
-        "which sizes the cache without vLLM's memory profiling, so pools sharing a GPU can start together)."
+        None,
+        ge=1,
+        le=1024,
+        description="KV cache size in whole GiB (CPU: VLLM_CPU_KVCACHE_SPACE; GPU: kv_cache_memory_bytes, "
+        "which sizes the cache without vLLM's memory profiling, so pools sharing a GPU can start together).",
     )
     gpu_memory_utilization: float | None = Field(
         None, gt=0, le=1, description="GPU only: fraction of GPU memory the engine may take."
     )
     max_num_batched_tokens: int | None = Field(
-        None, ge=16, le=1_048_576, description="Most tokens one scheduler iteration computes (decode plus "
-        "prefill chunks: the chunked-prefill budget); vLLM's default when unset."
+        None,
+        ge=16,
+        le=1_048_576,
+        description="Most tokens one scheduler iteration computes (decode plus "
+        "prefill chunks: the chunked-prefill budget); vLLM's default when unset.",
     )
     max_cudagraph_capture_size: int | None = Field(
-        None, ge=1, le=16_384, description="GPU only: the largest iteration, in tokens, that runs as a captured CUDA "
-        "graph (larger ones run without); vLLM's default, min(2 x max_num_seqs, 512), when unset."
+        None,
+        ge=1,
+        le=16_384,
+        description="GPU only: the largest iteration, in tokens, that runs as a captured CUDA "
+        "graph (larger ones run without); vLLM's default, min(2 x max_num_seqs, 512), when unset.",
     )
     cudagraph_mode: Literal["NONE", "PIECEWISE", "FULL", "FULL_DECODE_ONLY", "FULL_AND_PIECEWISE"] | None = Field(
-        None, description="GPU only: vLLM's CUDA-graph mode. FULL also captures iterations that mix prefill and decode "
+        None,
+        description="GPU only: vLLM's CUDA-graph mode. FULL also captures iterations that mix prefill and decode "
         "whole (where the attention backend allows: FlashAttention 3); vLLM's default, FULL_AND_PIECEWISE "
-        "(those run piecewise, attention outside the graph), when unset."
+        "(those run piecewise, attention outside the graph), when unset.",
     )
     async_scheduling: bool | None = Field(
-        None, description="GPU only: vLLM's asynchronous scheduling (the next iteration is scheduled while the GPU runs "
-        "this one); vLLM's default, on where nothing excludes it, when unset."
+        None,
+        description="GPU only: vLLM's asynchronous scheduling (the next iteration is scheduled while the GPU runs "
+        "this one); vLLM's default, on where nothing excludes it, when unset.",
     )
     enforce_eager: bool = Field(False, description="Skip compilation / CUDA graphs (faster start, slower steps).")
     disable_custom_all_reduce: bool = Field(
-        False, description="GPU, tensor parallel only: all-reduce through NCCL instead of vLLM's custom all-reduce "
-        "(CUDA IPC between the GPUs), for hosts where that fails."
+        False,
+        description="GPU, tensor parallel only: all-reduce through NCCL instead of vLLM's custom all-reduce "
+        "(CUDA IPC between the GPUs), for hosts where that fails.",
     )
     stream_interval: int = Field(
-        1, ge=1, le=1024, description="Tokens the engine buffers before a streamed step yields them (vLLM's "
-        "stream_interval; the first token always goes at once). Above 1 it saves per-token work under load."
+        1,
+        ge=1,
+        le=1024,
+        description="Tokens the engine buffers before a streamed step yields them (vLLM's "
+        "stream_interval; the first token always goes at once). Above 1 it saves per-token work under load.",
     )
     cpu_threads_bind: str | None = Field(
         None, description="CPU only: cores the engine's OpenMP threads are bound to (VLLM_CPU_OMP_THREADS_BIND)."
@@ -106,10 +125,14 @@ class AutoscalingSettings(StrictModel):
     min_replicas: int = Field(1, ge=0, le=1024, description="Fewest replicas.")
     max_replicas: int = Field(1, ge=1, le=1024, description="Most replicas.")
     initial_replicas: int | None = Field(None, ge=0, le=1024, description="Replicas at start (default: min).")
-    target_ongoing_requests: float = Field(8.0, gt=0, le=10_000, description="Ongoing requests per replica the autoscaler aims at.")
+    target_ongoing_requests: float = Field(
+        8.0, gt=0, le=10_000, description="Ongoing requests per replica the autoscaler aims at."
+    )
     max_ongoing_requests: int = Field(64, ge=1, le=100_000, description="Most requests one replica takes at once.")
     upscale_delay_s: float = Field(10.0, ge=0, le=3600, description="Seconds of sustained load before adding replicas.")
-    downscale_delay_s: float = Field(120.0, ge=0, le=86_400, description="Seconds of low load before removing replicas.")
+    downscale_delay_s: float = Field(
+        120.0, ge=0, le=86_400, description="Seconds of low load before removing replicas."
+    )
 
     @model_validator(mode="after")
     def _bounds_ordered(self) -> AutoscalingSettings:
@@ -137,16 +160,22 @@ class Placement(StrictModel):
     """Where a pool's replicas run: a node pool selected by Ray custom resources or accelerator type."""
 
     node_resource: str | None = Field(
-        None, pattern=r"^[A-Za-z][A-Za-z0-9_\-]*$",
+        None,
+        pattern=r"^[A-Za-z][A-Za-z0-9_\-]*$",
         description="Ray custom resource that only this pool's nodes advertise (e.g. 'small_pool').",
     )
     node_resource_units: float = Field(
-        0.001, gt=0, le=1000, description="Units of node_resource each replica takes: nodes that advertise 1 unit "
-        "and replicas that take 1 give one replica per node (e.g. one small and one large replica on each GPU)."
+        0.001,
+        gt=0,
+        le=1000,
+        description="Units of node_resource each replica takes: nodes that advertise 1 unit "
+        "and replicas that take 1 give one replica per node (e.g. one small and one large replica on each GPU).",
     )
     accelerator_type: str | None = Field(None, description="Ray accelerator type, e.g. 'H100'.")
     num_cpus: float = Field(1.0, ge=0, le=512, description="CPUs per replica.")
-    num_gpus: float = Field(0.0, ge=0, le=64, description="GPUs per replica (fractions allowed); must cover tensor parallelism.")
+    num_gpus: float = Field(
+        0.0, ge=0, le=64, description="GPUs per replica (fractions allowed); must cover tensor parallelism."
+    )
 
     def ray_actor_options(self) -> dict:
         """The ``ray_actor_options`` of the pool's deployment."""
@@ -170,7 +199,9 @@ class PoolSettings(StrictModel):
     def _gpus_cover_tensor_parallel(self) -> PoolSettings:
         tp = self.engine.tensor_parallel_size
         if tp > 1 and self.placement.num_gpus not in (0, tp):
-            raise ValueError(f"placement.num_gpus must be {tp} (engine.tensor_parallel_size) or 0 with a placement group")
+            raise ValueError(
+                f"placement.num_gpus must be {tp} (engine.tensor_parallel_size) or 0 with a placement group"
+            )
         return self
 
 
@@ -188,9 +219,13 @@ class PoolsSettings(StrictModel):
 class RedisSettings(StrictModel):
     """Redis holding step state (and tenancy)."""
 
-    url: str = Field("redis://127.0.0.1:6379/0", pattern=r"^(redis|rediss|unix)://", description="Redis URL; REDIS_URL overrides it.")
+    url: str = Field(
+        "redis://127.0.0.1:6379/0", pattern=r"^(redis|rediss|unix)://", description="Redis URL; REDIS_URL overrides it."
+    )
     request_ttl_s: int = Field(86_400, ge=60, le=30 * 86_400, description="How long a request's state is kept.")
-    socket_timeout_s: float = Field(2.0, gt=0, le=60, description="Per-command timeout; an outage gives 503, not a hang.")
+    socket_timeout_s: float = Field(
+        2.0, gt=0, le=60, description="Per-command timeout; an outage gives 503, not a hang."
+    )
 
     def effective_url(self) -> str:
         """The URL in force: the REDIS_URL environment variable overrides the config."""
@@ -201,17 +236,24 @@ class PolicySettings(StrictModel):
     """Routing policy knobs; the router's defaults and a request's overrides share this model."""
 
     policy: PolicyName = Field("glimprouter", description="Which policy routes each step.")
-    tau: float = Field(1.0, ge=0, le=10, description="Entropy threshold (nats): H >= tau sends the step to the large pool.")
-    large_fraction: float = Field(0.25, ge=0, le=1, description="'random' policy: fraction of steps sent to the large pool.")
+    tau: float = Field(
+        1.0, ge=0, le=10, description="Entropy threshold (nats): H >= tau sends the step to the large pool."
+    )
+    large_fraction: float = Field(
+        0.25, ge=0, le=1, description="'random' policy: fraction of steps sent to the large pool."
+    )
     seed: int = Field(0, ge=0, description="'random' and 'forced_fraction': seed (with the request id) of the draws.")
     fused_glimpse: bool = Field(
-        False, description="After a small step, take the next step's glimpse in the same small-pool call instead of a "
-        "separate one, on the same prompt (the step's prompt, text and delimiter, tokenized again in the pool)."
+        False,
+        description="After a small step, take the next step's glimpse in the same small-pool call instead of a "
+        "separate one, on the same prompt (the step's prompt, text and delimiter, tokenized again in the pool).",
     )
     glimpse_in_step: bool = Field(
-        False, description="Take each glimpse from the first token of a small-pool step call on the step's prompt, with "
-        "its top-k log-probs (the raw distribution, as the greedy glimpse's): one small-pool call per small step instead "
-        "of two. When the step goes to the large pool, the small call is cancelled after that token."
+        False,
+        description="Take each glimpse from the first token of a small-pool step call on the step's prompt, with "
+        "its top-k log-probs (the raw distribution, as the greedy glimpse's): one small-pool call per small step "
+        "instead "
+        "of two. When the step goes to the large pool, the small call is cancelled after that token.",
     )
     max_large_fraction: float | None = Field(
         None, ge=0, le=1, description="glimprouter: a large-step budget. The router steers the tenant's tau from the "
@@ -237,18 +279,28 @@ class StepSettings(StrictModel):
     final_max_tokens: int = Field(2048, ge=1, le=32_768, description="Most tokens of the final answer.")
     temperature: float = Field(0.6, ge=0, le=2, description="Step sampling temperature.")
     top_p: float = Field(0.95, gt=0, le=1, description="Step nucleus sampling.")
-    ignore_eos: bool = Field(False, description="Benchmarks on random weights: steps and answer run to their token limits.")
+    ignore_eos: bool = Field(
+        False, description="Benchmarks on random weights: steps and answer run to their token limits."
+    )
     cap_last_step: bool = Field(
-        False, description="Serving variant: cap each step at what is left of token_budget, so the steps never exceed "
+        False,
+        description="Serving variant: cap each step at what is left of token_budget, so the steps never exceed "
         "it. The reference (default) gives every step its full step_max_tokens and stops after the step that reaches "
-        "the budget, keeping that step whole.")
+        "the budget, keeping that step whole.",
+    )
     stop_on_eos: bool = Field(
-        False, description="Serving variant: end the thinking phase after a step that ends with EOS. The reference "
-        "(default) writes the next step from the prefix as usual.")
+        False,
+        description="Serving variant: end the thinking phase after a step that ends with EOS. The reference "
+        "(default) writes the next step from the prefix as usual.",
+    )
     completion_limit: int | None = Field(
-        None, ge=1, le=1_000_000, description="Most completion tokens of the whole request, reasoning and answer "
+        None,
+        ge=1,
+        le=1_000_000,
+        description="Most completion tokens of the whole request, reasoning and answer "
         "together (a request's max_completion_tokens): every step is capped at what is left of it, the answer gets "
-        "the rest. None: no such limit.")
+        "the rest. None: no such limit.",
+    )
 
     def reasoning_budget(self) -> int:
         """The output tokens after which no step starts: the token budget, within the completion limit."""
@@ -267,7 +319,9 @@ class TauControllerSettings(StrictModel):
     highest class first. Off by default: the paper's fixed tau is the reference."""
 
     enabled: bool = Field(False, description="Adjust tau by the large pool's queue.")
-    queue_high: int = Field(8, ge=1, le=100_000, description="Large-pool calls in flight (per router replica) above which tau rises.")
+    queue_high: int = Field(
+        8, ge=1, le=100_000, description="Large-pool calls in flight (per router replica) above which tau rises."
+    )
     queue_low: int = Field(2, ge=0, le=100_000, description="In-flight large-pool calls below which tau falls back.")
     step_nats: float = Field(0.25, gt=0, le=5, description="Change of tau per adjustment.")
     max_offset_nats: float = Field(2.0, gt=0, le=10, description="Most tau may rise above the request's own tau.")
@@ -334,7 +388,9 @@ class RouterSettings(StrictModel):
     port: int = Field(8000, ge=1, le=65_535, description="HTTP port of the Serve proxy.")
     prefix_affinity: bool = Field(True, description="Send all of a request's calls to a pool to the same replica.")
     max_body_bytes: int = Field(1_048_576, ge=1024, le=64 * 1_048_576, description="Largest request body (413 beyond).")
-    lease_s: float = Field(30.0, ge=1, le=3600, description="A request's owner lease; expired leases may be resumed elsewhere.")
+    lease_s: float = Field(
+        30.0, ge=1, le=3600, description="A request's owner lease; expired leases may be resumed elsewhere."
+    )
     policy: PolicySettings = Field(default_factory=PolicySettings, description="Default routing policy.")
     steps: StepSettings = Field(default_factory=StepSettings, description="Step loop constants.")
     tau_controller: TauControllerSettings = Field(default_factory=TauControllerSettings, description="Load-aware tau.")

@@ -40,16 +40,33 @@ class MetricSpec:
 SPECS = {
     s.name: s
     for s in [
-        MetricSpec("glimprouter_requests", "counter", "Requests finished, by tenant, policy and outcome.",
-                   ("tenant", "policy", "outcome")),
-        MetricSpec("glimprouter_request_latency_seconds", "histogram", "Whole-request latency.",
-                   ("policy",), tuple(LATENCY_BUCKETS_S)),
-        MetricSpec("glimprouter_request_ttft_seconds", "histogram",
-                   "Time from a request's admission to its first output: its first token when streamed, else its "
-                   "first complete step.", ("stream",), tuple(LATENCY_BUCKETS_S)),
-        MetricSpec("glimprouter_rejections", "counter",
-                   "Requests refused by a tenant's limit (429), by tenant and limit (requests, tokens, concurrency).",
-                   ("tenant", "reason")),
+        MetricSpec(
+            "glimprouter_requests",
+            "counter",
+            "Requests finished, by tenant, policy and outcome.",
+            ("tenant", "policy", "outcome"),
+        ),
+        MetricSpec(
+            "glimprouter_request_latency_seconds",
+            "histogram",
+            "Whole-request latency.",
+            ("policy",),
+            tuple(LATENCY_BUCKETS_S),
+        ),
+        MetricSpec(
+            "glimprouter_request_ttft_seconds",
+            "histogram",
+            "Time from a request's admission to its first output: its first token when streamed, else its "
+            "first complete step.",
+            ("stream",),
+            tuple(LATENCY_BUCKETS_S),
+        ),
+        MetricSpec(
+            "glimprouter_rejections",
+            "counter",
+            "Requests refused by a tenant's limit (429), by tenant and limit (requests, tokens, concurrency).",
+            ("tenant", "reason"),
+        ),
         MetricSpec("glimprouter_steps", "counter", "Reasoning steps written, by pool and tenant.", ("pool", "tenant")),
         MetricSpec("glimprouter_glimpses", "counter", "Glimpses (first-token calls to the small pool).", ("tenant",)),
         MetricSpec("glimprouter_tokens", "counter", "Engine-reported output tokens by tenant and pool.",

@@ -31,4 +31,4 @@ class PrefixAffinityRouter(PowerOfTwoChoicesRequestRouter):
             return fallback
         by_id = {r.replica_id.unique_id: r for r in candidate_replicas}
         preferred = by_id[rendezvous_pick(key, list(by_id))]
-        return [[preferred]] + fallback
+        return [[preferred], *fallback]

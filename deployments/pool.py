@@ -83,8 +83,10 @@ def iteration_phase(iteration_stats) -> str:
 
 def work_left(scheduler_stats, iteration_stats) -> bool:
     """Whether the engine had work after an iteration: waiting requests, or running ones it did not finish."""
-    return scheduler_stats is not None and (scheduler_stats.num_waiting_reqs > 0 or
-                                            scheduler_stats.num_running_reqs > len(iteration_stats.finished_requests))
+    return scheduler_stats is not None and (
+        scheduler_stats.num_waiting_reqs > 0
+        or scheduler_stats.num_running_reqs > len(iteration_stats.finished_requests)
+    )
 
 
 CALLS = ("glimpse", "generate")  # an engine request: a glimpse (one token), or a step or final answer
@@ -95,7 +97,8 @@ def request_times(finished) -> tuple[str, dict[str, float]]:
     """A finished engine request's kind (see ``CALLS``) and its seconds: ``queued`` (waiting to be scheduled),
     ``running`` (first scheduled to last token) and ``total`` (from its arrival in the engine's front end to its
     last output there; the rest of it is the way in and out of the engine core)."""
-    times = dict(zip(REQUEST_PARTS, (finished.queued_time, finished.inference_time, finished.e2e_latency)))
+    parts = (finished.queued_time, finished.inference_time, finished.e2e_latency)
+    times = dict(zip(REQUEST_PARTS, parts, strict=True))
     return CALLS[finished.max_tokens_param != 1], times
 
 
@@ -122,8 +125,10 @@ def engine_stats_logger(role: str, now=time.monotonic):
                 metrics.inc("glimprouter_engine_iterations", pool=role, phase=phase)
                 if busy:
                     metrics.inc("glimprouter_engine_busy_seconds", busy, pool=role, phase=phase)
-                for kind, tokens in (("decode", iteration_stats.num_generation_tokens),
-                                     ("prefill", iteration_stats.prompt_token_stats.computed)):
+                for kind, tokens in (
+                    ("decode", iteration_stats.num_generation_tokens),
+                    ("prefill", iteration_stats.prompt_token_stats.computed),
+                ):
                     if tokens:
                         metrics.inc("glimprouter_engine_tokens", tokens, pool=role, kind=kind)
                 for finished in iteration_stats.finished_requests:
@@ -132,8 +137,9 @@ def engine_stats_logger(role: str, now=time.monotonic):
                         metrics.inc("glimprouter_engine_requests", pool=role, call=call)
                         for part, seconds in times.items():
                             if seconds > 0:  # a Ray counter takes only positive increments
-                                metrics.inc("glimprouter_engine_request_seconds", seconds, pool=role, call=call,
-                                            part=part)
+                                metrics.inc(
+                                    "glimprouter_engine_request_seconds", seconds, pool=role, call=call, part=part
+                                )
 
         def log_engine_initialized(self) -> None:
             pass
@@ -176,8 +182,10 @@ class ModelPool:
         self.role = role
         self.replica = serve.get_replica_context().replica_id.unique_id
         if settings.model.embedded and not os.path.isdir(model_dir(settings)):
-            raise RuntimeError(f"embedded model {settings.model.embedded!r} is not converted at {model_dir(settings)}: "
-                               "run `python -m cluster.ops.models` (the launcher does) before the pools start")
+            raise RuntimeError(
+                f"embedded model {settings.model.embedded!r} is not converted at {model_dir(settings)}: "
+                "run `python -m cluster.ops.models` (the launcher does) before the pools start"
+            )
         args = AsyncEngineArgs(**engine_args(settings))
         log.info("%s pool replica %s: starting vLLM engine for %s", role, self.replica, args.model)
         self.engine = AsyncLLM.from_engine_args(args, stat_loggers=[RayPrometheusStatLogger, engine_stats_logger(role)])
@@ -201,13 +209,18 @@ class ModelPool:
 
         params = SamplingParams(max_tokens=1, temperature=0.0, logprobs=top_k, output_kind=RequestOutputKind.FINAL_ONLY)
         final = None
-        async for final in self._generate(prompt, params):
-            pass
+        async for output in self._generate(prompt, params):
+            final = output
         return _first_token_glimpse(final, top_k)
 
     async def step(
-        self, prompt: Prompt, sampling: StepSampling, stream: bool = False, affinity_key: str | None = None,
-        next_glimpse: NextGlimpse | None = None, glimpse_top_k: int | None = None,
+        self,
+        prompt: Prompt,
+        sampling: StepSampling,
+        stream: bool = False,
+        affinity_key: str | None = None,
+        next_glimpse: NextGlimpse | None = None,
+        glimpse_top_k: int | None = None,
     ) -> AsyncIterator[StepChunk]:
         """Generate until a stop string, EOS or ``max_tokens``.
 

@@ -1,12 +1,14 @@
 """vLLM prefix-cache hit rate with two replicas per pool, with and without request affinity.
 
-    python -m loadtests.affinity_bench [--config local] [--requests 16] [--concurrency 4] [--model-for-both smollm2-135m-instruct]
+    python -m loadtests.affinity_bench [--config local] [--requests 16] [--concurrency 4] \
+        [--model-for-both smollm2-135m-instruct]
 
 For each arm (affinity off, then on) it starts the local cluster from ``--config`` with both pools
 pinned at two replicas and ``router.prefix_affinity`` set, sends the same requests through the API,
 and prints each pool's hit rate: prompt tokens the engines found in their prefix cache over all prompt
-tokens of its steps and final answers (engine-reported, from each response's ``usage.per_pool``). ``--model-for-both`` runs
-one embedded model in both pools, so four replicas fit this machine's memory; routing is unchanged.
+tokens of its steps and final answers (engine-reported, from each response's ``usage.per_pool``).
+``--model-for-both`` runs one embedded model in both pools, so four replicas fit this machine's memory; routing is
+unchanged.
 Recorded in docs/local-cluster.md.
 """
 
@@ -24,7 +26,6 @@ import yaml
 from cluster.config import load_config
 from cluster.ops.launcher import RUN_DIR
 from cluster.ops.problems import problems
-
 
 
 def arm_config(base: str, affinity: bool, model_for_both: str | None) -> Path:
@@ -49,9 +50,15 @@ async def drive(base_url: str, key: str, model: str, requests: int, concurrency:
     prompts = problems(requests)
 
     async def one(client: httpx.AsyncClient, i: int) -> None:
-        body = {"model": model, "temperature": 0, "policy": "glimprouter", "tau": 1.0, "token_budget": 320,
-                "step_max_tokens": 64,
-                "messages": [{"role": "user", "content": prompts[i]}]}
+        body = {
+            "model": model,
+            "temperature": 0,
+            "policy": "glimprouter",
+            "tau": 1.0,
+            "token_budget": 320,
+            "step_max_tokens": 64,
+            "messages": [{"role": "user", "content": prompts[i]}],
+        }
         async with gate:
             response = await client.post("/v1/chat/completions", json=body)
         if response.status_code != 200:
@@ -87,11 +94,15 @@ def main() -> None:
     args = parser.parse_args()
     rows = []
     for affinity in (False, True):
-        totals = run_arm(arm_config(args.config, affinity, args.model_for_both or None), args.requests, args.concurrency)
+        totals = run_arm(
+            arm_config(args.config, affinity, args.model_for_both or None), args.requests, args.concurrency
+        )
         for pool, t in totals.items():
             rate = t["cached_prompt_tokens"] / t["prompt_tokens"] if t["prompt_tokens"] else 0.0
-            rows.append(f"| {'on' if affinity else 'off'} | {pool} | {t['steps']} | {t['prompt_tokens']} "
-                        f"| {t['cached_prompt_tokens']} | {rate:.1%} |")
+            rows.append(
+                f"| {'on' if affinity else 'off'} | {pool} | {t['steps']} | {t['prompt_tokens']} "
+                f"| {t['cached_prompt_tokens']} | {rate:.1%} |"
+            )
     print("\n| affinity | pool | steps | prompt tokens | cached | hit rate |\n|---|---|---|---|---|---|")
     print("\n".join(rows))
 

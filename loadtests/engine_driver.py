@@ -123,6 +123,7 @@ class Driver:
         def add(call: int) -> None:
             if call % load.every == 0:
                 self.engine.add(prefix + fresh(load.prefill, self.rnd), 1, **load.arrival)
+
         return add
 
     def drain(self, ids) -> None:
@@ -132,8 +133,9 @@ class Driver:
                 return
             self.engine.step()
 
-    def sweep(self, decode_seqs: list[int], prefills: list[int], contexts: list[int], iterations: int,
-              warmup: int = 3) -> list[dict]:
+    def sweep(
+        self, decode_seqs: list[int], prefills: list[int], contexts: list[int], iterations: int, warmup: int = 3
+    ) -> list[dict]:
         """Rows of iteration time by (decode sequences, prefill tokens per iteration, context tokens)."""
         rows = []
         for context in contexts:
@@ -151,8 +153,15 @@ class Driver:
                     adder = self.arrivals(Load(seqs, context, prefill=prefill), prompts[ids[0]])
                     ms, batches = self.timed(iterations, adder)
                     steps += len(ms) + 1
-                    rows.append({"decode_seqs": seqs, "prefill_tokens": prefill, "context_tokens": context,
-                                 **timing(ms, batches), "context_tokens_mean": context + steps})
+                    rows.append(
+                        {
+                            "decode_seqs": seqs,
+                            "prefill_tokens": prefill,
+                            "context_tokens": context,
+                            **timing(ms, batches),
+                            "context_tokens_mean": context + steps,
+                        }
+                    )
                     if prefill:
                         self.timed(2)  # the last arrival's prefill leaves the batch
                         steps += 3
@@ -205,7 +214,10 @@ class Driver:
 
 def timing(ms: list[float], batches: list[tuple[int, int]]) -> dict:
     """Mean and median iteration milliseconds, and the batches' mean shape."""
-    return {"iter_ms": round(statistics.fmean(ms), 3), "iter_ms_p50": round(statistics.median(ms), 3),
-            "iterations": len(ms),
-            "measured_decode_seqs": round(statistics.fmean(b[0] for b in batches), 1) if batches else 0.0,
-            "measured_prefill_tokens": round(statistics.fmean(b[1] for b in batches), 1) if batches else 0.0}
+    return {
+        "iter_ms": round(statistics.fmean(ms), 3),
+        "iter_ms_p50": round(statistics.median(ms), 3),
+        "iterations": len(ms),
+        "measured_decode_seqs": round(statistics.fmean(b[0] for b in batches), 1) if batches else 0.0,
+        "measured_prefill_tokens": round(statistics.fmean(b[1] for b in batches), 1) if batches else 0.0,
+    }

@@ -56,7 +56,9 @@ LEVERS = {  # the small pool's step path at one batch, each against the one befo
     "decode_step_sampling_logprobs20": Load(32, 1500, decode={**STEP, "logprobs": 20}),
     "glimpse_lp20_every2": BUSY["small"],
     "glimpse_plain_every2": Load(32, 1500, prefill=GLIMPSE_TOKENS, every=2),
-    "glimpse_lp20_every1": Load(32, 1500, prefill=GLIMPSE_TOKENS, every=1, arrival={"temperature": 0.0, "logprobs": 20}),
+    "glimpse_lp20_every1": Load(
+        32, 1500, prefill=GLIMPSE_TOKENS, every=1, arrival={"temperature": 0.0, "logprobs": 20}
+    ),
 }
 
 
@@ -89,8 +91,9 @@ def parse_phases(text: str) -> list[tuple[str, str, bool]]:
         model, _, what = item.partition(":")
         what, busy = what.removesuffix("+busy"), what.endswith("+busy")
         if model not in MODELS or what not in ("sweep", "levers", "profile"):
-            raise argparse.ArgumentTypeError(f"bad phase {item!r}: MODEL:WHAT[+busy], MODEL in {list(MODELS)}, "
-                                             "WHAT in sweep, levers, profile")
+            raise argparse.ArgumentTypeError(
+                f"bad phase {item!r}: MODEL:WHAT[+busy], MODEL in {list(MODELS)}, WHAT in sweep, levers, profile"
+            )
         phases.append((model, what, busy))
     return phases
 
@@ -112,8 +115,9 @@ def start_engine(model: str, pool: PoolSettings, models: Path) -> Engine:
     from vllm.v1.engine.llm_engine import LLMEngine
 
     root = models.resolve()
-    source = pool.model.model_copy(update={"path": str(build_model(root, MODELS[model])),
-                                           "tokenizer": str(build_tokenizer(root))})
+    source = pool.model.model_copy(
+        update={"path": str(build_model(root, MODELS[model])), "tokenizer": str(build_tokenizer(root))}
+    )
     return Engine(LLMEngine.from_engine_args(EngineArgs(**engine_args(pool.model_copy(update={"model": source})))))
 
 
@@ -122,9 +126,19 @@ def run(args) -> None:
     pool = sweep_pool(me, dict(args.set))
     t0 = time.monotonic()
     engine = start_engine(me, pool, args.models)
-    result = {"model": MODELS[me], "role": me, "engine": pool.engine.model_dump(mode="json", exclude_none=True),
-              "overrides": dict(args.set), "environment": environment(engine), "start_s": round(time.monotonic() - t0, 1),
-              "rows": [], "levers": {}, "profiles": {}, "busy": [], "errors": []}
+    result = {
+        "model": MODELS[me],
+        "role": me,
+        "engine": pool.engine.model_dump(mode="json", exclude_none=True),
+        "overrides": dict(args.set),
+        "environment": environment(engine),
+        "start_s": round(time.monotonic() - t0, 1),
+        "rows": [],
+        "levers": {},
+        "profiles": {},
+        "busy": [],
+        "errors": [],
+    }
     print(f"[{me}] engine ready in {result['start_s']} s: {result['environment']}", flush=True)
     sync.mark(f"ready.{me}")
     if not sync.wait([f"ready.{m}" for m in {p[0] for p in args.phases}], args.timeout):
@@ -144,7 +158,7 @@ def run(args) -> None:
                 result["busy"].append({"phase": phase, "load": BUSY[me].__dict__, **figures})
             else:
                 sync.wait([f"{phase}.done"], args.timeout)
-        except Exception as exc:  # noqa: BLE001 (one phase's failure must not stop the other process's phases)
+        except Exception as exc:
             traceback.print_exc()
             result["errors"].append(f"{phase}: {exc!r}")
         finally:
@@ -183,11 +197,16 @@ def environment(engine: Engine) -> dict:
     import torch
     import vllm
 
-    return {"vllm": vllm.__version__, "torch": torch.__version__, "gpu": torch.cuda.get_device_name(0),
-            "async_scheduling": engine.async_scheduling, "kv_capacity_tokens": engine.capacity_tokens,
-            "max_num_batched_tokens": engine.core.vllm_config.scheduler_config.max_num_batched_tokens,
-            "mps": bool(os.environ.get("CUDA_MPS_PIPE_DIRECTORY")),
-            "mps_active_thread_percentage": os.environ.get("CUDA_MPS_ACTIVE_THREAD_PERCENTAGE")}
+    return {
+        "vllm": vllm.__version__,
+        "torch": torch.__version__,
+        "gpu": torch.cuda.get_device_name(0),
+        "async_scheduling": engine.async_scheduling,
+        "kv_capacity_tokens": engine.capacity_tokens,
+        "max_num_batched_tokens": engine.core.vllm_config.scheduler_config.max_num_batched_tokens,
+        "mps": bool(os.environ.get("CUDA_MPS_PIPE_DIRECTORY")),
+        "mps_active_thread_percentage": os.environ.get("CUDA_MPS_ACTIVE_THREAD_PERCENTAGE"),
+    }
 
 
 def save(path: Path, data: dict) -> None:
@@ -201,18 +220,25 @@ def merge(args) -> None:
     the pair)."""
     parts = [{**json.loads(Path(p).read_text()), "source": Path(p).parent.name} for p in args.files]
     env = parts[0]["environment"]
-    out = {"hardware": args.hardware, "versions": {"vllm": env["vllm"], "torch": env["torch"], "gpu": env["gpu"]},
-           "settings": {"weights": "random (load_format dummy), bf16", "measured": "the in-process engine core's loop "
-                        "(schedule, run, update; no output processing): mean interval between its outputs",
-                        "shared": "true: the other pool's engine on the same GPU kept its typical load meanwhile",
-                        "busy_loads": {role: load.__dict__ for role, load in BUSY.items()},
-                        "prefill_rows": "one request of prefill_tokens fresh tokens on a cached prompt of "
-                                        "context_tokens joins every iteration; its admission (input processing, "
-                                        "block hashing) runs in the timed loop",
-                        **{p["role"]: {"model": p["model"], "engine": p["engine"]} for p in reversed(parts)},
-                        "sources": {p["source"]: {} for p in parts}},
-           "rows": [{**row, "mps": bool(p["environment"].get("mps")), "source": p["source"]}
-                    for p in parts for row in p["rows"]]}
+    out = {
+        "hardware": args.hardware,
+        "versions": {"vllm": env["vllm"], "torch": env["torch"], "gpu": env["gpu"]},
+        "settings": {
+            "weights": "random (load_format dummy), bf16",
+            "measured": "the in-process engine core's loop "
+            "(schedule, run, update; no output processing): mean interval between its outputs",
+            "shared": "true: the other pool's engine on the same GPU kept its typical load meanwhile",
+            "busy_loads": {role: load.__dict__ for role, load in BUSY.items()},
+            "prefill_rows": "one request of prefill_tokens fresh tokens on a cached prompt of "
+            "context_tokens joins every iteration; its admission (input processing, "
+            "block hashing) runs in the timed loop",
+            **{p["role"]: {"model": p["model"], "engine": p["engine"]} for p in reversed(parts)},
+            "sources": {p["source"]: {} for p in parts},
+        },
+        "rows": [
+            {**row, "mps": bool(p["environment"].get("mps")), "source": p["source"]} for p in parts for row in p["rows"]
+        ],
+    }
     for p in parts:
         out["settings"]["sources"][p["source"]][p["role"]] = p["environment"]
     save(args.out, out)

@@ -26,8 +26,16 @@ TAUS = [0.5, 0.75, 1.0, 1.25, 1.5, 2.0]
 
 
 def steps_of(client: httpx.Client, model: str, prompt: str, budget: int, fused: bool) -> list[dict]:
-    body = {"model": model, "messages": [{"role": "user", "content": prompt}], "temperature": 0.0, "seed": 0,
-            "policy": "glimprouter", "tau": 10.0, "fused_glimpse": fused, "token_budget": budget}
+    body = {
+        "model": model,
+        "messages": [{"role": "user", "content": prompt}],
+        "temperature": 0.0,
+        "seed": 0,
+        "policy": "glimprouter",
+        "tau": 10.0,
+        "fused_glimpse": fused,
+        "token_budget": budget,
+    }
     response = client.post("/v1/chat/completions", json=body)
     response.raise_for_status()
     return (client.get(f"/v1/requests/{response.json()['id']}")).json()["steps"]
@@ -36,7 +44,7 @@ def steps_of(client: httpx.Client, model: str, prompt: str, budget: int, fused: 
 def paired_entropies(separate: list[dict], fused: list[dict]) -> list[tuple[float, float]]:
     """(reference, fused) entropy of each step that took a fused glimpse, up to the first differing step."""
     pairs = []
-    for ref, got in zip(separate, fused):
+    for ref, got in zip(separate, fused, strict=False):
         if got["glimpse_fused"]:
             pairs.append((ref["entropy"], got["entropy"]))
         if ref["text"] != got["text"]:
@@ -67,8 +75,11 @@ def main() -> None:
             separate, fused = (steps_of(client, cfg.name, prompt, args.budget, f) for f in (False, True))
             steps += len(fused)
             pairs += paired_entropies(separate, fused)
-            print(f"[fused] {i + 1}/{args.prompts} prompts, {len(pairs)} fused glimpses of {steps} steps",
-                  file=sys.stderr, flush=True)
+            print(
+                f"[fused] {i + 1}/{args.prompts} prompts, {len(pairs)} fused glimpses of {steps} steps",
+                file=sys.stderr,
+                flush=True,
+            )
     gap = sum(abs(r - g) for r, g in pairs) / len(pairs)
     print(f"{len(pairs)} of {steps} steps took a fused glimpse; mean |entropy difference| {gap:.3f} nats")
     print(f"{'tau':>5} {'routed differently':>19}")
@@ -76,8 +87,9 @@ def main() -> None:
     for tau, share in table.items():
         print(f"{tau:>5.2f} {share:>19.1%}")
     if args.out:
-        Path(args.out).write_text(json.dumps({"steps": steps, "pairs": pairs, "mean_abs_gap": gap,
-                                              "disagreement": table}, indent=1))
+        Path(args.out).write_text(
+            json.dumps({"steps": steps, "pairs": pairs, "mean_abs_gap": gap, "disagreement": table}, indent=1)
+        )
 
 
 if __name__ == "__main__":

@@ -18,8 +18,13 @@ import sys
 from pathlib import Path
 
 VOCAB = 151936
-SPECIALS = {"<|endoftext|>": 151643, "<|im_start|>": 151644, "<|im_end|>": 151645,
-            "<think>": 151646, "</think>": 151647}
+SPECIALS = {
+    "<|endoftext|>": 151643,
+    "<|im_start|>": 151644,
+    "<|im_end|>": 151645,
+    "<think>": 151646,
+    "</think>": 151647,
+}
 WORDS = ["user", "assistant", "system"]  # the chat template's role names, at the first ids
 CHAT_TEMPLATE = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}"
@@ -27,18 +32,50 @@ CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
 BASE = {
-    "architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "hidden_act": "silu", "attention_dropout": 0.0,
-    "bos_token_id": 151643, "eos_token_id": 151645, "initializer_range": 0.02, "max_position_embeddings": 32768,
-    "rms_norm_eps": 1e-6, "rope_theta": 1000000.0, "sliding_window": None, "use_sliding_window": False,
-    "torch_dtype": "bfloat16", "use_cache": True, "vocab_size": VOCAB,
+    "architectures": ["Qwen2ForCausalLM"],
+    "model_type": "qwen2",
+    "hidden_act": "silu",
+    "attention_dropout": 0.0,
+    "bos_token_id": 151643,
+    "eos_token_id": 151645,
+    "initializer_range": 0.02,
+    "max_position_embeddings": 32768,
+    "rms_norm_eps": 1e-6,
+    "rope_theta": 1000000.0,
+    "sliding_window": None,
+    "use_sliding_window": False,
+    "torch_dtype": "bfloat16",
+    "use_cache": True,
+    "vocab_size": VOCAB,
 }
 SHAPES = {  # the published Qwen2.5 configs' shapes
-    "qwen2.5-1.5b": dict(hidden_size=1536, intermediate_size=8960, num_hidden_layers=28, num_attention_heads=12,
-                         num_key_value_heads=2, max_window_layers=28, tie_word_embeddings=True),
-    "qwen2.5-14b": dict(hidden_size=5120, intermediate_size=13824, num_hidden_layers=48, num_attention_heads=40,
-                        num_key_value_heads=8, max_window_layers=48, tie_word_embeddings=False),
-    "qwen2.5-32b": dict(hidden_size=5120, intermediate_size=27648, num_hidden_layers=64, num_attention_heads=40,
-                        num_key_value_heads=8, max_window_layers=64, tie_word_embeddings=False),
+    "qwen2.5-1.5b": dict(
+        hidden_size=1536,
+        intermediate_size=8960,
+        num_hidden_layers=28,
+        num_attention_heads=12,
+        num_key_value_heads=2,
+        max_window_layers=28,
+        tie_word_embeddings=True,
+    ),
+    "qwen2.5-14b": dict(
+        hidden_size=5120,
+        intermediate_size=13824,
+        num_hidden_layers=48,
+        num_attention_heads=40,
+        num_key_value_heads=8,
+        max_window_layers=48,
+        tie_word_embeddings=False,
+    ),
+    "qwen2.5-32b": dict(
+        hidden_size=5120,
+        intermediate_size=27648,
+        num_hidden_layers=64,
+        num_attention_heads=40,
+        num_key_value_heads=8,
+        max_window_layers=64,
+        tie_word_embeddings=False,
+    ),
 }
 
 
@@ -55,8 +92,9 @@ def tokenizer_json() -> dict:
     vocab = {"\u2581" + word(i): i for i in range(VOCAB) if i not in specials}
     vocab.update(SPECIALS)
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="\u2581w0"))
-    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(),
-                                                 pre_tokenizers.Metaspace(prepend_scheme="always")])
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Metaspace(prepend_scheme="always")]
+    )
     tok.decoder = decoders.Metaspace(prepend_scheme="always")
     tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in SPECIALS])
     return json.loads(tok.to_str())
@@ -68,9 +106,18 @@ def build_tokenizer(root: Path) -> Path:
     if not (path / "tokenizer.json").exists():
         path.mkdir(parents=True, exist_ok=True)
         (path / "tokenizer.json").write_text(json.dumps(tokenizer_json()))
-        (path / "tokenizer_config.json").write_text(json.dumps({
-            "tokenizer_class": "TokenizersBackend", "eos_token": "<|im_end|>", "pad_token": "<|endoftext|>",
-            "model_max_length": 32768, "chat_template": CHAT_TEMPLATE, "additional_special_tokens": list(SPECIALS)}))
+        (path / "tokenizer_config.json").write_text(
+            json.dumps(
+                {
+                    "tokenizer_class": "TokenizersBackend",
+                    "eos_token": "<|im_end|>",
+                    "pad_token": "<|endoftext|>",
+                    "model_max_length": 32768,
+                    "chat_template": CHAT_TEMPLATE,
+                    "additional_special_tokens": list(SPECIALS),
+                }
+            )
+        )
     return path
 
 

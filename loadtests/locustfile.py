@@ -27,9 +27,9 @@ import gevent
 import requests
 from locust import User, events, task
 
+from cluster.ops.problems import problems
 from loadtests import metrics
 from loadtests.keys import api_keys
-from cluster.ops.problems import problems
 
 PROMPTS = problems(200)
 _users, _requests = itertools.count(), itertools.count()
@@ -42,8 +42,9 @@ schedule: metrics.ArrivalSchedule | None = None
 def _arguments(parser):
     parser.add_argument("--policy", choices=["glimprouter", "large_only", "small_only"], default="glimprouter")
     parser.add_argument("--tau", type=float, default=None, help="entropy threshold (default: the tenant's)")
-    parser.add_argument("--stream", choices=["true", "false", "mixed"], default="mixed",
-                        help="mixed: every other request streams")
+    parser.add_argument(
+        "--stream", choices=["true", "false", "mixed"], default="mixed", help="mixed: every other request streams"
+    )
     parser.add_argument("--token-budget", type=int, default=None)
     parser.add_argument("--step-max-tokens", type=int, default=None)
     parser.add_argument("--arrival-rate", type=float, default=0.0, help="requests/s for open loop; 0: closed loop")
@@ -57,7 +58,10 @@ def _init(**_):
     gevent.get_hub().loop.update_now()
     keys.extend(api_keys())
     if not keys:
-        logging.error("no API keys: set GLIMP_API_KEYS (comma-separated) or GLIMP_KEYS_FILE (keys one a line, or `tenants create --json` output)")
+        logging.error(
+            "no API keys: set GLIMP_API_KEYS (comma-separated) or GLIMP_KEYS_FILE (keys one a line, or "
+            "`tenants create --json` output)"
+        )
         raise SystemExit(2)
 
 
@@ -70,8 +74,14 @@ def _start(environment, **_):
 
 def fire(request_type: str, name: str, value: float, error: str | None = None) -> None:
     """Record one sample (or failure) in Locust's stats."""
-    events.request.fire(request_type=request_type, name=name, response_time=value, response_length=0,
-                        exception=RuntimeError(error) if error else None, context={})
+    events.request.fire(
+        request_type=request_type,
+        name=name,
+        response_time=value,
+        response_length=0,
+        exception=RuntimeError(error) if error else None,
+        context={},
+    )
 
 
 class TenantUser(User):
@@ -99,10 +109,18 @@ class TenantUser(User):
         """The request body of the ``i``-th request of the run."""
         o = self.options
         stream = o.stream == "true" or (o.stream == "mixed" and i % 2 == 0)
-        fields = {"policy": o.policy, "tau": o.tau, "token_budget": o.token_budget,
-                  "step_max_tokens": o.step_max_tokens, "stream": stream}
-        body = {"model": o.model, "messages": [{"role": "user", "content": PROMPTS[i % len(PROMPTS)]}],
-                **{k: v for k, v in fields.items() if v is not None}}
+        fields = {
+            "policy": o.policy,
+            "tau": o.tau,
+            "token_budget": o.token_budget,
+            "step_max_tokens": o.step_max_tokens,
+            "stream": stream,
+        }
+        body = {
+            "model": o.model,
+            "messages": [{"role": "user", "content": PROMPTS[i % len(PROMPTS)]}],
+            **{k: v for k, v in fields.items() if v is not None},
+        }
         if stream:
             body["stream_options"] = {"include_usage": True}
         return body
@@ -112,11 +130,16 @@ class TenantUser(User):
         body = self.body(next(_requests))
         start = time.perf_counter()
         try:
-            with self.http.post(f"{self.host}/v1/chat/completions", json=body, stream=body["stream"],
-                                timeout=(10, 900)) as response:
+            with self.http.post(
+                f"{self.host}/v1/chat/completions", json=body, stream=body["stream"], timeout=(10, 900)
+            ) as response:
                 if response.status_code != 200:
-                    fire("error", f"HTTP {response.status_code}", (time.perf_counter() - start) * 1000,
-                         error=metrics.error_message(response.text))
+                    fire(
+                        "error",
+                        f"HTTP {response.status_code}",
+                        (time.perf_counter() - start) * 1000,
+                        error=metrics.error_message(response.text),
+                    )
                     return
                 if body["stream"]:
                     lines = ((time.perf_counter(), line.decode()) for line in response.iter_lines())

@@ -8,17 +8,17 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Iterable
 
 # Names of the custom Locust stats entries. Locust shows each value in its "ms" columns.
-TTFT = "TTFT ms"                                  # streaming: first content/reasoning chunk; else the whole response
-TTFA = "time to first answer token ms"            # streaming only
-TPOT = "time per output token ms"                 # streaming only: (total - TTFT) / (completion_tokens - 1)
-STEPS = "steps per request"                       # a count, not ms
-LARGE_PERCENT = "large-step %"                    # routing.large_step_fraction x 100
+TTFT = "TTFT ms"  # streaming: first content/reasoning chunk; else the whole response
+TTFA = "time to first answer token ms"  # streaming only
+TPOT = "time per output token ms"  # streaming only: (total - TTFT) / (completion_tokens - 1)
+STEPS = "steps per request"  # a count, not ms
+LARGE_PERCENT = "large-step %"  # routing.large_step_fraction x 100
 TOKENS_PER_S = {pool: f"{pool} tokens/s" for pool in ("small", "large")}  # pool's completion tokens / request time
-MISSED = "missed arrivals"                        # open loop: one sample per schedule slot skipped
+MISSED = "missed arrivals"  # open loop: one sample per schedule slot skipped
 METRIC_NAMES = [TTFT, TTFA, TPOT, STEPS, LARGE_PERCENT, *TOKENS_PER_S.values()]
 
 
@@ -84,8 +84,10 @@ def samples(out: Outcome) -> list[tuple[str, float]]:
         if out.ttft_ms is not None and tokens > 1:
             found.append((TPOT, (out.total_ms - out.ttft_ms) / (tokens - 1)))
     if routing:
-        found += [(STEPS, len(routing.get("steps", []))),
-                  (LARGE_PERCENT, 100 * routing.get("large_step_fraction", 0.0))]
+        found += [
+            (STEPS, len(routing.get("steps", []))),
+            (LARGE_PERCENT, 100 * routing.get("large_step_fraction", 0.0)),
+        ]
     seconds = out.total_ms / 1000
     for pool, name in TOKENS_PER_S.items():
         used = usage.get("per_pool", {}).get(pool)

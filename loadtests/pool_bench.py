@@ -41,8 +41,11 @@ async def bench(app: str, tokens: int, batch: int) -> None:
         for _ in range(5):
             await handle.glimpse.remote(PROMPT, 20)
         glimpse_ms = (time.perf_counter() - t0) / 5 * 1e3
-        print(f"{role:5s} ({name}): single stream {single:6.1f} tok/s | batch of {batch}: {aggregate:6.1f} tok/s "
-              f"| glimpse {glimpse_ms:5.1f} ms", flush=True)
+        print(
+            f"{role:5s} ({name}): single stream {single:6.1f} tok/s | batch of {batch}: {aggregate:6.1f} tok/s "
+            f"| glimpse {glimpse_ms:5.1f} ms",
+            flush=True,
+        )
 
 
 def main() -> None:

@@ -7,7 +7,8 @@ A scenario is a policy with optional ``key=value`` overrides (tau, stream, token
 arrival_rate), e.g. ``glimprouter:tau=1.0,stream=true``. Per scenario NAME it writes Locust's CSVs
 (``NAME_stats.csv``, ``NAME_stats_history.csv`` with every entry, ``NAME_failures.csv``) and ``NAME.html``
 under ``--out``, then ``latency.png`` (p50/p95 of successful requests over time, Locust's rolling
-10 s window) and a table. Keys: ``--keys-file`` (one a line, or what ``tenants create --json`` prints), else ``GLIMP_API_KEYS`` from the environment.
+10 s window) and a table. Keys: ``--keys-file`` (one a line, or what ``tenants create --json`` prints), else
+``GLIMP_API_KEYS`` from the environment.
 """
 
 from __future__ import annotations
@@ -49,10 +50,32 @@ def locust_command(opts: argparse.Namespace, name: str, scenario_args: list[str]
     for flag, value in (("--token-budget", opts.token_budget), ("--step-max-tokens", opts.step_max_tokens)):
         if value is not None:
             common += [flag, str(value)]
-    return [sys.executable, "-m", "locust", "-f", str(LOCUSTFILE), "--headless", "--only-summary",
-            "--host", opts.url, "-u", str(opts.users), "-r", str(opts.users), "-t", opts.duration,
-            "--stop-timeout", opts.stop_timeout, "--csv", str(prefix), "--csv-full-history",
-            "--html", f"{prefix}.html", *common, *scenario_args]
+    return [
+        sys.executable,
+        "-m",
+        "locust",
+        "-f",
+        str(LOCUSTFILE),
+        "--headless",
+        "--only-summary",
+        "--host",
+        opts.url,
+        "-u",
+        str(opts.users),
+        "-r",
+        str(opts.users),
+        "-t",
+        opts.duration,
+        "--stop-timeout",
+        opts.stop_timeout,
+        "--csv",
+        str(prefix),
+        "--csv-full-history",
+        "--html",
+        f"{prefix}.html",
+        *common,
+        *scenario_args,
+    ]
 
 
 def _number(value: str | None) -> float | None:
@@ -79,8 +102,10 @@ def summarize(stats_csv: Path) -> dict[str, float | None]:
         "p95 ms": get(REQUEST, "95%"),
         "p50 TTFT ms": get(("metric", metrics.TTFT), "50%"),
         "large %": get(("metric", metrics.LARGE_PERCENT), "Average Response Time"),
-        **{f"{pool} tok/s": get(("metric", name), "Average Response Time")
-           for pool, name in metrics.TOKENS_PER_S.items()},
+        **{
+            f"{pool} tok/s": get(("metric", name), "Average Response Time")
+            for pool, name in metrics.TOKENS_PER_S.items()
+        },
     }
 
 
@@ -89,8 +114,10 @@ def table(summaries: dict[str, dict]) -> str:
     width = max(len("scenario"), *map(len, summaries))
     lines = ["scenario".ljust(width) + "".join(c.rjust(13) for c in COLUMNS)]
     for name, row in summaries.items():
-        cells = ("-" if row[c] is None else f"{row[c]:.0f}" if c in ("requests", "failures") else f"{row[c]:.2f}"
-                 for c in COLUMNS)
+        cells = (
+            "-" if row[c] is None else f"{row[c]:.0f}" if c in ("requests", "failures") else f"{row[c]:.2f}"
+            for c in COLUMNS
+        )
         lines.append(name.ljust(width) + "".join(cell.rjust(13) for cell in cells))
     return "\n".join(lines)
 
@@ -107,13 +134,19 @@ def plot(histories: dict[str, Path], png: Path) -> None:
         with open(path) as f:
             rows = list(csv.DictReader(f))
         t0 = min((int(r["Timestamp"]) for r in rows), default=0)
-        points = [(int(r["Timestamp"]) - t0, _number(r["50%"]), _number(r["95%"]))
-                  for r in rows if (r["Type"], r["Name"]) == REQUEST and _number(r["50%"])]  # 0: window not filled
+        points = [
+            (int(r["Timestamp"]) - t0, _number(r["50%"]), _number(r["95%"]))
+            for r in rows
+            if (r["Type"], r["Name"]) == REQUEST and _number(r["50%"])
+        ]  # 0: window not filled
         seconds = [p[0] for p in points]
         (p50,) = ax.plot(seconds, [p[1] / 1000 for p in points], label=f"{name} p50")
         ax.plot(seconds, [p[2] / 1000 for p in points], color=p50.get_color(), linestyle="--", label=f"{name} p95")
-    ax.set(xlabel="time since start (s)", ylabel="request latency (s)",
-           title="Chat completion latency (Locust's 10 s window)")
+    ax.set(
+        xlabel="time since start (s)",
+        ylabel="request latency (s)",
+        title="Chat completion latency (Locust's 10 s window)",
+    )
     ax.legend(fontsize="small")
     ax.grid(alpha=0.3)
     fig.tight_layout()
@@ -133,11 +166,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--token-budget", type=int)
     parser.add_argument("--step-max-tokens", type=int)
     parser.add_argument("--model", default="glimprouter")
-    parser.add_argument("--keys-file", type=Path,
-                        help="tenant keys, one a line or `tenants create --json` output (else GLIMP_API_KEYS)")
+    parser.add_argument(
+        "--keys-file", type=Path, help="tenant keys, one a line or `tenants create --json` output (else GLIMP_API_KEYS)"
+    )
     parser.add_argument("--out", type=Path, default=Path("results"))
-    parser.add_argument("--fail-on-errors", action="store_true",
-                        help="exit 1 if any request failed (it exits 1 anyway when a scenario's requests mostly fail)")
+    parser.add_argument(
+        "--fail-on-errors",
+        action="store_true",
+        help="exit 1 if any request failed (it exits 1 anyway when a scenario's requests mostly fail)",
+    )
     opts = parser.parse_args(argv)
     try:
         scenarios = [parse_scenario(spec) for spec in opts.scenario]
@@ -167,11 +204,16 @@ def main(argv: list[str] | None = None) -> int:
     plot(histories, opts.out / "latency.png")
     print(table(summaries))
     print(f"results in {opts.out}/ (latency.png, <scenario>.html, <scenario>_stats*.csv)")
-    mostly_failed = [name for name, row in summaries.items() if not row["requests"]
-                     or row["failures"] > MOSTLY_FAILED * row["requests"]]
+    mostly_failed = [
+        name
+        for name, row in summaries.items()
+        if not row["requests"] or row["failures"] > MOSTLY_FAILED * row["requests"]
+    ]
     if mostly_failed:
-        print(f"scenarios whose requests mostly failed: {', '.join(mostly_failed)} (see <scenario>_failures.csv)",
-              file=sys.stderr)
+        print(
+            f"scenarios whose requests mostly failed: {', '.join(mostly_failed)} (see <scenario>_failures.csv)",
+            file=sys.stderr,
+        )
         return 1
     failed = any(row["failures"] for row in summaries.values())
     return 1 if opts.fail_on_errors and failed else 0

@@ -89,23 +89,34 @@ async def run_stream(engine, counter: IterationCounter, glimpse: str, seed: int)
 
     rnd = random.Random(seed)
     final = RequestOutputKind.FINAL_ONLY
-    glimpse_params = SamplingParams(max_tokens=1, temperature=0.0, logprobs=20 if glimpse == "lp20" else None,
-                                    output_kind=final)
-    step_params = SamplingParams(max_tokens=STEP_TOKENS, temperature=0.6, top_p=0.95, stop=["\n\n"], ignore_eos=True,
-                                 logprobs=20 if glimpse == "instep" else None, output_kind=final)
+    glimpse_params = SamplingParams(
+        max_tokens=1, temperature=0.0, logprobs=20 if glimpse == "lp20" else None, output_kind=final
+    )
+    step_params = SamplingParams(
+        max_tokens=STEP_TOKENS,
+        temperature=0.6,
+        top_p=0.95,
+        stop=["\n\n"],
+        ignore_eos=True,
+        logprobs=20 if glimpse == "instep" else None,
+        output_kind=final,
+    )
     while True:
         prompt = [rnd.randrange(1000, 150_000) for _ in range(PROMPT_TOKENS)]
         for _ in range(STEPS):
             calls = [step_params] if glimpse in ("none", "instep") else [glimpse_params, step_params]
             for params in calls:
                 counter.requests += 1
-                async for out in engine.generate(TokensPrompt(prompt_token_ids=prompt), params, request_id=uuid.uuid4().hex):
+                async for out in engine.generate(
+                    TokensPrompt(prompt_token_ids=prompt), params, request_id=uuid.uuid4().hex
+                ):
                     last = out
             prompt = prompt + list(last.outputs[0].token_ids) + [DELIMITER_ID]
 
 
-async def measure(engine, counter: IterationCounter, glimpse: str, streams: int, warmup_s: float,
-                  seconds: float) -> dict:
+async def measure(
+    engine, counter: IterationCounter, glimpse: str, streams: int, warmup_s: float, seconds: float
+) -> dict:
     """The engine's figures over ``seconds`` after ``warmup_s`` of ``streams`` streams."""
     tasks = [asyncio.create_task(run_stream(engine, counter, glimpse, seed)) for seed in range(streams)]
     await asyncio.sleep(warmup_s)
@@ -122,12 +133,14 @@ def figures(before: Tally, after: Tally, wall_s: float) -> dict:
     """The engine's figures between two tallies ``wall_s`` apart."""
     iterations, busy = after.iterations - before.iterations, after.busy_s - before.busy_s
     count = max(sum(iterations.values()), 1)
-    return {"iterations_per_s": round(count / wall_s, 1),
-            "ms_per_iteration": round(wall_s * 1e3 / count, 2),
-            "decode_tokens_per_iteration": round((after.decode_tokens - before.decode_tokens) / count, 1),
-            "new_requests_per_iteration": round((after.requests - before.requests) / count, 2),
-            "busy_fraction": round(sum(busy.values()) / wall_s, 3),
-            **phase_figures(iterations, busy)}
+    return {
+        "iterations_per_s": round(count / wall_s, 1),
+        "ms_per_iteration": round(wall_s * 1e3 / count, 2),
+        "decode_tokens_per_iteration": round((after.decode_tokens - before.decode_tokens) / count, 1),
+        "new_requests_per_iteration": round((after.requests - before.requests) / count, 2),
+        "busy_fraction": round(sum(busy.values()) / wall_s, 3),
+        **phase_figures(iterations, busy),
+    }
 
 
 def small_pool(overrides: dict) -> PoolSettings:
@@ -143,11 +156,15 @@ async def main_async(args) -> None:
     small = args.small
     root = args.models.resolve()
     build_tokenizer(root)
-    model = small.model.model_copy(update={"path": build_model(root, "qwen2.5-1.5b"), "tokenizer": str(root / "tokenizer")})
+    model = small.model.model_copy(
+        update={"path": build_model(root, "qwen2.5-1.5b"), "tokenizer": str(root / "tokenizer")}
+    )
     counter = IterationCounter()
     print(f"starting the small engine (CUDA graphs: about a minute); overrides {args.set or 'none'}", flush=True)
-    engine = AsyncLLM.from_engine_args(AsyncEngineArgs(**engine_args(small.model_copy(update={"model": model}))),
-                                       stat_loggers=[counter.logger_factory()])
+    engine = AsyncLLM.from_engine_args(
+        AsyncEngineArgs(**engine_args(small.model_copy(update={"model": model}))),
+        stat_loggers=[counter.logger_factory()],
+    )
     try:
         for glimpse in args.glimpses:
             print(await measure(engine, counter, glimpse, args.streams, args.warmup, args.seconds), flush=True)
@@ -160,11 +177,21 @@ def main() -> None:
     parser.add_argument("--streams", type=int, default=32, help="requests at once")
     parser.add_argument("--seconds", type=float, default=20.0, help="measured time per glimpse kind")
     parser.add_argument("--warmup", type=float, default=5.0, help="seconds before measuring")
-    parser.add_argument("--glimpses", type=lambda s: s.split(","), default=list(GLIMPSES),
-                        help="comma-separated glimpse kinds: " + ", ".join(GLIMPSES))
+    parser.add_argument(
+        "--glimpses",
+        type=lambda s: s.split(","),
+        default=list(GLIMPSES),
+        help="comma-separated glimpse kinds: " + ", ".join(GLIMPSES),
+    )
     parser.add_argument("--models", type=Path, default=Path("models/bench"), help="where the model folders go")
-    parser.add_argument("--set", type=parse_override, action="append", default=[], metavar="PATH=VALUE",
-                        help="override a config field, e.g. pools.small.engine.cudagraph_mode=PIECEWISE")
+    parser.add_argument(
+        "--set",
+        type=parse_override,
+        action="append",
+        default=[],
+        metavar="PATH=VALUE",
+        help="override a config field, e.g. pools.small.engine.cudagraph_mode=PIECEWISE",
+    )
     args = parser.parse_args()
     if unknown := set(args.glimpses) - set(GLIMPSES):
         parser.error(f"unknown glimpse kinds {sorted(unknown)}")

@@ -60,22 +60,50 @@ def main() -> int:
 
     sampler = threading.Thread(target=sample, daemon=True)
     sampler.start()
-    run = subprocess.run([sys.executable, "-m", "loadtests.run", "--url", args.url, "--keys-file", args.keys_file,
-                          "--scenario", "glimprouter", "--duration", args.duration, "--users", args.users,
-                          "--arrival-rate", args.arrival_rate, "--stream", "mixed", "--out", args.out])
+    run = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "loadtests.run",
+            "--url",
+            args.url,
+            "--keys-file",
+            args.keys_file,
+            "--scenario",
+            "glimprouter",
+            "--duration",
+            args.duration,
+            "--users",
+            args.users,
+            "--arrival-rate",
+            args.arrival_rate,
+            "--stream",
+            "mixed",
+            "--out",
+            args.out,
+        ]
+    )
     done.set()
     sampler.join()
     samples.append((samples[-1][0] + args.every, replica_memory(args.app)))
     with open(Path(args.out) / "glimprouter_stats.csv") as f:
         rows = {r["Name"]: r for r in csv.DictReader(f)}
     # successes are "/v1/chat/completions"; each failure is an "HTTP <status>" entry: all count in Aggregated
-    print(f"\nrequests {rows['/v1/chat/completions']['Request Count']} succeeded, "
-          f"{rows['Aggregated']['Failure Count']} failed")
-    print("| deployment | " + " | ".join(f"{t:.0f} s" for t, _ in (samples[0], samples[len(samples) // 2], samples[-1]))
-          + " |\n|---|---|---|---|")
+    print(
+        f"\nrequests {rows['/v1/chat/completions']['Request Count']} succeeded, "
+        f"{rows['Aggregated']['Failure Count']} failed"
+    )
+    print(
+        "| deployment | "
+        + " | ".join(f"{t:.0f} s" for t, _ in (samples[0], samples[len(samples) // 2], samples[-1]))
+        + " |\n|---|---|---|---|"
+    )
     for name in samples[0][1]:
-        print(f"| {name} | " + " | ".join(f"{m[name]:.2f} GiB" for _, m in (samples[0], samples[len(samples) // 2],
-                                                                             samples[-1])) + " |")
+        print(
+            f"| {name} | "
+            + " | ".join(f"{m[name]:.2f} GiB" for _, m in (samples[0], samples[len(samples) // 2], samples[-1]))
+            + " |"
+        )
     return run.returncode
 
 

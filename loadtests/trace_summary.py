@@ -43,13 +43,17 @@ def clipped(event: dict, lo: float, hi: float) -> tuple[float, float] | None:
 def top(totals: dict[str, float], counts: dict[str, int], per: int, n: int) -> list[dict]:
     """The ``n`` largest ``totals`` (microseconds) as milliseconds per iteration with calls per iteration."""
     ranked = sorted(totals.items(), key=lambda kv: kv[1], reverse=True)[:n]
-    return [{"name": name[:90], "ms": round(us / per / 1e3, 4), "calls": round(counts[name] / per, 2)}
-            for name, us in ranked]
+    return [
+        {"name": name[:90], "ms": round(us / per / 1e3, 4), "calls": round(counts[name] / per, 2)}
+        for name, us in ranked
+    ]
 
 
 def summarize(events: list[dict], n: int = 12) -> dict:
     """The per-iteration figures of one trace's events (see the module's docstring)."""
-    marks = [e for e in events if e.get("ph") == "X" and e.get("name") == ITERATION and e.get("cat") == "user_annotation"]
+    marks = [
+        e for e in events if e.get("ph") == "X" and e.get("name") == ITERATION and e.get("cat") == "user_annotation"
+    ]
     if not marks:
         raise ValueError(f"no {ITERATION!r} scopes in the trace")
     lo, hi = min(e["ts"] for e in marks), max(e["ts"] + e["dur"] for e in marks)
@@ -71,12 +75,17 @@ def summarize(events: list[dict], n: int = 12) -> dict:
             api[name] += length
             api_calls[name] += 1
     wall_ms, gpu_ms = (hi - lo) / per / 1e3, union_us(gpu) / per / 1e3
-    return {"iterations": per, "wall_ms_per_iteration": round(wall_ms, 3),
-            "gpu_busy_ms_per_iteration": round(gpu_ms, 3), "gpu_idle_ms_per_iteration": round(wall_ms - gpu_ms, 3),
-            "gpu_busy_fraction": round(gpu_ms / wall_ms, 3) if wall_ms else 0.0,
-            "kernels_per_iteration": round(sum(kernel_calls.values()) / per, 1),
-            "top_kernels": top(kernels, kernel_calls, per, n), "scopes": top(scopes, scope_calls, per, 2 * n),
-            "cuda_api": top(api, api_calls, per, 6)}
+    return {
+        "iterations": per,
+        "wall_ms_per_iteration": round(wall_ms, 3),
+        "gpu_busy_ms_per_iteration": round(gpu_ms, 3),
+        "gpu_idle_ms_per_iteration": round(wall_ms - gpu_ms, 3),
+        "gpu_busy_fraction": round(gpu_ms / wall_ms, 3) if wall_ms else 0.0,
+        "kernels_per_iteration": round(sum(kernel_calls.values()) / per, 1),
+        "top_kernels": top(kernels, kernel_calls, per, n),
+        "scopes": top(scopes, scope_calls, per, 2 * n),
+        "cuda_api": top(api, api_calls, per, 6),
+    }
 
 
 def load_trace(path: Path) -> list[dict]:

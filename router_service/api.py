@@ -34,8 +34,13 @@ from router_service.service import BASE_ID, Finished, RequestService, Run
 from router_service.tenancy import RateLimited, is_admin_key
 
 # No unauthenticated docs: every route but /health needs a key (the schema: `python -m cluster render openapi`)
-app = FastAPI(title="GlimpRouter", description="Step-level collaborative inference, OpenAI-compatible.",
-              docs_url=None, redoc_url=None, openapi_url=None)
+app = FastAPI(
+    title="GlimpRouter",
+    description="Step-level collaborative inference, OpenAI-compatible.",
+    docs_url=None,
+    redoc_url=None,
+    openapi_url=None,
+)
 install_error_handlers(app)
 
 
@@ -82,17 +87,21 @@ def http_request_id(request: Request) -> str | None:
     it in the response's ``x-request-id``); 400 for an id that cannot name a request."""
     value = request.headers.get("x-request-id")
     if value is not None and not BASE_ID.match(value):
-        raise APIError(400, f"x-request-id must match {BASE_ID.pattern}", param="x-request-id",
-                       code="invalid_request_id")
+        raise APIError(
+            400, f"x-request-id must match {BASE_ID.pattern}", param="x-request-id", code="invalid_request_id"
+        )
     return value
 
 
 def redis_client(cfg: ClusterConfig) -> aioredis.Redis:
     """The replica's Redis client: a connection dropped (Redis restarted) is redialled, not a 503."""
     return aioredis.Redis.from_url(
-        cfg.redis.effective_url(), socket_timeout=cfg.redis.socket_timeout_s,
+        cfg.redis.effective_url(),
+        socket_timeout=cfg.redis.socket_timeout_s,
         socket_connect_timeout=cfg.redis.socket_timeout_s,
-        retry=Retry(ExponentialBackoff(cap=0.5, base=0.05), retries=2), retry_on_error=[RedisConnectionError])
+        retry=Retry(ExponentialBackoff(cap=0.5, base=0.05), retries=2),
+        retry_on_error=[RedisConnectionError],
+    )
 
 
 @serve.deployment(name=ROUTER_DEPLOYMENT)
@@ -102,8 +111,9 @@ class Router:
 
     def __init__(self, config: dict, small: DeploymentHandle, large: DeploymentHandle):
         self.cfg = ClusterConfig.model_validate(config)
-        renderers = {role: PromptRenderer(tokenizer_dir(pool), pool.model.chat_template)
-                     for role, pool in self.cfg.pools.items()}
+        renderers = {
+            role: PromptRenderer(tokenizer_dir(pool), pool.model.chat_template) for role, pool in self.cfg.pools.items()
+        }
         pools = {"small": ServePoolClient(small, "small"), "large": ServePoolClient(large, "large")}
         replica = serve.get_replica_context().replica_id.unique_id
         self.service = RequestService(self.cfg, redis_client(self.cfg), pools, renderers, replica)
@@ -129,8 +139,13 @@ class Router:
         return self._model()
 
     def _model(self) -> dict:
-        return {"id": self.cfg.name, "object": "model", "created": self.created, "owned_by": "glimprouter",
-                "pools": {r: p.model.name for r, p in self.cfg.pools.items()}}
+        return {
+            "id": self.cfg.name,
+            "object": "model",
+            "created": self.created,
+            "owned_by": "glimprouter",
+            "pools": {r: p.model.name for r, p in self.cfg.pools.items()},
+        }
 
     @app.post("/v1/chat/completions", openapi_extra=openapi_body(ChatCompletionRequest))
     async def chat_completions(self, request: Request):
@@ -153,8 +168,13 @@ class Router:
         every tenant's, as ``tenant/id``)."""
         tenant = await self.service.authenticate(bearer_key(request))
         ids, more = await self.service.request_ids(tenant, limit)
-        return {"object": "list", "data": ids, "first_id": ids[0] if ids else None,
-                "last_id": ids[-1] if ids else None, "has_more": more}
+        return {
+            "object": "list",
+            "data": ids,
+            "first_id": ids[0] if ids else None,
+            "last_id": ids[-1] if ids else None,
+            "has_more": more,
+        }
 
     @app.get("/v1/admin/tenants/{name}/usage")
     async def tenant_usage(self, name: str, request: Request, day: str | None = None) -> dict:
@@ -197,9 +217,14 @@ class Router:
     @staticmethod
     def _body(run: Run, finished: Finished) -> dict:
         build = responses.chat_completion if run.stored.endpoint == "chat" else responses.text_completion
-        return build(run.loop.request_id, run.stored.model,
-                     responses.reasoning_text(finished.steps, run.stored.steps.delimiter), finished.answer,
-                     finished.usage, responses.routing_summary(run.stored.policy, finished.steps))
+        return build(
+            run.loop.request_id,
+            run.stored.model,
+            responses.reasoning_text(finished.steps, run.stored.steps.delimiter),
+            finished.answer,
+            finished.usage,
+            responses.routing_summary(run.stored.policy, finished.steps),
+        )
 
     @staticmethod
     async def _sse(run: Run, first, events) -> AsyncIterator[str]:

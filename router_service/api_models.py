@@ -43,11 +43,17 @@ class StreamOptions(APIModel):
 class RoutingOverrides(APIModel):
     """Extension fields: the request's routing policy and step loop limits (None: the tenant's or router's)."""
 
-    policy: PolicyName | None = Field(None, description="glimprouter, large_only, small_only, random or forced_fraction (benchmarks).")
+    policy: PolicyName | None = Field(
+        None, description="glimprouter, large_only, small_only, random or forced_fraction (benchmarks)."
+    )
     tau: float | None = Field(None, ge=0, le=10, description="Entropy threshold in nats.")
-    large_fraction: float | None = Field(None, ge=0, le=1, description="'random' and 'forced_fraction': large fraction.")
+    large_fraction: float | None = Field(
+        None, ge=0, le=1, description="'random' and 'forced_fraction': large fraction."
+    )
     fused_glimpse: bool | None = Field(None, description="Take each glimpse after a small step from that step's call.")
-    glimpse_in_step: bool | None = Field(None, description="Take each glimpse from the first token of a small step call.")
+    glimpse_in_step: bool | None = Field(
+        None, description="Take each glimpse from the first token of a small step call."
+    )
     token_budget: int | None = Field(None, ge=1, le=1_000_000, description="Most output tokens of all steps.")
     step_max_tokens: int | None = Field(None, ge=1, le=32_768, description="Most tokens of one step.")
     final_max_tokens: int | None = Field(None, ge=1, le=32_768, description="Most tokens of the final answer alone "
@@ -68,8 +74,13 @@ class SamplingFields(RoutingOverrides):
     model: str = Field(min_length=1)
     temperature: float | None = Field(None, ge=0, le=2)
     top_p: float | None = Field(None, gt=0, le=1)
-    max_tokens: int | None = Field(None, ge=1, le=1_000_000, description="Most completion tokens, reasoning and "
-                                   "answer together (chat: the deprecated name of max_completion_tokens).")
+    max_tokens: int | None = Field(
+        None,
+        ge=1,
+        le=1_000_000,
+        description="Most completion tokens, reasoning and "
+        "answer together (chat: the deprecated name of max_completion_tokens).",
+    )
     stream: bool = False
     stream_options: StreamOptions | None = None
     seed: int | None = Field(None, ge=0, le=2**31 - 1)
@@ -87,8 +98,12 @@ class ChatCompletionRequest(SamplingFields):
     """``POST /v1/chat/completions``."""
 
     messages: list[ChatMessage] = Field(min_length=1, max_length=256)
-    max_completion_tokens: int | None = Field(None, ge=1, le=1_000_000, description="Most completion tokens, "
-                                              "reasoning and answer together, as for OpenAI's reasoning models.")
+    max_completion_tokens: int | None = Field(
+        None,
+        ge=1,
+        le=1_000_000,
+        description="Most completion tokens, reasoning and answer together, as for OpenAI's reasoning models.",
+    )
 
     @field_validator("messages")
     @classmethod

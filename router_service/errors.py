@@ -8,25 +8,44 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 _TYPES = {
-    400: "invalid_request_error", 401: "authentication_error", 403: "permission_error", 404: "not_found_error",
-    409: "conflict_error", 413: "invalid_request_error", 429: "rate_limit_error",
-    500: "server_error", 503: "service_unavailable",
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    409: "conflict_error",
+    413: "invalid_request_error",
+    429: "rate_limit_error",
+    500: "server_error",
+    503: "service_unavailable",
 }
 
 
 class APIError(Exception):
     """An error the client gets as OpenAI's error JSON."""
 
-    def __init__(self, status: int, message: str, *, param: str | None = None, code: str | None = None,
-                 headers: dict[str, str] | None = None):
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        *,
+        param: str | None = None,
+        code: str | None = None,
+        headers: dict[str, str] | None = None,
+    ):
         super().__init__(message)
         self.status, self.message, self.param, self.code = status, message, param, code
         self.headers = headers or {}
 
     def body(self) -> dict:
         """The JSON body."""
-        return {"error": {"message": self.message, "type": _TYPES.get(self.status, "api_error"),
-                          "param": self.param, "code": self.code}}
+        return {
+            "error": {
+                "message": self.message,
+                "type": _TYPES.get(self.status, "api_error"),
+                "param": self.param,
+                "code": self.code,
+            }
+        }
 
     def response(self) -> JSONResponse:
         """The HTTP response."""
@@ -42,8 +61,12 @@ def validation_error(exc: Exception, status: int = 400) -> APIError:
     first = errors[0]
     loc = [str(p) for p in first.get("loc", ()) if p not in ("body",)]
     param = ".".join(loc) or None
-    return APIError(status, f"{param}: {first.get('msg')}" if param else first.get("msg", "invalid request"),
-                    param=param, code="invalid_value")
+    return APIError(
+        status,
+        f"{param}: {first.get('msg')}" if param else first.get("msg", "invalid request"),
+        param=param,
+        code="invalid_value",
+    )
 
 
 def install_error_handlers(app) -> None:

@@ -25,8 +25,15 @@ class PoolClient(Protocol):
 
     async def glimpse(self, prompt: Prompt, top_k: int, affinity_key: str) -> Glimpse: ...
 
-    def step(self, prompt: Prompt, sampling: StepSampling, stream: bool, affinity_key: str,
-             next_glimpse: NextGlimpse | None = None, glimpse_top_k: int | None = None) -> AsyncIterator[StepChunk]: ...
+    def step(
+        self,
+        prompt: Prompt,
+        sampling: StepSampling,
+        stream: bool,
+        affinity_key: str,
+        next_glimpse: NextGlimpse | None = None,
+        glimpse_top_k: int | None = None,
+    ) -> AsyncIterator[StepChunk]: ...
 
 
 @dataclass(frozen=True)
@@ -152,7 +159,9 @@ class StepLoop:
         async for event in self._final_answer(req, [s.text for s in steps], sum(s.output_tokens for s in steps)):
             yield event
 
-    async def _one_step(self, req: LoopRequest, steps: list[StepRecord], fused: Glimpse | None) -> AsyncIterator[LoopEvent]:
+    async def _one_step(
+        self, req: LoopRequest, steps: list[StepRecord], fused: Glimpse | None
+    ) -> AsyncIterator[LoopEvent]:
         """One step; ``fused`` is its glimpse when the previous step's call already took it."""
         cfg, index = req.steps, len(steps)
         texts = [s.text for s in steps]
@@ -170,8 +179,11 @@ class StepLoop:
         glimpsed = needs_glimpse(policy)
         used = sum(s.output_tokens for s in steps)
         sampling = StepSampling(
-            max_tokens=step_max_tokens(cfg, used), temperature=req.temperature,
-            top_p=req.top_p, stop=[cfg.delimiter], seed=None if req.seed is None else req.seed + index,
+            max_tokens=step_max_tokens(cfg, used),
+            temperature=req.temperature,
+            top_p=req.top_p,
+            stop=[cfg.delimiter],
+            seed=None if req.seed is None else req.seed + index,
             ignore_eos=cfg.ignore_eos,
         )
         glimpse_ms, logprobs, small_call, glimpse = 0.0, None, None, None  # glimpse: one a call of its own prefilled
@@ -179,8 +191,9 @@ class StepLoop:
         if glimpsed and fused is not None:
             glimpse_ms, logprobs, glimpse = fused.ms, fused.top_logprobs, fused
         elif glimpsed and policy.glimpse_in_step:  # the small step call glimpses: its first item holds the glimpse
-            small_call = self.pools["small"].step(prompt_for("small"), sampling, req.stream, req.request_id,
-                                                  glimpse_top_k=cfg.top_k)
+            small_call = self.pools["small"].step(
+                prompt_for("small"), sampling, req.stream, req.request_id, glimpse_top_k=cfg.top_k
+            )
             first = await anext(small_call)
             glimpse_ms, logprobs = (time.perf_counter() - t0) * 1e3, first.glimpse.top_logprobs
         elif glimpsed:
@@ -196,10 +209,20 @@ class StepLoop:
                 await small_call.aclose()  # the large pool writes the step: the small call stops after its first token
             # fuse the next glimpse into a small step that leaves budget for another step; not into step 0, whose
             # prompt (the generation prompt) is not a prefix of step 1's ("<think>" opens the assistant turn)
-            ask_next = glimpsed and policy.fused_glimpse and decision.pool == "small" and index > 0 and \
-                used + sampling.max_tokens < cfg.reasoning_budget()
-            chunks = self.pools[decision.pool].step(prompt_for(decision.pool), sampling, req.stream, req.request_id,
-                                                    NextGlimpse(cfg.top_k, cfg.delimiter) if ask_next else None)
+            ask_next = (
+                glimpsed
+                and policy.fused_glimpse
+                and decision.pool == "small"
+                and index > 0
+                and used + sampling.max_tokens < cfg.reasoning_budget()
+            )
+            chunks = self.pools[decision.pool].step(
+                prompt_for(decision.pool),
+                sampling,
+                req.stream,
+                req.request_id,
+                NextGlimpse(cfg.top_k, cfg.delimiter) if ask_next else None,
+            )
         t0 = time.perf_counter()
         last = None
         async for chunk in chunks:
@@ -208,15 +231,26 @@ class StepLoop:
             elif chunk.text:
                 yield ReasoningDelta(chunk.text)
         step_ms = (time.perf_counter() - t0) * 1e3 - (last.next_glimpse.ms if last.next_glimpse else 0.0)
-        yield StepDone(StepRecord(
-            index=index, pool=decision.pool, entropy=decision.entropy, text=last.text,
-            output_tokens=last.output_tokens, prompt_tokens=last.prompt_tokens, cached_tokens=last.cached_tokens,
-            glimpse_ms=round(glimpse_ms, 3), step_ms=round(step_ms, 3),
-            finish_reason=last.finish_reason, ended_by_eos=last.ended_by_eos,
-            glimpse_fused=glimpsed and fused is not None,
-            glimpse_prompt_tokens=glimpse.prompt_tokens if glimpse else 0,
-            glimpse_cached_tokens=glimpse.cached_tokens if glimpse else 0,
-        ), glimpsed, last.next_glimpse)
+        yield StepDone(
+            StepRecord(
+                index=index,
+                pool=decision.pool,
+                entropy=decision.entropy,
+                text=last.text,
+                output_tokens=last.output_tokens,
+                prompt_tokens=last.prompt_tokens,
+                cached_tokens=last.cached_tokens,
+                glimpse_ms=round(glimpse_ms, 3),
+                step_ms=round(step_ms, 3),
+                finish_reason=last.finish_reason,
+                ended_by_eos=last.ended_by_eos,
+                glimpse_fused=glimpsed and fused is not None,
+                glimpse_prompt_tokens=glimpse.prompt_tokens if glimpse else 0,
+                glimpse_cached_tokens=glimpse.cached_tokens if glimpse else 0,
+            ),
+            glimpsed,
+            last.next_glimpse,
+        )
 
     async def _final_answer(self, req: LoopRequest, texts: list[str], used: int) -> AsyncIterator[LoopEvent]:
         pool: PoolRole = "small" if req.policy.policy == "small_only" else "large"
@@ -225,12 +259,24 @@ class StepLoop:
             yield AnswerDone(pool, "", 0, 0, 0, "length", 0.0)
             return
         prompt = self.renderers[pool].final_prompt(req.messages, texts, req.steps.delimiter)
-        sampling = StepSampling(max_tokens=max_tokens, temperature=req.temperature,
-                                top_p=req.top_p, seed=req.seed, ignore_eos=req.steps.ignore_eos)
+        sampling = StepSampling(
+            max_tokens=max_tokens,
+            temperature=req.temperature,
+            top_p=req.top_p,
+            seed=req.seed,
+            ignore_eos=req.steps.ignore_eos,
+        )
         t0 = time.perf_counter()
         async for chunk in self.pools[pool].step(prompt, sampling, req.stream, req.request_id):
             if not chunk.done:
                 yield AnswerDelta(chunk.text)
                 continue
-            yield AnswerDone(pool, chunk.text, chunk.prompt_tokens, chunk.cached_tokens, chunk.output_tokens,
-                             chunk.finish_reason, round((time.perf_counter() - t0) * 1e3, 3))
+            yield AnswerDone(
+                pool,
+                chunk.text,
+                chunk.prompt_tokens,
+                chunk.cached_tokens,
+                chunk.output_tokens,
+                chunk.finish_reason,
+                round((time.perf_counter() - t0) * 1e3, 3),
+            )

@@ -41,9 +41,15 @@ class ServePoolClient:
         finally:
             self.in_flight -= 1
 
-    async def step(self, prompt: Prompt, sampling: StepSampling, stream: bool, affinity_key: str,
-                   next_glimpse: NextGlimpse | None = None, glimpse_top_k: int | None = None,
-                   ) -> AsyncIterator[StepChunk]:
+    async def step(
+        self,
+        prompt: Prompt,
+        sampling: StepSampling,
+        stream: bool,
+        affinity_key: str,
+        next_glimpse: NextGlimpse | None = None,
+        glimpse_top_k: int | None = None,
+    ) -> AsyncIterator[StepChunk]:
         """The step's chunks (see ``ModelPool.step``). Closing this generator early cancels the call, which
         aborts the engine request."""
         self.in_flight += 1
@@ -51,8 +57,14 @@ class ServePoolClient:
             for attempt in range(self._retries + 1):
                 sent = False
                 try:
-                    call = self._step.remote(prompt, sampling, stream, affinity_key=affinity_key,
-                                             next_glimpse=next_glimpse, glimpse_top_k=glimpse_top_k)
+                    call = self._step.remote(
+                        prompt,
+                        sampling,
+                        stream,
+                        affinity_key=affinity_key,
+                        next_glimpse=next_glimpse,
+                        glimpse_top_k=glimpse_top_k,
+                    )
                     async for chunk in call:
                         sent = sent or not chunk.done
                         yield chunk

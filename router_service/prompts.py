@@ -33,8 +33,10 @@ class PromptRenderer:
             ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
         else:
             ids = self.tokenizer.apply_chat_template(
-                messages + [{"role": "assistant", "content": assistant}],
-                add_generation_prompt=False, continue_final_message=True, tokenize=True,
+                [*messages, {"role": "assistant", "content": assistant}],
+                add_generation_prompt=False,
+                continue_final_message=True,
+                tokenize=True,
             )
         return list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
 

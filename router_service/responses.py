@@ -9,7 +9,6 @@ from cluster.config import PolicySettings
 from router_service.loop import AnswerDone
 from router_service.state import StepRecord
 
-
 # the settings each policy reads: the routing object shows those, and no other
 POLICY_FIELDS: dict[str, tuple[str, ...]] = {
     "glimprouter": ("tau", "max_large_fraction", "fused_glimpse", "glimpse_in_step"),
@@ -28,8 +27,18 @@ def routing_summary(policy: PolicySettings, steps: list[StepRecord]) -> dict:
         "policy": policy.policy,
         **{name: getattr(policy, name) for name in POLICY_FIELDS[policy.policy]},
         "large_step_fraction": round(large / len(steps), 4) if steps else 0.0,
-        "steps": [{"index": s.index, "pool": s.pool, "entropy": s.entropy, "tokens": s.output_tokens,
-                   "glimpse_ms": s.glimpse_ms, "glimpse_fused": s.glimpse_fused, "step_ms": s.step_ms} for s in steps],
+        "steps": [
+            {
+                "index": s.index,
+                "pool": s.pool,
+                "entropy": s.entropy,
+                "tokens": s.output_tokens,
+                "glimpse_ms": s.glimpse_ms,
+                "glimpse_fused": s.glimpse_fused,
+                "step_ms": s.step_ms,
+            }
+            for s in steps
+        ],
     }
 
 
@@ -37,8 +46,10 @@ def usage(steps: list[StepRecord], answer: AnswerDone, prompt_tokens: int, glimp
     """OpenAI usage plus ``per_pool``: engine-reported tokens of each pool. Glimpses are small-pool calls: their
     prompt tokens count in the small pool's ``prompt_tokens`` (and apart, as ``glimpse_prompt_tokens``); the
     glimpsed token itself is thrown away, so it is no completion token."""
-    per_pool = {pool: {"steps": 0, "completion_tokens": 0, "prompt_tokens": 0, "cached_prompt_tokens": 0}
-                for pool in ("small", "large")}
+    per_pool = {
+        pool: {"steps": 0, "completion_tokens": 0, "prompt_tokens": 0, "cached_prompt_tokens": 0}
+        for pool in ("small", "large")
+    }
     for s in steps:
         p = per_pool[s.pool]
         p["steps"] += 1
@@ -68,23 +79,48 @@ def reasoning_text(steps: list[StepRecord], delimiter: str) -> str:
     return delimiter.join(s.text for s in steps)
 
 
-def chat_completion(request_id: str, model: str, reasoning: str, answer: AnswerDone, usage_: dict, routing: dict) -> dict:
+def chat_completion(
+    request_id: str, model: str, reasoning: str, answer: AnswerDone, usage_: dict, routing: dict
+) -> dict:
     """A whole ``chat.completion``."""
     return {
-        "id": request_id, "object": "chat.completion", "created": int(time.time()), "model": model,
-        "choices": [{"index": 0, "finish_reason": answer.finish_reason or "stop", "logprobs": None,
-                     "message": {"role": "assistant", "content": answer.text, "reasoning_content": reasoning}}],
-        "usage": usage_, "routing": routing,
+        "id": request_id,
+        "object": "chat.completion",
+        "created": int(time.time()),
+        "model": model,
+        "choices": [
+            {
+                "index": 0,
+                "finish_reason": answer.finish_reason or "stop",
+                "logprobs": None,
+                "message": {"role": "assistant", "content": answer.text, "reasoning_content": reasoning},
+            }
+        ],
+        "usage": usage_,
+        "routing": routing,
     }
 
 
-def text_completion(request_id: str, model: str, reasoning: str, answer: AnswerDone, usage_: dict, routing: dict) -> dict:
+def text_completion(
+    request_id: str, model: str, reasoning: str, answer: AnswerDone, usage_: dict, routing: dict
+) -> dict:
     """A whole ``text_completion``."""
     return {
-        "id": request_id, "object": "text_completion", "created": int(time.time()), "model": model,
-        "choices": [{"index": 0, "text": answer.text, "reasoning_content": reasoning, "logprobs": None,
-                     "finish_reason": answer.finish_reason or "stop"}],
-        "usage": usage_, "routing": routing,
+        "id": request_id,
+        "object": "text_completion",
+        "created": int(time.time()),
+        "model": model,
+        "choices": [
+            {
+                "index": 0,
+                "text": answer.text,
+                "reasoning_content": reasoning,
+                "logprobs": None,
+                "finish_reason": answer.finish_reason or "stop",
+            }
+        ],
+        "usage": usage_,
+        "routing": routing,
     }
 
 
@@ -97,22 +133,34 @@ class ChunkWriter:
 
     def _line(self, choices: list[dict], **extra) -> str:
         obj = "chat.completion.chunk" if self.chat else "text_completion"
-        payload = {"id": self.request_id, "object": obj, "created": self.created, "model": self.model,
-                   "choices": choices, **extra}
+        payload = {
+            "id": self.request_id,
+            "object": obj,
+            "created": self.created,
+            "model": self.model,
+            "choices": choices,
+            **extra,
+        }
         return f"data: {json.dumps(payload)}\n\n"
 
     def delta(self, *, content: str | None = None, reasoning: str | None = None, role: str | None = None) -> str:
         """A chunk carrying new answer text or new reasoning text."""
         if not self.chat:
-            return self._line([{"index": 0, "text": content or "", "reasoning_content": reasoning, "finish_reason": None}])
-        delta = {k: v for k, v in (("role", role), ("content", content), ("reasoning_content", reasoning)) if v is not None}
+            return self._line(
+                [{"index": 0, "text": content or "", "reasoning_content": reasoning, "finish_reason": None}]
+            )
+        delta = {
+            k: v for k, v in (("role", role), ("content", content), ("reasoning_content", reasoning)) if v is not None
+        }
         return self._line([{"index": 0, "delta": delta, "logprobs": None, "finish_reason": None}])
 
     def finish(self, finish_reason: str, routing: dict) -> str:
         """The chunk with the finish reason, carrying the ``routing`` object."""
         if not self.chat:
             return self._line([{"index": 0, "text": "", "finish_reason": finish_reason}], routing=routing)
-        return self._line([{"index": 0, "delta": {}, "logprobs": None, "finish_reason": finish_reason}], routing=routing)
+        return self._line(
+            [{"index": 0, "delta": {}, "logprobs": None, "finish_reason": finish_reason}], routing=routing
+        )
 
     def usage(self, usage_: dict) -> str:
         """The final usage chunk (``stream_options.include_usage``)."""

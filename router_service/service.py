@@ -90,8 +90,12 @@ async def redis_call(awaitable):
     except StateConflict as exc:
         raise APIError(409, str(exc), code="conflict") from None
     except (RedisError, OSError) as exc:
-        raise APIError(503, f"state store unavailable ({type(exc).__name__}); retry later",
-                       code="redis_unavailable", headers={"Retry-After": "1"}) from None
+        raise APIError(
+            503,
+            f"state store unavailable ({type(exc).__name__}); retry later",
+            code="redis_unavailable",
+            headers={"Retry-After": "1"},
+        ) from None
 
 
 class RequestService:
@@ -170,8 +174,12 @@ class RequestService:
         """Settle a validated body's settings, admit it and store it as a running request owned here, under the id
         ``completion_id(endpoint, base_id)`` (``base_id``: the HTTP request's id; a new one if None)."""
         if body.model != self.cfg.name or not tenant.settings.allows_model(body.model):
-            raise APIError(404, f"model {body.model!r} does not exist or you have no access to it", param="model",
-                           code="model_not_found")
+            raise APIError(
+                404,
+                f"model {body.model!r} does not exist or you have no access to it",
+                param="model",
+                code="model_not_found",
+            )
         policy, steps = self._settings(tenant, body)
         priority = body.priority or tenant.settings.priority
         if not tenant.settings.allows_priority(priority):
@@ -179,9 +187,15 @@ class RequestService:
                            param="priority", code="priority_not_allowed")
         messages = body.chat()
         stored = StoredRequest(
-            endpoint=endpoint, model=body.model, messages=messages, policy=policy, steps=steps,
+            endpoint=endpoint,
+            model=body.model,
+            messages=messages,
+            policy=policy,
+            steps=steps,
             temperature=body.temperature if body.temperature is not None else steps.temperature,
-            top_p=body.top_p if body.top_p is not None else steps.top_p, seed=body.seed, stream=body.stream,
+            top_p=body.top_p if body.top_p is not None else steps.top_p,
+            seed=body.seed,
+            stream=body.stream,
             include_usage=bool(body.stream_options and body.stream_options.include_usage),
             prompt_tokens=self._check_context(messages, steps), user=body.user, priority=priority,
         )
@@ -234,18 +248,28 @@ class RequestService:
             answer = body.final_max_tokens or completion_limit  # the answer may take what the steps leave
         budget = body.token_budget or default
         if budget > ceiling:
-            raise APIError(400, f"token_budget {budget} exceeds this key's limit of {ceiling}", param="token_budget",
-                           code="budget_too_large")
+            raise APIError(
+                400,
+                f"token_budget {budget} exceeds this key's limit of {ceiling}",
+                param="token_budget",
+                code="budget_too_large",
+            )
         if completion_limit is not None and budget > completion_limit:
-            raise APIError(400, f"token_budget {budget} exceeds max_completion_tokens {completion_limit}",
-                           param="token_budget", code="budget_too_large")
-        steps = base.model_copy(update={
-            "token_budget": budget,
-            "step_max_tokens": body.step_max_tokens or base.step_max_tokens,
-            "completion_limit": completion_limit,
-            "final_max_tokens": min(answer, 32_768),
-            **{k: v for k in STEP_OVERRIDES if (v := getattr(body, k)) is not None},
-        })
+            raise APIError(
+                400,
+                f"token_budget {budget} exceeds max_completion_tokens {completion_limit}",
+                param="token_budget",
+                code="budget_too_large",
+            )
+        steps = base.model_copy(
+            update={
+                "token_budget": budget,
+                "step_max_tokens": body.step_max_tokens or base.step_max_tokens,
+                "completion_limit": completion_limit,
+                "final_max_tokens": min(answer, 32_768),
+                **{k: v for k in STEP_OVERRIDES if (v := getattr(body, k)) is not None},
+            }
+        )
         return policy, steps
 
     def _check_context(self, messages: list[dict], steps: StepSettings) -> int:
@@ -259,12 +283,17 @@ class RequestService:
             try:
                 n = len(self.renderers[role].step_prompt(messages, [], steps.delimiter))
             except Exception as exc:  # a template that cannot render these messages
-                raise APIError(400, f"messages cannot be rendered by the {role} model's chat template: {exc}",
-                               param="messages") from None
+                raise APIError(
+                    400, f"messages cannot be rendered by the {role} model's chat template: {exc}", param="messages"
+                ) from None
             if n + most + CONTEXT_MARGIN_TOKENS > pool.engine.max_model_len:
-                raise APIError(400, f"prompt ({n} tokens) plus token_budget and max_tokens exceed the {role} model's "
-                               f"context of {pool.engine.max_model_len} tokens", param="messages",
-                               code="context_length_exceeded")
+                raise APIError(
+                    400,
+                    f"prompt ({n} tokens) plus token_budget and max_tokens exceed the {role} model's "
+                    f"context of {pool.engine.max_model_len} tokens",
+                    param="messages",
+                    code="context_length_exceeded",
+                )
             prompt_tokens = n
         return prompt_tokens
 
@@ -280,8 +309,9 @@ class RequestService:
         try:
             async for event in self.loop.run(req, run.done):
                 if first_output:  # every event carries output: a token (streamed) or a step, then the answer
-                    metrics.observe("glimprouter_request_ttft_seconds", time.perf_counter() - start,
-                                    stream=str(req.stream).lower())
+                    metrics.observe(
+                        "glimprouter_request_ttft_seconds", time.perf_counter() - start, stream=str(req.stream).lower()
+                    )
                     first_output = False
                 if isinstance(event, StepDone):
                     await self._record_step(tenant, rid, event)
@@ -300,8 +330,12 @@ class RequestService:
             raise
         except POOL_ERRORS as exc:
             await self._end_quietly(tenant.name, rid, FAILED, f"pool unavailable: {type(exc).__name__}")
-            raise APIError(503, "a model pool is unavailable; retry, or resume the request", code="pool_unavailable",
-                           headers={"Retry-After": "2"}) from None
+            raise APIError(
+                503,
+                "a model pool is unavailable; retry, or resume the request",
+                code="pool_unavailable",
+                headers={"Retry-After": "2"},
+            ) from None
         except APIError as exc:
             if exc.status != 409:
                 await self._end_quietly(tenant.name, rid, FAILED, exc.message)
@@ -321,10 +355,13 @@ class RequestService:
         """Store one complete step, charge its tokens, renew the admission (one round trip), then its metrics."""
         step = event.record
         with metrics.timed("glimprouter_redis_latency_seconds", op="append_step"):
-            await redis_call(asyncio.gather(
-                self.store.append_step(tenant.name, rid, self.replica, step, event.glimpsed),
-                self.tenants.charge_tokens(tenant, step.pool, step.output_tokens),
-                self.tenants.heartbeat(tenant, rid)))
+            await redis_call(
+                asyncio.gather(
+                    self.store.append_step(tenant.name, rid, self.replica, step, event.glimpsed),
+                    self.tenants.charge_tokens(tenant, step.pool, step.output_tokens),
+                    self.tenants.heartbeat(tenant, rid),
+                )
+            )
         metrics.inc("glimprouter_steps", tenant=tenant.name, pool=step.pool)
         metrics.inc("glimprouter_tokens", step.output_tokens, tenant=tenant.name, pool=step.pool)
         metrics.observe("glimprouter_step_latency_seconds", step.step_ms / 1e3, pool=step.pool)
@@ -341,17 +378,34 @@ class RequestService:
         tenant, rid = run.tenant, run.loop.request_id
         glimpses = len(steps) if needs_glimpse(run.loop.policy) else 0
         usage = responses.usage(steps, answer, run.stored.prompt_tokens, glimpses)
-        final = {"text": answer.text, "pool": answer.pool, "output_tokens": answer.output_tokens,
-                 "prompt_tokens": answer.prompt_tokens, "finish_reason": answer.finish_reason, "ms": answer.ms}
-        meters = [self.tenants.record_usage(
-            tenant, pool, requests=int(pool == answer.pool),
-            prompt_tokens=usage["prompt_tokens"] if pool == answer.pool else 0,
-            output_tokens=counts["completion_tokens"], steps=counts["steps"], glimpses=counts.get("glimpses", 0))
-            for pool, counts in usage["per_pool"].items()]
+        final = {
+            "text": answer.text,
+            "pool": answer.pool,
+            "output_tokens": answer.output_tokens,
+            "prompt_tokens": answer.prompt_tokens,
+            "finish_reason": answer.finish_reason,
+            "ms": answer.ms,
+        }
+        meters = [
+            self.tenants.record_usage(
+                tenant,
+                pool,
+                requests=int(pool == answer.pool),
+                prompt_tokens=usage["prompt_tokens"] if pool == answer.pool else 0,
+                output_tokens=counts["completion_tokens"],
+                steps=counts["steps"],
+                glimpses=counts.get("glimpses", 0),
+            )
+            for pool, counts in usage["per_pool"].items()
+        ]
         with metrics.timed("glimprouter_redis_latency_seconds", op="finish"):
-            await redis_call(asyncio.gather(
-                self.tenants.charge_tokens(tenant, answer.pool, answer.output_tokens),
-                self.store.finish(tenant.name, rid, self.replica, final), *meters))
+            await redis_call(
+                asyncio.gather(
+                    self.tenants.charge_tokens(tenant, answer.pool, answer.output_tokens),
+                    self.store.finish(tenant.name, rid, self.replica, final),
+                    *meters,
+                )
+            )
         metrics.inc("glimprouter_tokens", answer.output_tokens, tenant=tenant.name, pool=answer.pool)
         return usage
 

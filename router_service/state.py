@@ -185,10 +185,19 @@ class RequestStateStore:
     async def append_step(self, tenant: str, request_id: str, owner: str, step: StepRecord, glimpsed: bool) -> int:
         """Append step ``step.index`` atomically (owner and index checked); renews the lease."""
         key, steps = self._keys(tenant, request_id)
-        result = await self._append(keys=[key, steps], args=[
-            owner, step.index, json.dumps(asdict(step)), step.pool, step.output_tokens, int(glimpsed),
-            time.time() + self.lease_s, self.ttl_s,
-        ])
+        result = await self._append(
+            keys=[key, steps],
+            args=[
+                owner,
+                step.index,
+                json.dumps(asdict(step)),
+                step.pool,
+                step.output_tokens,
+                int(glimpsed),
+                time.time() + self.lease_s,
+                self.ttl_s,
+            ],
+        )
         if result < 0:
             raise StateConflict(f"request {request_id}: step {step.index} refused ({_REASONS[result]})")
         return result
@@ -226,12 +235,22 @@ class RequestStateStore:
             fields, raw_steps = await pipe.execute()
         if not fields:
             raise RequestNotFound(request_id)
-        f = {k.decode() if isinstance(k, bytes) else k: v.decode() if isinstance(v, bytes) else v for k, v in fields.items()}
+        f = {
+            k.decode() if isinstance(k, bytes) else k: v.decode() if isinstance(v, bytes) else v
+            for k, v in fields.items()
+        }
         return RequestState(
-            request_id=request_id, tenant=tenant, request=StoredRequest.model_validate_json(f["request"]), status=f.get("status", RUNNING),
-            owner=f.get("owner", ""), lease_until=float(f.get("lease_until", 0)), created_at=float(f.get("created_at", 0)),
+            request_id=request_id,
+            tenant=tenant,
+            request=StoredRequest.model_validate_json(f["request"]),
+            status=f.get("status", RUNNING),
+            owner=f.get("owner", ""),
+            lease_until=float(f.get("lease_until", 0)),
+            created_at=float(f.get("created_at", 0)),
             steps=[StepRecord.from_json(s) for s in raw_steps],
-            final=json.loads(f["final"]) if "final" in f else None, error=f.get("error"), glimpses=int(f.get("glimpses", 0)),
+            final=json.loads(f["final"]) if "final" in f else None,
+            error=f.get("error"),
+            glimpses=int(f.get("glimpses", 0)),
         )
 
     async def list_ids(self, tenant: str | None, limit: int = 20) -> tuple[list[str], bool]:

@@ -43,6 +43,7 @@ async def redis_client(redis_url):
 
 # ---- the real local cluster (Ray, Redis, vLLM CPU engines), started once per session -------------------
 
+
 class LocalCluster:
     """Handles on the running local cluster."""
 
@@ -65,8 +66,12 @@ class LocalCluster:
             store = TenantStore(client)
             if await store.get_tenant(name) is not None:
                 await store.delete_tenant(name)
-            merged = {"requests_per_minute": 10_000, "max_concurrent_requests": 100,
-                      "policy": self.config.router.policy.model_dump(), **settings}
+            merged = {
+                "requests_per_minute": 10_000,
+                "max_concurrent_requests": 100,
+                "policy": self.config.router.policy.model_dump(),
+                **settings,
+            }
             _, key = await store.create_tenant(name, TenantSettings.model_validate(merged))
             await client.aclose()
             return key
@@ -89,6 +94,7 @@ def local_cluster():
     else started here and stopped at the end of the session."""
     import subprocess
     import sys
+
     import ray
 
     from cluster.config import load_config
@@ -99,8 +105,9 @@ def local_cluster():
     base_url = f"http://{config.router.host}:{config.router.port}"
     started = not _healthy(base_url)
     if started:
-        subprocess.run([sys.executable, "-m", "cluster", "up", "--no-sample", "--config", config_path],
-                       check=True, timeout=1500)
+        subprocess.run(
+            [sys.executable, "-m", "cluster", "up", "--no-sample", "--config", config_path], check=True, timeout=1500
+        )
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     ray.init(address="auto", logging_level="ERROR", log_to_driver=False, ignore_reinit_error=True)
     yield LocalCluster(config, base_url, (RUN_DIR / "admin.key").read_text().strip())

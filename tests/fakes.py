@@ -7,8 +7,8 @@ from dataclasses import dataclass
 from deployments.protocol import Glimpse, NextGlimpse, StepChunk, StepSampling
 
 MESSAGES = [{"role": "user", "content": "What is 6*7?"}]
-HIGH = [0.0] * 20                 # H = ln 20 ~ 3.0: large
-LOW = [0.0] + [-60.0] * 19        # H ~ 0: small
+HIGH = [0.0] * 20  # H = ln 20 ~ 3.0: large
+LOW = [0.0] + [-60.0] * 19  # H ~ 0: small
 ANSWER = "The answer is 42."
 
 
@@ -50,7 +50,9 @@ class FakePool:
         self.calls.append(call)
         if glimpse_top_k:
             try:
-                yield StepChunk("<first>" if stream else "", glimpse=Glimpse(7, "x", self.glimpses.pop(0), ["x"] * 20, 10, 0))
+                yield StepChunk(
+                    "<first>" if stream else "", glimpse=Glimpse(7, "x", self.glimpses.pop(0), ["x"] * 20, 10, 0)
+                )
             except GeneratorExit:
                 call.closed_early = True
                 raise
@@ -60,12 +62,20 @@ class FakePool:
             yield StepChunk(out.text[:half])
             yield StepChunk(out.text[half:])
         tokens = sampling.max_tokens if out.tokens is None else out.tokens
-        yield StepChunk(out.text, done=True, prompt_tokens=10, cached_tokens=3, output_tokens=tokens,
-                        finish_reason="length" if out.tokens is None else "stop",
-                        stopped_by=None if out.eos or out.tokens is None else "\n\n",
-                        next_glimpse=Glimpse(9, "y", self.fused.pop(0), ["y"] * 20, 10, 9, ms=1.5,
-                                             prompt_ids=(900 + len(self.calls),))
-                        if next_glimpse and self.fused else None)
+        yield StepChunk(
+            out.text,
+            done=True,
+            prompt_tokens=10,
+            cached_tokens=3,
+            output_tokens=tokens,
+            finish_reason="length" if out.tokens is None else "stop",
+            stopped_by=None if out.eos or out.tokens is None else "\n\n",
+            next_glimpse=Glimpse(
+                9, "y", self.fused.pop(0), ["y"] * 20, 10, 9, ms=1.5, prompt_ids=(900 + len(self.calls),)
+            )
+            if next_glimpse and self.fused
+            else None,
+        )
 
     def of(self, kind: str) -> list[Call]:
         return [c for c in self.calls if c.kind == kind]

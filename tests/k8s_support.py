@@ -21,7 +21,6 @@ import yaml
 from jsonschema import Draft202012Validator
 from ray.autoscaler._private.kuberay.utils import parse_quantity
 
-from cluster import topology
 from cluster.ops import render
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -27,7 +27,7 @@ def test_spreads_keys():
 
 def test_adding_or_removing_a_replica_moves_few_keys():
     before = picks(REPLICAS)
-    grown = picks(REPLICAS + ["r4"])
+    grown = picks([*REPLICAS, "r4"])
     moved = [key for key in KEYS if grown[key] != before[key]]
     assert {grown[key] for key in moved} == {"r4"}  # keys only move to the new replica
     assert 120 <= len(moved) <= 280  # ~1/5 of the keys

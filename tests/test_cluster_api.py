@@ -3,6 +3,7 @@ Redis, resume after a router replica dies, errors."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import time
@@ -38,8 +39,10 @@ def chat(client, content=QUESTION, **fields):
 
 # ---- the algorithm, against a loop written here from glimprouter-algorithm.md ----------------------------
 
-def reference_loop(local_cluster, question: str, tau: float, budget: int, step_max: int,
-                   answer_max: int) -> tuple[list[tuple[str, str]], str]:
+
+def reference_loop(
+    local_cluster, question: str, tau: float, budget: int, step_max: int, answer_max: int
+) -> tuple[list[tuple[str, str]], str]:
     """Greedy GlimpRouter by the reference's rules (glimprouter-algorithm.md), with the pools' handles and the
     models' own tokenizers: ([(pool, step text)], final answer). Every step gets the full ``step_max``; thinking
     stops after ``</think>``, after two identical last steps (more than two steps), or after the step whose
@@ -49,14 +52,21 @@ def reference_loop(local_cluster, question: str, tau: float, budget: int, step_m
     from cluster.ops.models import ensure_embedded_model
 
     cfg = local_cluster.config
-    toks = {r: AutoTokenizer.from_pretrained(str(ensure_embedded_model(p.model.embedded))) for r, p in cfg.pools.items()}
-    handles = {r: serve.get_deployment_handle(n, app_name=cfg.name) for r, n in (("small", "SmallPool"), ("large", "LargePool"))}
+    toks = {
+        r: AutoTokenizer.from_pretrained(str(ensure_embedded_model(p.model.embedded))) for r, p in cfg.pools.items()
+    }
+    handles = {
+        r: serve.get_deployment_handle(n, app_name=cfg.name)
+        for r, n in (("small", "SmallPool"), ("large", "LargePool"))
+    }
     messages = [{"role": "user", "content": question}]
 
     def render(role, turn=None):
         if turn is None:
-            return list(toks[role].apply_chat_template(messages, add_generation_prompt=True, tokenize=True)["input_ids"])
-        chat = messages + [{"role": "assistant", "content": turn}]
+            return list(
+                toks[role].apply_chat_template(messages, add_generation_prompt=True, tokenize=True)["input_ids"]
+            )
+        chat = [*messages, {"role": "assistant", "content": turn}]
         return list(toks[role].apply_chat_template(chat, continue_final_message=True, tokenize=True)["input_ids"])
 
     def prompt(role, steps):
@@ -73,15 +83,19 @@ def reference_loop(local_cluster, question: str, tau: float, budget: int, step_m
             probs = [math.exp(lp) for lp in glimpse.top_logprobs]
             entropy = -sum(p / sum(probs) * math.log(p / sum(probs)) for p in probs)
             role = "large" if entropy >= tau else "small"
-            last = await generate(role, prompt(role, steps), StepSampling(max_tokens=step_max, temperature=0.0,
-                                                                          stop=["\n\n"]))
+            last = await generate(
+                role, prompt(role, steps), StepSampling(max_tokens=step_max, temperature=0.0, stop=["\n\n"])
+            )
             steps.append(last.text)
             out.append((role, last.text))
             used += last.output_tokens
             if "</think>" in last.text or (len(steps) > 2 and steps[-1] == steps[-2]) or used >= budget:
                 thinking = "\n\n".join(steps).split("</think>", 1)[0]
-                final = await generate("large", render("large", "<think>" + thinking + "\n</think>\n\n"),
-                                       StepSampling(max_tokens=answer_max, temperature=0.0))
+                final = await generate(
+                    "large",
+                    render("large", "<think>" + thinking + "\n</think>\n\n"),
+                    StepSampling(max_tokens=answer_max, temperature=0.0),
+                )
                 return out, final.text
 
     import asyncio
@@ -89,22 +103,30 @@ def reference_loop(local_cluster, question: str, tau: float, budget: int, step_m
     return asyncio.run(run())
 
 
-@pytest.mark.parametrize("question, tau, budget", [
-    (QUESTION, 1.0, 40), ("Name a prime number larger than 10.", 1.0, 40), ("Why is the sky blue?", 0.5, 40),
-    (QUESTION, 0.5, 21), ("Why is the sky blue?", 1.0, 27),  # budgets that end mid-step
-])
+@pytest.mark.parametrize(
+    "question, tau, budget",
+    [
+        (QUESTION, 1.0, 40),
+        ("Name a prime number larger than 10.", 1.0, 40),
+        ("Why is the sky blue?", 0.5, 40),
+        (QUESTION, 0.5, 21),
+        ("Why is the sky blue?", 1.0, 27),  # budgets that end mid-step
+    ],
+)
 def test_steps_decisions_and_answer_equal_the_reference_loop(local_cluster, client, question, tau, budget):
     response = chat(client, question, tau=tau, token_budget=budget)
     assert response.status_code == 200, response.text
     routed = [s["pool"] for s in response.json()["routing"]["steps"]]
     trace = client.get(f"/v1/requests/{response.json()['id']}").json()
-    expected, answer = reference_loop(local_cluster, question, tau, budget, SMALL["step_max_tokens"],
-                                      SMALL["final_max_tokens"])
+    expected, answer = reference_loop(
+        local_cluster, question, tau, budget, SMALL["step_max_tokens"], SMALL["final_max_tokens"]
+    )
     assert [(s["pool"], s["text"]) for s in trace["steps"]] == expected
     assert routed == [pool for pool, _ in expected]
     assert trace["final"]["text"] == answer == response.json()["choices"][0]["message"]["content"]
-    assert all(s["finish_reason"] != "length" or s["output_tokens"] == SMALL["step_max_tokens"]
-               for s in trace["steps"])  # no step was cut short of its full maximum
+    assert all(
+        s["finish_reason"] != "length" or s["output_tokens"] == SMALL["step_max_tokens"] for s in trace["steps"]
+    )  # no step was cut short of its full maximum
 
 
 @pytest.mark.parametrize("question", ["Why is the sky blue?", "Explain how to compute 17*23 step by step."])
@@ -124,9 +146,9 @@ def test_fused_glimpse_routes_as_the_separate_glimpse(client, question):
     assert len(fused) >= 3, "the question should take at least three steps"
     spent = [sum(s["output_tokens"] for s in fused[:k]) for k in range(len(fused))]
     asked = [k >= 1 and spent[k] + min(step_max, budget - spent[k]) < budget for k in range(len(fused))]
-    assert [s["glimpse_fused"] for s in fused] == [False] + asked[:-1]
+    assert [s["glimpse_fused"] for s in fused] == [False, *asked[:-1]]
     assert not any(s["glimpse_fused"] for s in separate)
-    for ref, got in zip(separate, fused):
+    for ref, got in zip(separate, fused, strict=False):
         assert got["entropy"] == pytest.approx(ref["entropy"], abs=1e-3)
 
 
@@ -135,6 +157,7 @@ def test_glimpse_in_step_routes_as_the_separate_glimpse(client, question):
     """``glimpse_in_step`` reads each glimpse from the first token of a small step call (cancelled when the step
     goes large): greedy, the same steps go to the same pools with the same entropies as with separate
     glimpses."""
+
     def run(in_step):
         response = chat(client, question, tau=1.0, glimpse_in_step=in_step, token_budget=64)
         assert response.status_code == 200, response.text
@@ -143,7 +166,7 @@ def test_glimpse_in_step_routes_as_the_separate_glimpse(client, question):
     separate, in_step = run(False), run(True)
     assert [(s["pool"], s["text"]) for s in in_step] == [(s["pool"], s["text"]) for s in separate]
     assert len(in_step) >= 3 and {s["pool"] for s in in_step} == {"small", "large"}, "want steps in both pools"
-    for ref, got in zip(separate, in_step):
+    for ref, got in zip(separate, in_step, strict=False):
         assert got["entropy"] == pytest.approx(ref["entropy"], abs=1e-3)
 
 
@@ -155,18 +178,27 @@ def test_fused_and_in_step_glimpses_conflict(client):
 
 # ---- the OpenAI API -------------------------------------------------------------------------------------
 
+
 def test_openai_client_non_streaming(local_cluster, key):
     import openai
 
     oai = openai.OpenAI(base_url=f"{local_cluster.base_url}/v1", api_key=key)
     assert [m.id for m in oai.models.list().data] == ["glimprouter"]
-    result = oai.chat.completions.create(model="glimprouter", messages=[{"role": "user", "content": QUESTION}],
-                                         temperature=0, max_tokens=64, extra_body={"token_budget": 40, "step_max_tokens": 16})
+    result = oai.chat.completions.create(
+        model="glimprouter",
+        messages=[{"role": "user", "content": QUESTION}],
+        temperature=0,
+        max_tokens=64,
+        extra_body={"token_budget": 40, "step_max_tokens": 16},
+    )
     extra = result.model_extra
     assert result.choices[0].message.model_extra["reasoning_content"]
     assert extra["routing"]["steps"] and {s["pool"] for s in extra["routing"]["steps"]} <= {"small", "large"}
     per_pool = result.usage.model_extra["per_pool"]
-    assert result.usage.completion_tokens == per_pool["small"]["completion_tokens"] + per_pool["large"]["completion_tokens"]
+    assert (
+        result.usage.completion_tokens
+        == per_pool["small"]["completion_tokens"] + per_pool["large"]["completion_tokens"]
+    )
 
 
 def test_openai_client_streaming_matches_stored_state(local_cluster, key):
@@ -174,8 +206,14 @@ def test_openai_client_streaming_matches_stored_state(local_cluster, key):
 
     oai = openai.OpenAI(base_url=f"{local_cluster.base_url}/v1", api_key=key)
     stream = oai.chat.completions.create(
-        model="glimprouter", messages=[{"role": "user", "content": QUESTION}], stream=True, temperature=0,
-        max_tokens=64, stream_options={"include_usage": True}, extra_body={"token_budget": 40, "step_max_tokens": 16})
+        model="glimprouter",
+        messages=[{"role": "user", "content": QUESTION}],
+        stream=True,
+        temperature=0,
+        max_tokens=64,
+        stream_options={"include_usage": True},
+        extra_body={"token_budget": 40, "step_max_tokens": 16},
+    )
     reasoning, content, usage, routing, rid = [], [], None, None, None
     for chunk in stream:
         rid = chunk.id
@@ -210,15 +248,23 @@ def test_baselines_route_as_named(client, policy, pool):
 
 # ---- errors ---------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("body,status,param", [
-    ({"model": "glimprouter", "messages": [{"role": "user", "content": "hi"}], "bogus": 1}, 400, "bogus"),
-    ({"model": "glimprouter", "messages": [{"role": "user", "content": "hi"}], "tau": -1}, 400, "tau"),
-    ({"model": "glimprouter", "messages": [{"role": "user", "content": "hi"}], "temperature": 9}, 400, "temperature"),
-    ({"model": "glimprouter", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 0}, 400, "max_tokens"),
-    ({"model": "glimprouter", "messages": []}, 400, "messages"),
-    ({"model": "nope", "messages": [{"role": "user", "content": "hi"}]}, 404, "model"),
-    ({"model": "glimprouter", "messages": [{"role": "user", "content": "word " * 3000}]}, 400, "messages"),
-])
+
+@pytest.mark.parametrize(
+    "body,status,param",
+    [
+        ({"model": "glimprouter", "messages": [{"role": "user", "content": "hi"}], "bogus": 1}, 400, "bogus"),
+        ({"model": "glimprouter", "messages": [{"role": "user", "content": "hi"}], "tau": -1}, 400, "tau"),
+        (
+            {"model": "glimprouter", "messages": [{"role": "user", "content": "hi"}], "temperature": 9},
+            400,
+            "temperature",
+        ),
+        ({"model": "glimprouter", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 0}, 400, "max_tokens"),
+        ({"model": "glimprouter", "messages": []}, 400, "messages"),
+        ({"model": "nope", "messages": [{"role": "user", "content": "hi"}]}, 404, "model"),
+        ({"model": "glimprouter", "messages": [{"role": "user", "content": "word " * 3000}]}, 400, "messages"),
+    ],
+)
 def test_bad_input_gets_openai_error(client, body, status, param):
     response = client.post("/v1/chat/completions", json=body)
     assert response.status_code == status, response.text
@@ -251,16 +297,30 @@ def test_another_tenants_request_is_404(local_cluster, client):
 
 # ---- failures in the middle of a request ----------------------------------------------------------------
 
+
 def _stream_until(local_cluster, key, n_steps: int, then=lambda rid: None, **fields) -> str:
     """Start a streamed request, call ``then(id)`` once ``n_steps`` steps are stored, then hang up."""
-    body = {"model": "glimprouter", "messages": [{"role": "user", "content": QUESTION}], "stream": True,
-            **SMALL, "token_budget": 120, **fields}
-    with httpx.stream("POST", f"{local_cluster.base_url}/v1/chat/completions", json=body, timeout=120,
-                      headers={"Authorization": f"Bearer {key}"}) as response:
+    body = {
+        "model": "glimprouter",
+        "messages": [{"role": "user", "content": QUESTION}],
+        "stream": True,
+        **SMALL,
+        "token_budget": 120,
+        **fields,
+    }
+    with httpx.stream(
+        "POST",
+        f"{local_cluster.base_url}/v1/chat/completions",
+        json=body,
+        timeout=120,
+        headers={"Authorization": f"Bearer {key}"},
+    ) as response:
         for line in response.iter_lines():
             if line.startswith("data: {"):
                 rid = json.loads(line[6:])["id"]
-                trace = httpx.get(f"{local_cluster.base_url}/v1/requests/{rid}", headers={"Authorization": f"Bearer {key}"}).json()
+                trace = httpx.get(
+                    f"{local_cluster.base_url}/v1/requests/{rid}", headers={"Authorization": f"Bearer {key}"}
+                ).json()
                 if len(trace["steps"]) >= n_steps:
                     then(rid)
                     return rid
@@ -272,8 +332,9 @@ def _trace(local_cluster, key, rid):
     deadline = time.time() + 120
     while True:
         try:
-            response = httpx.get(f"{local_cluster.base_url}/v1/requests/{rid}", timeout=30,
-                                 headers={"Authorization": f"Bearer {key}"})
+            response = httpx.get(
+                f"{local_cluster.base_url}/v1/requests/{rid}", timeout=30, headers={"Authorization": f"Bearer {key}"}
+            )
             if response.status_code == 200:
                 return response.json()
         except httpx.TransportError:
@@ -297,10 +358,8 @@ def test_router_replica_killed_mid_request_resumes_from_last_step(local_cluster,
         details = serve.context._get_global_client().get_serve_details()
         router = details["applications"][local_cluster.config.name]["deployments"]["Router"]["replicas"][0]
         ray.kill(ray.get_actor(router["actor_name"], namespace="serve"), no_restart=True)
-        try:  # dead before the client hangs up, else the hang-up cancels the request first
-            psutil.Process(router["pid"]).wait(timeout=30)
-        except psutil.NoSuchProcess:
-            pass
+        with contextlib.suppress(psutil.NoSuchProcess):  # dead before the client hangs up, else the hang-up
+            psutil.Process(router["pid"]).wait(timeout=30)  # cancels the request first
 
     rid = _stream_until(local_cluster, key, 2, then=kill_router, step_max_tokens=8)
     before = _trace(local_cluster, key, rid)
@@ -326,6 +385,7 @@ def test_router_replica_killed_mid_request_resumes_from_last_step(local_cluster,
 
 
 # ---- tenancy through the API ----------------------------------------------------------------------------
+
 
 def test_usage_sums_equal_the_tokens_in_responses(local_cluster):
     import asyncio
@@ -354,8 +414,9 @@ def test_usage_sums_equal_the_tokens_in_responses(local_cluster):
     admin = {"Authorization": f"Bearer {local_cluster.admin_key}"}
     served = httpx.get(f"{local_cluster.base_url}/v1/admin/tenants/usage-check/usage", headers=admin).json()
     assert served["pools"]["large"]["output_tokens"] == usage["large"]["output_tokens"]
-    tenant_only = httpx.get(f"{local_cluster.base_url}/v1/admin/tenants/usage-check/usage",
-                            headers={"Authorization": f"Bearer {key}"})
+    tenant_only = httpx.get(
+        f"{local_cluster.base_url}/v1/admin/tenants/usage-check/usage", headers={"Authorization": f"Bearer {key}"}
+    )
     assert tenant_only.status_code == 403 and tenant_only.json()["error"]["code"] == "admin_only"
 
 
@@ -368,10 +429,13 @@ def test_rate_limit_gives_429_with_openai_headers(local_cluster):
     key = local_cluster.new_tenant("limited", requests_per_minute=1)
     endpoints, rejections = operators.metrics_endpoints(), SPECS["glimprouter_rejections"].exported
     before = operators.total(operators.scrape(endpoints), rejections, tenant="limited", reason="requests")
-    with httpx.Client(base_url=local_cluster.base_url, headers={"Authorization": f"Bearer {key}"}, timeout=300) as c:
-        # Sent together, so that both fall in the same one-minute window.
-        with ThreadPoolExecutor(2) as pool:
-            responses = sorted(pool.map(lambda _: chat(c), range(2)), key=lambda r: r.status_code)
+    headers = {"Authorization": f"Bearer {key}"}
+    # Sent together, so that both fall in the same one-minute window.
+    with (
+        httpx.Client(base_url=local_cluster.base_url, headers=headers, timeout=300) as c,
+        ThreadPoolExecutor(2) as pool,
+    ):
+        responses = sorted(pool.map(lambda _: chat(c), range(2)), key=lambda r: r.status_code)
     admitted, refused = responses
     assert admitted.status_code == 200 and admitted.headers["x-ratelimit-remaining-requests"] == "0"
     assert refused.status_code == 429 and refused.json()["error"]["type"] == "rate_limit_error"

@@ -9,8 +9,8 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import pytest
 
-from cluster.ops import operators
 from cluster.metrics import SPECS
+from cluster.ops import operators
 
 pytestmark = pytest.mark.cluster
 
@@ -38,10 +38,15 @@ def wait_for(predicate, timeout_s: float, what: str):
 
 
 def chat(base_url: str, key: str, **extra) -> httpx.Response:
-    body = {"model": "glimprouter", "messages": [{"role": "user", "content": "Count from 1 to 30, one per line."}],
-            "temperature": 0, **extra}
-    return httpx.post(f"{base_url}/v1/chat/completions", json=body, headers={"Authorization": f"Bearer {key}"},
-                      timeout=600)
+    body = {
+        "model": "glimprouter",
+        "messages": [{"role": "user", "content": "Count from 1 to 30, one per line."}],
+        "temperature": 0,
+        **extra,
+    }
+    return httpx.post(
+        f"{base_url}/v1/chat/completions", json=body, headers={"Authorization": f"Bearer {key}"}, timeout=600
+    )
 
 
 def test_each_pool_runs_on_its_own_node(local_cluster):
@@ -59,31 +64,69 @@ def test_scaling_one_pool_changes_only_that_pool_and_autoscales_it(local_cluster
     large_config = deployment("LargePool")["deployment_config"]
     original = deployment("SmallPool")["deployment_config"]["autoscaling_config"]
     key = local_cluster.new_tenant("burst", max_concurrent_requests=16)
-    scale = ["scale", "small", "--min", "1", "--max", "2", "--target-ongoing", "1", "--upscale-delay", "1",
-             "--downscale-delay", "5"]
+    scale = [
+        "scale",
+        "small",
+        "--min",
+        "1",
+        "--max",
+        "2",
+        "--target-ongoing",
+        "1",
+        "--upscale-delay",
+        "1",
+        "--downscale-delay",
+        "5",
+    ]
     from cluster.ops.cli import main
 
     try:
         assert main(scale) == 0
-        small = wait_for(lambda: (d := deployment("SmallPool"))["deployment_config"]["autoscaling_config"][
-            "target_ongoing_requests"] == 1 and d, 30, "the new bounds")
+        small = wait_for(
+            lambda: (
+                (d := deployment("SmallPool"))["deployment_config"]["autoscaling_config"]["target_ongoing_requests"]
+                == 1
+                and d
+            ),
+            30,
+            "the new bounds",
+        )
         assert {r["replica_id"] for r in small["replicas"]} == small_before  # applied without restarting
         assert replica_ids("LargePool") == large_before and deployment("LargePool")["deployment_config"] == large_config
 
         with ThreadPoolExecutor(6) as pool:  # a burst of small-only requests: every step on the small pool
-            burst = [pool.submit(chat, local_cluster.base_url, key, policy="small_only", token_budget=400,
-                                 step_max_tokens=100) for _ in range(6)]
+            burst = [
+                pool.submit(
+                    chat, local_cluster.base_url, key, policy="small_only", token_budget=400, step_max_tokens=100
+                )
+                for _ in range(6)
+            ]
             wait_for(lambda: deployment("SmallPool")["target_num_replicas"] == 2, 120, "the small pool to scale up")
             assert deployment("LargePool")["target_num_replicas"] == 1
             assert all(f.result().status_code == 200 for f in burst)
         wait_for(lambda: deployment("SmallPool")["target_num_replicas"] == 1, 120, "the idle small pool to scale down")
         assert replica_ids("LargePool") == large_before
     finally:
-        bounds = {k: original[k] for k in ("min_replicas", "max_replicas", "target_ongoing_requests",
-                                           "upscale_delay_s", "downscale_delay_s")}
-        main(["scale", "small", "--min", str(bounds["min_replicas"]), "--max", str(bounds["max_replicas"]),
-              "--target-ongoing", str(bounds["target_ongoing_requests"]), "--upscale-delay",
-              str(bounds["upscale_delay_s"]), "--downscale-delay", str(bounds["downscale_delay_s"])])
+        bounds = {
+            k: original[k]
+            for k in ("min_replicas", "max_replicas", "target_ongoing_requests", "upscale_delay_s", "downscale_delay_s")
+        }
+        main(
+            [
+                "scale",
+                "small",
+                "--min",
+                str(bounds["min_replicas"]),
+                "--max",
+                str(bounds["max_replicas"]),
+                "--target-ongoing",
+                str(bounds["target_ongoing_requests"]),
+                "--upscale-delay",
+                str(bounds["upscale_delay_s"]),
+                "--downscale-delay",
+                str(bounds["downscale_delay_s"]),
+            ]
+        )
 
 
 def test_tau_controller_sends_fewer_steps_to_a_queued_large_pool(local_cluster):
@@ -99,11 +142,21 @@ def test_tau_controller_sends_fewer_steps_to_a_queued_large_pool(local_cluster):
     pools = [s["pool"] for r in responses for s in r.json()["routing"]["steps"]]
     # with tau 0 every entropy (>= 0) routes large: each small step is the controller's doing
     assert pools.count("small") > 0, "the controller raised tau while the large pool was queued"
-    after = wait_for(lambda: (a := operators.scrape(endpoints)) and operators.total(a, ups, direction="down")
-                     > operators.total(before, ups, direction="down") and a, 40, "tau to fall back as the queue drains")
+    after = wait_for(
+        lambda: (
+            (a := operators.scrape(endpoints))
+            and operators.total(a, ups, direction="down") > operators.total(before, ups, direction="down")
+            and a
+        ),
+        40,
+        "tau to fall back as the queue drains",
+    )
     assert operators.total(after, ups, direction="up") > operators.total(before, ups, direction="up")
-    wait_for(lambda: operators.total(operators.scrape(endpoints), SPECS["glimprouter_tau_offset_nats"].exported) == 0,
-             40, "the tau offset to return to zero")
+    wait_for(
+        lambda: operators.total(operators.scrape(endpoints), SPECS["glimprouter_tau_offset_nats"].exported) == 0,
+        40,
+        "the tau offset to return to zero",
+    )
 
 
 def test_every_metric_is_exported_and_moves(local_cluster):
@@ -125,7 +178,8 @@ def test_every_metric_is_exported_and_moves(local_cluster):
         after = operators.scrape(endpoints)
         present = {name for name, _ in after}
         done = {n for name, n in series.items() if name not in faults_only} <= present and all(
-            operators.total(after, n) > operators.total(before, n) for n in moving)
+            operators.total(after, n) > operators.total(before, n) for n in moving
+        )
         return after if done else None
 
     after = wait_for(all_moved, 40, "every metric to be exported and to move (Ray exports every few seconds)")
@@ -133,15 +187,22 @@ def test_every_metric_is_exported_and_moves(local_cluster):
     assert operators.total(after, SPECS["glimprouter_large_step_fraction"].exported) > 0  # tau 0: steps go large
     engine_tokens = SPECS["glimprouter_engine_tokens"].exported
     for pool in ("small", "large"):  # the glimpses ran on the small pool's engine, the steps on the large one's
-        assert operators.total(after, engine_tokens, pool=pool, kind="prefill") > \
-            operators.total(before, engine_tokens, pool=pool, kind="prefill")
-    assert operators.total(after, engine_tokens, pool="large", kind="decode") > \
-        operators.total(before, engine_tokens, pool="large", kind="decode")
-    requests, seconds = (SPECS[name].exported for name in ("glimprouter_engine_requests",
-                                                          "glimprouter_engine_request_seconds"))
+        assert operators.total(after, engine_tokens, pool=pool, kind="prefill") > operators.total(
+            before, engine_tokens, pool=pool, kind="prefill"
+        )
+    assert operators.total(after, engine_tokens, pool="large", kind="decode") > operators.total(
+        before, engine_tokens, pool="large", kind="decode"
+    )
+    requests, seconds = (
+        SPECS[name].exported for name in ("glimprouter_engine_requests", "glimprouter_engine_request_seconds")
+    )
     for pool, call in (("small", "glimpse"), ("large", "generate")):  # the glimpses' calls, the steps' calls
-        assert operators.total(after, requests, pool=pool, call=call) > operators.total(before, requests, pool=pool,
-                                                                                         call=call)
-        moved = {part: operators.total(after, seconds, pool=pool, call=call, part=part) -
-                 operators.total(before, seconds, pool=pool, call=call, part=part) for part in ("running", "total")}
+        assert operators.total(after, requests, pool=pool, call=call) > operators.total(
+            before, requests, pool=pool, call=call
+        )
+        moved = {
+            part: operators.total(after, seconds, pool=pool, call=call, part=part)
+            - operators.total(before, seconds, pool=pool, call=call, part=part)
+            for part in ("running", "total")
+        }
         assert moved["total"] > moved["running"] > 0  # a request's whole time in the engine holds its run

@@ -18,8 +18,10 @@ PROMPT = "<|im_start|>user\nList three colours, one per paragraph.<|im_end|>\n<|
 @pytest.fixture(scope="module")
 def pools(local_cluster):
     name = local_cluster.config.name
-    return {role: serve.get_deployment_handle(dep, app_name=name)
-            for role, dep in (("small", "SmallPool"), ("large", "LargePool"))}
+    return {
+        role: serve.get_deployment_handle(dep, app_name=name)
+        for role, dep in (("small", "SmallPool"), ("large", "LargePool"))
+    }
 
 
 async def _step(handle, prompt, sampling, stream=False):
@@ -69,8 +71,10 @@ def test_pools_are_distinct_deployments_with_their_own_autoscaling(local_cluster
         return _get_global_client().get_serve_details()["applications"][local_cluster.config.name]["deployments"]
 
     deadline = time.time() + 240  # a replica the autoscaler added under an earlier test's load may be starting
-    while any(r["state"] != "RUNNING" for name in ("SmallPool", "LargePool") for r in deployments()[name]["replicas"]) \
-            and time.time() < deadline:
+    while (
+        any(r["state"] != "RUNNING" for name in ("SmallPool", "LargePool") for r in deployments()[name]["replicas"])
+        and time.time() < deadline
+    ):
         time.sleep(2)
     details = deployments()
     for role, name in (("small", "SmallPool"), ("large", "LargePool")):
@@ -79,5 +83,7 @@ def test_pools_are_distinct_deployments_with_their_own_autoscaling(local_cluster
         assert served["min_replicas"] == wanted.min_replicas and served["max_replicas"] == wanted.max_replicas
         assert served["target_ongoing_requests"] == wanted.target_ongoing_requests
         assert all(r["state"] == "RUNNING" for r in details[name]["replicas"])
-    assert details["SmallPool"]["deployment_config"]["autoscaling_config"]["max_replicas"] != \
-        details["LargePool"]["deployment_config"]["autoscaling_config"]["max_replicas"]
+    assert (
+        details["SmallPool"]["deployment_config"]["autoscaling_config"]["max_replicas"]
+        != details["LargePool"]["deployment_config"]["autoscaling_config"]["max_replicas"]
+    )

@@ -17,9 +17,9 @@ import schemathesis
 from hypothesis import HealthCheck, settings
 from schemathesis.generation import GenerationMode
 
+from cluster.metrics import SPECS
 from cluster.ops import operators
 from cluster.ops.launcher import RUN_DIR
-from cluster.metrics import SPECS
 from cluster.ops.redis_server import ping, start_local_redis
 from router_service.api import app
 
@@ -29,8 +29,9 @@ SMALL = {"token_budget": 24, "step_max_tokens": 8, "final_max_tokens": 8, "tempe
 
 def chat(base_url: str, key: str, content: str = "What is 2 + 3?", timeout: float = 300, **fields) -> httpx.Response:
     body = {"model": "glimprouter", "messages": [{"role": "user", "content": content}], **SMALL, **fields}
-    return httpx.post(f"{base_url}/v1/chat/completions", json=body, headers={"Authorization": f"Bearer {key}"},
-                      timeout=timeout)
+    return httpx.post(
+        f"{base_url}/v1/chat/completions", json=body, headers={"Authorization": f"Bearer {key}"}, timeout=timeout
+    )
 
 
 def retry(send, timeout_s: float, what: str, waiting: tuple[int, ...]) -> httpx.Response:
@@ -50,9 +51,12 @@ def retry(send, timeout_s: float, what: str, waiting: tuple[int, ...]) -> httpx.
 
 def trace(base_url: str, key: str, rid: str, timeout_s: float = 120) -> dict:
     """The request's trace, waiting for a router replica to answer (Serve may be starting one after a kill)."""
-    return retry(lambda: httpx.get(f"{base_url}/v1/requests/{rid}", headers={"Authorization": f"Bearer {key}"},
-                                   timeout=30), timeout_s, f"no router replica answered for request {rid}",
-                 waiting=(502, 503, 504)).json()
+    return retry(
+        lambda: httpx.get(f"{base_url}/v1/requests/{rid}", headers={"Authorization": f"Bearer {key}"}, timeout=30),
+        timeout_s,
+        f"no router replica answered for request {rid}",
+        waiting=(502, 503, 504),
+    ).json()
 
 
 def contiguous(state: dict) -> bool:
@@ -61,15 +65,21 @@ def contiguous(state: dict) -> bool:
 
 def resume_until_finished(base_url: str, key: str, rid: str, timeout_s: float = 180) -> httpx.Response:
     """Resume a request whose router replica died (409 while the dead replica's ownership runs)."""
-    return retry(lambda: httpx.post(f"{base_url}/v1/requests/{rid}/resume", timeout=300,
-                                    headers={"Authorization": f"Bearer {key}"}),
-                 timeout_s, f"request {rid} could not be resumed", waiting=(409, 503))
+    return retry(
+        lambda: httpx.post(
+            f"{base_url}/v1/requests/{rid}/resume", timeout=300, headers={"Authorization": f"Bearer {key}"}
+        ),
+        timeout_s,
+        f"request {rid} could not be resumed",
+        waiting=(409, 503),
+    )
 
 
 # ---- keys -----------------------------------------------------------------------------------------------
 
-ROUTES = [(method, route.path) for route in app.routes for method in sorted(getattr(route, "methods", ()))
-          if method != "HEAD"]
+ROUTES = [
+    (method, route.path) for route in app.routes for method in sorted(getattr(route, "methods", ())) if method != "HEAD"
+]
 
 
 @pytest.mark.parametrize("method,path", ROUTES)
@@ -91,12 +101,17 @@ def test_admin_routes_refuse_a_tenant_key(local_cluster):
     key = local_cluster.new_tenant("not-admin")
     for method, path in ROUTES:
         if path.startswith("/v1/admin/"):
-            response = httpx.request(method, local_cluster.base_url + path.replace("{name}", "not-admin"),
-                                     headers={"Authorization": f"Bearer {key}"}, timeout=30)
+            response = httpx.request(
+                method,
+                local_cluster.base_url + path.replace("{name}", "not-admin"),
+                headers={"Authorization": f"Bearer {key}"},
+                timeout=30,
+            )
             assert response.status_code == 403 and response.json()["error"]["code"] == "admin_only"
 
 
 # ---- hostile input --------------------------------------------------------------------------------------
+
 
 @pytest.fixture(scope="module")
 def fuzz_key(local_cluster):
@@ -117,20 +132,31 @@ def test_fuzzed_requests_never_get_a_server_error(case, local_cluster, fuzz_key)
     assert response.headers["content-type"][0].startswith(("application/json", "text/event-stream"))
 
 
-@pytest.mark.parametrize("raw,status", [
-    (b"[" * 50_000 + b"]" * 50_000, 400),                                # deep nesting
-    (b'{"model": "glimprouter", "messages": [{"role": "user", "content": "\xff\xfe"}]}', 400),  # invalid UTF-8
-    (b'{"model": "glimprouter", "temperature": NaN, "messages": [{"role": "user", "content": "hi"}]}', 400),
-    (b'{"model": "glimprouter", "max_tokens": 1e308, "messages": [{"role": "user", "content": "hi"}]}', 400),
-    (b'{"model": "glimprouter", "max_tokens": -5, "messages": [{"role": "user", "content": "hi"}]}', 400),
-    (b'{"model": "glimprouter", "tau": 99999999999999999999999, "messages": [{"role": "user", "content": "hi"}]}', 400),
-    (b'{"model": "glimprouter", "messages": [{"role": "user", "content": {"$gt": ""}}]}', 400),
-    (b'{"model": "glimprouter", "messages": [{"role": "user", "content": "' + b"x" * 40_000 + b'"}]}', 400),
-    (b'{"model": "glimprouter", "messages": "' + b"a" * 2_000_000 + b'"}', 413),
-])
+@pytest.mark.parametrize(
+    "raw,status",
+    [
+        (b"[" * 50_000 + b"]" * 50_000, 400),  # deep nesting
+        (b'{"model": "glimprouter", "messages": [{"role": "user", "content": "\xff\xfe"}]}', 400),  # invalid UTF-8
+        (b'{"model": "glimprouter", "temperature": NaN, "messages": [{"role": "user", "content": "hi"}]}', 400),
+        (b'{"model": "glimprouter", "max_tokens": 1e308, "messages": [{"role": "user", "content": "hi"}]}', 400),
+        (b'{"model": "glimprouter", "max_tokens": -5, "messages": [{"role": "user", "content": "hi"}]}', 400),
+        (
+            b'{"model": "glimprouter", "tau": 99999999999999999999999, '
+            b'"messages": [{"role": "user", "content": "hi"}]}',
+            400,
+        ),
+        (b'{"model": "glimprouter", "messages": [{"role": "user", "content": {"$gt": ""}}]}', 400),
+        (b'{"model": "glimprouter", "messages": [{"role": "user", "content": "' + b"x" * 40_000 + b'"}]}', 400),
+        (b'{"model": "glimprouter", "messages": "' + b"a" * 2_000_000 + b'"}', 413),
+    ],
+)
 def test_hostile_bodies_get_clear_errors(local_cluster, fuzz_key, raw, status):
-    response = httpx.post(f"{local_cluster.base_url}/v1/chat/completions", content=raw, timeout=60,
-                          headers={"Authorization": f"Bearer {fuzz_key}", "Content-Type": "application/json"})
+    response = httpx.post(
+        f"{local_cluster.base_url}/v1/chat/completions",
+        content=raw,
+        timeout=60,
+        headers={"Authorization": f"Bearer {fuzz_key}", "Content-Type": "application/json"},
+    )
     assert response.status_code == status, response.text[:300]
     assert response.json()["error"]["message"]
 
@@ -147,6 +173,7 @@ def test_injected_stop_strings_and_think_tags_are_just_text(local_cluster):
 
 # ---- faults ---------------------------------------------------------------------------------------------
 
+
 def test_redis_outage_gives_503_then_serves_again_with_tenants_and_usage_kept(local_cluster):
     key = local_cluster.new_tenant("outage")
     admin = {"Authorization": f"Bearer {local_cluster.admin_key}"}
@@ -155,8 +182,9 @@ def test_redis_outage_gives_503_then_serves_again_with_tenants_and_usage_kept(lo
     usage = httpx.get(usage_url, headers=admin, timeout=30).json()
     url, pid_file = local_cluster.redis_url(), RUN_DIR / "redis.pid"
     with ThreadPoolExecutor(3) as pool:  # requests in flight when Redis goes away
-        in_flight = [pool.submit(chat, local_cluster.base_url, key, step_max_tokens=4, token_budget=40)
-                     for _ in range(3)]
+        in_flight = [
+            pool.submit(chat, local_cluster.base_url, key, step_max_tokens=4, token_budget=40) for _ in range(3)
+        ]
         time.sleep(2)
         os.kill(int(pid_file.read_text()), signal.SIGTERM)
         while ping(url):
@@ -165,8 +193,12 @@ def test_redis_outage_gives_503_then_serves_again_with_tenants_and_usage_kept(lo
         during = chat(local_cluster.base_url, key, timeout=60)
         assert during.status_code == 503 and during.json()["error"]["code"] == "redis_unavailable"
         assert during.headers["retry-after"] and time.time() - t0 < 15
-        assert httpx.get(f"{local_cluster.base_url}/v1/models", headers={"Authorization": f"Bearer {key}"},
-                         timeout=30).status_code == 503
+        assert (
+            httpx.get(
+                f"{local_cluster.base_url}/v1/models", headers={"Authorization": f"Bearer {key}"}, timeout=30
+            ).status_code
+            == 503
+        )
         outcomes = [f.result().status_code for f in in_flight]
     assert set(outcomes) <= {200, 503}
     proc = start_local_redis(url, RUN_DIR / "redis")  # same data directory: the AOF is replayed
@@ -175,8 +207,9 @@ def test_redis_outage_gives_503_then_serves_again_with_tenants_and_usage_kept(lo
     assert after.status_code == 200, after.text
     kept = httpx.get(usage_url, headers=admin, timeout=30).json()
     assert kept["pools"]["large"]["output_tokens"] >= usage["pools"]["large"]["output_tokens"] > 0
-    for rid in httpx.get(f"{local_cluster.base_url}/v1/requests", headers={"Authorization": f"Bearer {key}"},
-                         timeout=30).json()["data"]:
+    for rid in httpx.get(
+        f"{local_cluster.base_url}/v1/requests", headers={"Authorization": f"Bearer {key}"}, timeout=30
+    ).json()["data"]:
         assert contiguous(trace(local_cluster.base_url, key, rid))
 
 
@@ -188,11 +221,21 @@ def test_router_killed_mid_requests_loses_no_step(local_cluster):
     ids = []
 
     def stream_one(_):
-        body = {"model": "glimprouter", "messages": [{"role": "user", "content": "List ten fruits."}], "stream": True,
-                **SMALL, "token_budget": 64}
+        body = {
+            "model": "glimprouter",
+            "messages": [{"role": "user", "content": "List ten fruits."}],
+            "stream": True,
+            **SMALL,
+            "token_budget": 64,
+        }
         try:
-            with httpx.stream("POST", f"{base}/v1/chat/completions", json=body,
-                              headers={"Authorization": f"Bearer {key}"}, timeout=300) as response:
+            with httpx.stream(
+                "POST",
+                f"{base}/v1/chat/completions",
+                json=body,
+                headers={"Authorization": f"Bearer {key}"},
+                timeout=300,
+            ) as response:
                 for line in response.iter_lines():
                     rid = json.loads(line[6:]).get("id") if line.startswith("data: {") else None
                     if rid and rid not in ids:  # (an error event has no id)
@@ -237,8 +280,11 @@ def test_small_pool_replica_killed_mid_step_is_retried_and_the_request_completes
     base, headers = local_cluster.base_url, {"Authorization": f"Bearer {key}"}
     assert main(["scale", "small", "--min", "2", "--max", "2"]) == 0
     try:
-        running = lambda: [r for r in operators.serve_details()["applications"]["glimprouter"]["deployments"][
-            "SmallPool"]["replicas"] if r["state"] == "RUNNING"]
+
+        def running():
+            replicas = operators.serve_details()["applications"]["glimprouter"]["deployments"]["SmallPool"]["replicas"]
+            return [r for r in replicas if r["state"] == "RUNNING"]
+
         deadline = time.time() + 240
         while len(running()) < 2:
             assert time.time() < deadline, "the second small replica never started"
@@ -247,11 +293,20 @@ def test_small_pool_replica_killed_mid_step_is_retried_and_the_request_completes
         retries = SPECS["glimprouter_pool_retries"].exported
         before = operators.total(operators.scrape(endpoints), retries, pool="small")
         with ThreadPoolExecutor(1) as pool:
-            future = pool.submit(chat, base, key, "List ten fruits, one per paragraph.", policy="small_only",
-                                 token_budget=96, step_max_tokens=16)
+            future = pool.submit(
+                chat,
+                base,
+                key,
+                "List ten fruits, one per paragraph.",
+                policy="small_only",
+                token_budget=96,
+                step_max_tokens=16,
+            )
             deadline = time.time() + 120
-            while not (ids := httpx.get(f"{base}/v1/requests", headers=headers, timeout=30).json()["data"]) \
-                    or not trace(base, key, ids[0])["steps"]:  # the first step is stored: the second is running
+            while (
+                not (ids := httpx.get(f"{base}/v1/requests", headers=headers, timeout=30).json()["data"])
+                or not trace(base, key, ids[0])["steps"]
+            ):  # the first step is stored: the second is running
                 assert time.time() < deadline, "the request never wrote a step"
                 time.sleep(0.2)
             replicas = {r["replica_id"]: r for r in running()}
@@ -271,6 +326,8 @@ def test_small_pool_replica_killed_mid_step_is_retried_and_the_request_completes
     finally:  # back to one small replica, and wait for it: a replica starting slows every later test
         main(["scale", "small", "--min", "1", "--max", "2"])
         deadline = time.time() + 300
-        while [r["state"] for r in operators.serve_details()["applications"]["glimprouter"]["deployments"][
-                "SmallPool"]["replicas"]] != ["RUNNING"] and time.time() < deadline:
+        while [
+            r["state"]
+            for r in operators.serve_details()["applications"]["glimprouter"]["deployments"]["SmallPool"]["replicas"]
+        ] != ["RUNNING"] and time.time() < deadline:
             time.sleep(2)

@@ -26,8 +26,9 @@ def client(local_cluster, key):
 
 
 def create(client, stream=False, extra=None, **fields):
-    return client.chat.completions.create(model=MODEL, messages=MESSAGES, temperature=0, stream=stream,
-                                          extra_body={**FAST, **(extra or {})}, **fields)
+    return client.chat.completions.create(
+        model=MODEL, messages=MESSAGES, temperature=0, stream=stream, extra_body={**FAST, **(extra or {})}, **fields
+    )
 
 
 def collect(stream) -> dict:
@@ -46,16 +47,18 @@ def collect(stream) -> dict:
 
 
 def trace(local_cluster, key, rid) -> dict:
-    response = httpx.get(f"{local_cluster.base_url}/v1/requests/{rid}", headers={"Authorization": f"Bearer {key}"},
-                         timeout=30)
+    response = httpx.get(
+        f"{local_cluster.base_url}/v1/requests/{rid}", headers={"Authorization": f"Bearer {key}"}, timeout=30
+    )
     assert response.status_code == 200, response.text
     return response.json()
 
 
 @pytest.mark.parametrize("limit", [8, 20])
 def test_max_completion_tokens_bounds_reasoning_and_answer_together(client, limit):
-    result = client.chat.completions.create(model=MODEL, messages=MESSAGES, temperature=0,
-                                            max_completion_tokens=limit, extra_body={"step_max_tokens": 8})
+    result = client.chat.completions.create(
+        model=MODEL, messages=MESSAGES, temperature=0, max_completion_tokens=limit, extra_body={"step_max_tokens": 8}
+    )
     usage = result.usage
     assert usage.completion_tokens <= limit
     assert usage.completion_tokens == sum(p["completion_tokens"] for p in usage.model_extra["per_pool"].values())
@@ -63,15 +66,24 @@ def test_max_completion_tokens_bounds_reasoning_and_answer_together(client, limi
 
 
 def test_max_completion_tokens_streamed(client):
-    out = collect(client.chat.completions.create(
-        model=MODEL, messages=MESSAGES, temperature=0, stream=True, stream_options={"include_usage": True},
-        max_completion_tokens=8, extra_body={"step_max_tokens": 8}))
+    out = collect(
+        client.chat.completions.create(
+            model=MODEL,
+            messages=MESSAGES,
+            temperature=0,
+            stream=True,
+            stream_options={"include_usage": True},
+            max_completion_tokens=8,
+            extra_body={"step_max_tokens": 8},
+        )
+    )
     assert out["usage"].completion_tokens <= 8 and out["finish"] in ("stop", "length")
 
 
 def test_max_tokens_is_the_same_bound(client):
-    result = client.chat.completions.create(model=MODEL, messages=MESSAGES, temperature=0, max_tokens=8,
-                                            extra_body={"step_max_tokens": 8})
+    result = client.chat.completions.create(
+        model=MODEL, messages=MESSAGES, temperature=0, max_tokens=8, extra_body={"step_max_tokens": 8}
+    )
     assert result.usage.completion_tokens <= 8
 
 
@@ -92,8 +104,13 @@ def test_models_retrieve_and_list(client):
 def test_one_x_request_id_the_clients_and_it_names_the_request(local_cluster, key, client, stream):
     sent = f"conf-{uuid.uuid4().hex[:12]}"
     raw = client.chat.completions.with_raw_response.create(
-        model=MODEL, messages=MESSAGES, temperature=0, stream=stream, extra_body=FAST,
-        extra_headers={"x-request-id": sent})
+        model=MODEL,
+        messages=MESSAGES,
+        temperature=0,
+        stream=stream,
+        extra_body=FAST,
+        extra_headers={"x-request-id": sent},
+    )
     assert raw.headers.get_list("x-request-id") == [sent]
     body = collect(raw.parse()) if stream else raw.parse().model_dump()
     assert body["id"] == f"chatcmpl-{sent}"
@@ -103,25 +120,30 @@ def test_one_x_request_id_the_clients_and_it_names_the_request(local_cluster, ke
 
 
 def test_without_a_client_id_there_is_still_exactly_one(local_cluster, key, client):
-    raw = client.chat.completions.with_raw_response.create(model=MODEL, messages=MESSAGES, temperature=0,
-                                                           extra_body=FAST)
+    raw = client.chat.completions.with_raw_response.create(
+        model=MODEL, messages=MESSAGES, temperature=0, extra_body=FAST
+    )
     (header,) = raw.headers.get_list("x-request-id")
     assert raw.parse().id == f"chatcmpl-{header}"
     assert trace(local_cluster, key, header)["status"] == "finished"
 
 
-@pytest.mark.parametrize("fields, extra, param", [
-    ({"temperature": 5}, {}, "temperature"),
-    ({}, {"tau": -1}, "tau"),
-    ({}, {"bogus_field": 1}, "bogus_field"),
-    ({"n": 2}, {}, "n"),
-    ({}, {"token_budget": 100_000}, "token_budget"),  # over the key's limit of 512
-    ({"max_completion_tokens": 10}, {"token_budget": 20}, "token_budget"),  # more than the completion bound
-])
+@pytest.mark.parametrize(
+    "fields, extra, param",
+    [
+        ({"temperature": 5}, {}, "temperature"),
+        ({}, {"tau": -1}, "tau"),
+        ({}, {"bogus_field": 1}, "bogus_field"),
+        ({"n": 2}, {}, "n"),
+        ({}, {"token_budget": 100_000}, "token_budget"),  # over the key's limit of 512
+        ({"max_completion_tokens": 10}, {"token_budget": 20}, "token_budget"),  # more than the completion bound
+    ],
+)
 def test_invalid_parameters_are_bad_request_errors(client, fields, extra, param):
     with pytest.raises(openai.BadRequestError) as info:
-        client.chat.completions.create(model=MODEL, messages=MESSAGES, extra_body={**FAST, **extra},
-                                       **{"temperature": 0, **fields})
+        client.chat.completions.create(
+            model=MODEL, messages=MESSAGES, extra_body={**FAST, **extra}, **{"temperature": 0, **fields}
+        )
     assert info.value.status_code == 400 and info.value.body["param"] == param
 
 
@@ -147,11 +169,14 @@ def test_routing_shows_what_its_policy_reads(client):
 def test_request_lists_are_newest_first_with_a_limit(local_cluster, key, client):
     ids = [create(client).id for _ in range(3)]
     headers = {"Authorization": f"Bearer {key}"}
-    listed = httpx.get(f"{local_cluster.base_url}/v1/requests", params={"limit": 2}, headers=headers,
-                       timeout=30).json()
+    listed = httpx.get(f"{local_cluster.base_url}/v1/requests", params={"limit": 2}, headers=headers, timeout=30).json()
     assert listed["data"] == ids[::-1][:2] and listed["has_more"] is True
-    admin = httpx.get(f"{local_cluster.base_url}/v1/requests", params={"limit": 100}, timeout=30,
-                      headers={"Authorization": f"Bearer {local_cluster.admin_key}"}).json()
+    admin = httpx.get(
+        f"{local_cluster.base_url}/v1/requests",
+        params={"limit": 100},
+        timeout=30,
+        headers={"Authorization": f"Bearer {local_cluster.admin_key}"},
+    ).json()
     assert f"conformance/{ids[-1]}" in admin["data"]
     assert trace(local_cluster, local_cluster.admin_key, ids[-1])["tenant"] == "conformance"
     bad = httpx.get(f"{local_cluster.base_url}/v1/requests", params={"limit": 0}, headers=headers, timeout=30)

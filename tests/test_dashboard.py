@@ -5,8 +5,8 @@ from __future__ import annotations
 import json
 import re
 
-from cluster.ops.dashboard import OUTPUT, dashboard
 from cluster.metrics import SPECS
+from cluster.ops.dashboard import OUTPUT, dashboard
 
 BOARD = dashboard()
 TARGETS = [t for p in BOARD["panels"] for t in p["targets"]]

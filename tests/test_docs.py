@@ -128,7 +128,7 @@ def test_load_rows_are_levels_of_their_raw_files():
         cells = (over_level, steady, p50, p95, ttft_p95)
         keys = ("throughput_rps", "steady_rps", "p50_s", "p95_s", "ttft_p95_s")
         levels = [level for level in data["levels"] if level["concurrency"] == int(in_flight)]
-        assert any(all(shown(cell, level[key]) for cell, key in zip(cells, keys)) for level in levels), (
+        assert any(all(shown(cell, level[key]) for cell, key in zip(cells, keys, strict=False)) for level in levels), (
             f"{hardware}, {layout_name}, {in_flight}: {cells} is no level of {source}"
         )
 

@@ -105,7 +105,8 @@ def test_steady_load_adds_an_arrival_every_few_iterations_with_its_sampling():
     driver, engine = fake_driver()
     figures = driver.steady(Load(4, 300, prefill=97, every=2, arrival={"temperature": 0.0, "logprobs": 20}), 20)
     arrivals = [a for a in engine.added if a[1] == 1]
-    assert len(arrivals) == 6 + 11 and all  # calls 0, 2, .. 10 of the warm-up's 11 and 0, 2, .. 20 of 21(a == (397, 1, {"temperature": 0.0, "logprobs": 20}) for a in arrivals)
+    assert len(arrivals) == 6 + 11  # calls 0, 2, .. 10 of the warm-up's 11 and 0, 2, .. 20 of 21
+    assert all(a == (397, 1, {"temperature": 0.0, "logprobs": 20}) for a in arrivals)
     assert figures["iterations"] == 20 and figures["measured_prefill_tokens"] == pytest.approx(97 / 2, abs=10)
 
 
@@ -148,13 +149,30 @@ def test_sweep_pool_takes_the_sweeps_engine_settings_and_overrides():
 def test_merge_writes_one_file_with_every_row(tmp_path):
     env = {"vllm": "0.26.0", "torch": "2.11.0", "gpu": "NVIDIA H200"}
     for role in ("small", "large"):
-        (tmp_path / f"{role}.json").write_text(json.dumps({
-            "role": role, "model": role, "engine": {}, "environment": env,
-            "rows": [{"model": role, "shared": False, "decode_seqs": 1, "prefill_tokens": 0, "context_tokens": 500,
-                      "iter_ms": 1.0}]}))
+        (tmp_path / f"{role}.json").write_text(
+            json.dumps(
+                {
+                    "role": role,
+                    "model": role,
+                    "engine": {},
+                    "environment": env,
+                    "rows": [
+                        {
+                            "model": role,
+                            "shared": False,
+                            "decode_seqs": 1,
+                            "prefill_tokens": 0,
+                            "context_tokens": 500,
+                            "iter_ms": 1.0,
+                        }
+                    ],
+                }
+            )
+        )
     out = tmp_path / "sweep.json"
-    merge(argparse.Namespace(files=[tmp_path / "small.json", tmp_path / "large.json"], out=out,
-                             hardware="one H200 141GB"))
+    merge(
+        argparse.Namespace(files=[tmp_path / "small.json", tmp_path / "large.json"], out=out, hardware="one H200 141GB")
+    )
     data = json.loads(out.read_text())
     assert data["hardware"] == "one H200 141GB" and data["versions"]["vllm"] == "0.26.0"
     assert [r["model"] for r in data["rows"]] == ["small", "large"]

@@ -53,7 +53,10 @@ def test_tensor_parallel_layout_spans_both_gpus_with_the_32b_shape(monkeypatch):
     assert large.engine.disable_custom_all_reduce  # NCCL all-reduce: vLLM's custom one failed on an H200 pair
     assert Path(large.model.path).name == "qwen2.5-32b"
     assert [(node.resources, node.gpus) for node in nodes] == [
-        ({"small_pool": 1.0}, ("2",)), ({"small_pool": 1.0}, ("3",)), ({"large_pool": 1.0}, ("2", "3"))]
+        ({"small_pool": 1.0}, ("2",)),
+        ({"small_pool": 1.0}, ("3",)),
+        ({"large_pool": 1.0}, ("2", "3")),
+    ]
 
 
 def test_overrides_set_config_fields_last_and_name_the_result(monkeypatch):
@@ -64,7 +67,7 @@ def test_overrides_set_config_fields_last_and_name_the_result(monkeypatch):
     assert dict(cfg.pools.items())["large"].engine.max_num_batched_tokens == 512
     assert dict(cfg.pools.items())["large"].engine.kv_cache_gib == 40  # the layout's own patch is kept
     assert tag(dict([override])) == "-max_num_batched_tokens512"
-    with pytest.raises(ConfigError, match="pools.large.engine.max_batch"):  # a typo is refused, not ignored
+    with pytest.raises(ConfigError, match=r"pools\.large\.engine\.max_batch"):  # a typo is refused, not ignored
         layout("routed-2gpu", 16, Path("models/bench"), {"pools.large.engine.max_batch": 8})
     with pytest.raises(argparse.ArgumentTypeError):
         parse_override("pools.large.engine.max_num_batched_tokens")
@@ -88,9 +91,21 @@ def test_level_summary_splits_step_and_glimpse_times_by_pool_and_kind():
         return {"pool": pool, "step_ms": step_ms, "glimpse_ms": glimpse_ms, "glimpse_fused": fused}
 
     per_pool = {p: {"prompt_tokens": 10, "cached_prompt_tokens": 5} for p in ("small", "large")}
-    result = {"seconds": 10.0, "start_s": 0.0, "end_s": 10.0, "ttft": 0.1, "usage": {"per_pool": per_pool},
-              "routing": {"steps": [step("small", 300, 20, False), step("small", 500, 8, True),
-                                    step("large", 900, 30, False), step("small", 400, 10, True)]}}
+    result = {
+        "seconds": 10.0,
+        "start_s": 0.0,
+        "end_s": 10.0,
+        "ttft": 0.1,
+        "usage": {"per_pool": per_pool},
+        "routing": {
+            "steps": [
+                step("small", 300, 20, False),
+                step("small", 500, 8, True),
+                step("large", 900, 30, False),
+                step("small", 400, 10, True),
+            ]
+        },
+    }
     short = {**result, "routing": {"steps": result["routing"]["steps"][:2]}}  # stopped early (repeated steps)
     level = summarize(1, [result], 10.0, 30.0)
     assert level["step_ms_p50"] == {"small": 400, "large": 900}
@@ -111,7 +126,9 @@ def test_steady_throughput_is_concurrency_over_the_latency_after_the_first_round
     assert steady_throughput(results, 2) == 0.2
     # three slots whose first round ends spread out (19, 20, 21 s), then 20 s a request: 3 / 20 s, where
     # counting completions from the first end (19 s) to the last start would count the first round's tail
-    spread = [(0, end) for end in (19, 20, 21)] + [(end + 20 * k, end + 20 * (k + 1)) for end in (19, 20, 21) for k in range(2)]
+    spread = [(0, end) for end in (19, 20, 21)] + [
+        (end + 20 * k, end + 20 * (k + 1)) for end in (19, 20, 21) for k in range(2)
+    ]
     assert steady_throughput([{"start_s": s, "end_s": e} for s, e in spread], 3) == 0.15
     assert steady_throughput([{"start_s": 0, "end_s": 10}], 1) is None
 
@@ -122,30 +139,60 @@ def test_engine_figures_come_from_the_pools_engine_counters(monkeypatch):
     steps, tokens = SPECS["glimprouter_engine_iterations"].exported, SPECS["glimprouter_engine_tokens"].exported
     busy = SPECS["glimprouter_engine_busy_seconds"].exported
     decode, mixed = (frozenset({("pool", "small"), ("phase", phase)}) for phase in ("decode", "mixed"))
-    moved = {(steps, decode): 3000.0, (steps, mixed): 1000.0,
-             (busy, decode): 18.0, (busy, mixed): 12.0,  # of the two engines' 40 s
-             (tokens, frozenset({("pool", "small"), ("kind", "decode")})): 80_000.0,
-             (tokens, frozenset({("pool", "small"), ("kind", "prefill")})): 12_000.0}
-    requests, seconds = (SPECS[name].exported for name in ("glimprouter_engine_requests",
-                                                          "glimprouter_engine_request_seconds"))
+    moved = {
+        (steps, decode): 3000.0,
+        (steps, mixed): 1000.0,
+        (busy, decode): 18.0,
+        (busy, mixed): 12.0,  # of the two engines' 40 s
+        (tokens, frozenset({("pool", "small"), ("kind", "decode")})): 80_000.0,
+        (tokens, frozenset({("pool", "small"), ("kind", "prefill")})): 12_000.0,
+    }
+    requests, seconds = (
+        SPECS[name].exported for name in ("glimprouter_engine_requests", "glimprouter_engine_request_seconds")
+    )
     glimpses = frozenset({("pool", "small"), ("call", "glimpse")})
-    moved.update({(requests, glimpses): 400.0, **{(seconds, glimpses | {("part", part)}): value for part, value in
-                                                  (("queued", 2.0), ("running", 6.0), ("total", 20.0))}})
-    assert engine_figures(cfg, moved, 20.0, requests=50) == {"small": {
-        "iterations_per_s": 200.0, "iterations_per_request": 80.0, "ms_per_iteration": 10.0, "busy_fraction": 0.75,
-        "ms_per_busy_iteration": 7.5, "busy_ms_per_request": 600, "decode_tokens_per_iteration": 20.0,
-        "prefill_tokens_per_s": 600, "mixed_fraction": 0.25,
-        "ms_per_busy_iteration_by_phase": {"decode": 6.0, "mixed": 12.0}, "prefill_tokens_per_mixed_iteration": 12.0,
-        # no step ran to its end in this level: only glimpses
-        "calls": {"glimpse": {"requests": 400,
-                              "ms": {"queued": 5.0, "running": 15.0, "total": 50.0, "outside": 30.0}}}}}
+    moved.update(
+        {
+            (requests, glimpses): 400.0,
+            **{
+                (seconds, glimpses | {("part", part)}): value
+                for part, value in (("queued", 2.0), ("running", 6.0), ("total", 20.0))
+            },
+        }
+    )
+    assert engine_figures(cfg, moved, 20.0, requests=50) == {
+        "small": {
+            "iterations_per_s": 200.0,
+            "iterations_per_request": 80.0,
+            "ms_per_iteration": 10.0,
+            "busy_fraction": 0.75,
+            "ms_per_busy_iteration": 7.5,
+            "busy_ms_per_request": 600,
+            "decode_tokens_per_iteration": 20.0,
+            "prefill_tokens_per_s": 600,
+            "mixed_fraction": 0.25,
+            "ms_per_busy_iteration_by_phase": {"decode": 6.0, "mixed": 12.0},
+            "prefill_tokens_per_mixed_iteration": 12.0,
+            # no step ran to its end in this level: only glimpses
+            "calls": {
+                "glimpse": {"requests": 400, "ms": {"queued": 5.0, "running": 15.0, "total": 50.0, "outside": 30.0}}
+            },
+        }
+    }
 
 
 def test_breakdown_splits_a_request_into_calls_redis_and_the_rest():
     redis = "ray_glimprouter_redis_latency_seconds_sum"
-    result = {"seconds": 10.0, "final_ms": 1000.0,
-              "routing": {"steps": [{"pool": "small", "glimpse_ms": 20, "step_ms": 3000},
-                                    {"pool": "large", "glimpse_ms": 30, "step_ms": 5000}]}}
+    result = {
+        "seconds": 10.0,
+        "final_ms": 1000.0,
+        "routing": {
+            "steps": [
+                {"pool": "small", "glimpse_ms": 20, "step_ms": 3000},
+                {"pool": "large", "glimpse_ms": 30, "step_ms": 5000},
+            ]
+        },
+    }
     row = breakdown(result, {(redis, frozenset()): 1.0}, {(redis, frozenset()): 1.05})
     assert row["glimpse_s"] == 0.05 and row["small_steps_s"] == 3.0 and row["large_steps_s"] == 5.0
     assert abs(row["redis_s"] - 0.05) < 1e-9 and abs(row["router_http_rest_s"] - 0.9) < 1e-9
@@ -178,20 +225,40 @@ def test_comparisons_give_ratios_at_equal_in_flight_and_at_the_baselines_p95():
 
     routed = {"levels": [level("stream", 64, 3.0, 20.0, 3.2), level("stream", 96, 4.0, 30.0, 4.4)]}
     # two baseline levels at 64 in flight (averaged: 2.0 req/s, p95 25 s), one at 32 whose p95 the curve lacks
-    baseline = {"levels": [level("stream", 64, 1.9, 24.0, 2.0), level("stream", 64, 2.1, 26.0, 2.0),
-                           level("stream", 32, 1.2, 15.0, 1.3)]}
+    baseline = {
+        "levels": [
+            level("stream", 64, 1.9, 24.0, 2.0),
+            level("stream", 64, 2.1, 26.0, 2.0),
+            level("stream", 32, 1.2, 15.0, 1.3),
+        ]
+    }
     assert at_equal_p95(routed["levels"], 25.0, "throughput_rps") == 3.5  # halfway from 20 s to 30 s
     assert at_equal_p95(routed["levels"], 15.0, "throughput_rps") is None  # no extrapolation
     two_starts = [level("stream", 64, 2.6, 18.0), level("stream", 64, 3.4, 22.0), routed["levels"][1]]
     assert at_equal_p95(two_starts, 25.0, "throughput_rps") == 3.5  # the two at 64 averaged first (not 3.625)
     rows = comparisons(routed, baseline)
     assert rows == [
-        {"arm": "stream", "in_flight": 32, "p95_s": None, "baseline_p95_s": 15.0,
-         "throughput_rps_ratio": None, "throughput_rps_ratio_at_equal_p95": None,
-         "steady_rps_ratio": None, "steady_rps_ratio_at_equal_p95": None},
-        {"arm": "stream", "in_flight": 64, "p95_s": 20.0, "baseline_p95_s": 25.0,
-         "throughput_rps_ratio": 1.5, "throughput_rps_ratio_at_equal_p95": 1.75,
-         "steady_rps_ratio": 1.6, "steady_rps_ratio_at_equal_p95": 1.9}]
+        {
+            "arm": "stream",
+            "in_flight": 32,
+            "p95_s": None,
+            "baseline_p95_s": 15.0,
+            "throughput_rps_ratio": None,
+            "throughput_rps_ratio_at_equal_p95": None,
+            "steady_rps_ratio": None,
+            "steady_rps_ratio_at_equal_p95": None,
+        },
+        {
+            "arm": "stream",
+            "in_flight": 64,
+            "p95_s": 20.0,
+            "baseline_p95_s": 25.0,
+            "throughput_rps_ratio": 1.5,
+            "throughput_rps_ratio_at_equal_p95": 1.75,
+            "steady_rps_ratio": 1.6,
+            "steady_rps_ratio_at_equal_p95": 1.9,
+        },
+    ]
     older = {"levels": [{key: value for key, value in lv.items() if key != "steady_rps"} for lv in baseline["levels"]]}
     assert "steady_rps_ratio" not in comparisons(routed, older)[1]  # a file without steady throughput
 

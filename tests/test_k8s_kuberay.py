@@ -28,9 +28,8 @@ from k8s_support import (
 from ray.autoscaler._private.kuberay.autoscaling_config import _get_ray_resources_from_group_spec
 from ray.serve.schema import ServeDeploySchema
 
-from cluster import topology
-from cluster.ops import render
 from cluster.config import load_config
+from cluster.ops import render
 from cluster.ops.serve_check import serve_config_errors
 
 HF_CACHE_SUFFIX = ".cache/huggingface"

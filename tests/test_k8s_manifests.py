@@ -31,8 +31,8 @@ from ray.autoscaler._private.kuberay.utils import parse_quantity
 from ray.serve.schema import ServeDeploySchema
 
 from cluster import topology
-from cluster.ops import render
 from cluster.config import ClusterConfig, load_config
+from cluster.ops import render
 from cluster.ops.serve_check import serve_config_errors
 
 
@@ -171,9 +171,13 @@ def test_each_deployment_fits_its_own_group_only(overlay):
     cluster = service["spec"]["rayClusterConfig"]
     pods = {"head": _get_ray_resources_from_group_spec(cluster["headGroupSpec"], is_head=True)}
     pods |= {g["groupName"]: _get_ray_resources_from_group_spec(g, is_head=False) for g in cluster["workerGroupSpecs"]}
-    home = {topology.DEPLOYMENT_NAMES[role]: f"{role}-pool" for role, _ in cfg.pools.items()} | {"Router": render.ROUTER_GROUP}
-    bounds = {name: (pool.autoscaling.min_replicas, pool.autoscaling.max_replicas)
-              for name, pool in zip(home, (p for _, p in cfg.pools.items()))}
+    home = {topology.DEPLOYMENT_NAMES[role]: f"{role}-pool" for role, _ in cfg.pools.items()} | {
+        "Router": render.ROUTER_GROUP
+    }
+    bounds = {
+        name: (pool.autoscaling.min_replicas, pool.autoscaling.max_replicas)
+        for name, pool in zip(home, (p for _, p in cfg.pools.items()), strict=False)
+    }
     bounds["Router"] = (cfg.router.num_replicas, cfg.router.num_replicas)
     groups = {g["groupName"]: g for g in cluster["workerGroupSpecs"]}
     for name, demand in demands(service).items():
@@ -184,7 +188,9 @@ def test_each_deployment_fits_its_own_group_only(overlay):
         assert group["minReplicas"] * per_pod >= bounds[name][0] and group["maxReplicas"] * per_pod >= bounds[name][1]
     for role, pool in cfg.pools.items():
         group = groups[f"{role}-pool"]
-        assert pods[group["groupName"]]["GPU"] >= pool.engine.tensor_parallel_size  # one pod per tensor-parallel replica
+        assert (
+            pods[group["groupName"]]["GPU"] >= pool.engine.tensor_parallel_size
+        )  # one pod per tensor-parallel replica
         (container,) = group["template"]["spec"]["containers"]
         limits = container["resources"]["limits"]
         assert container["resources"]["requests"] == limits
@@ -212,7 +218,9 @@ def test_references_resolve(overlay):
     redis_host = urlparse(cfg.redis.url)
     (redis_svc,) = [s for s in by_kind(docs, "Service") if s["metadata"]["name"] == redis_host.hostname]
     assert redis_svc["spec"]["ports"][0]["port"] == (redis_host.port or 6379)
-    assert spec["rayClusterConfig"]["gcsFaultToleranceOptions"]["redisAddress"] == redis_svc["metadata"]["name"] + ":6379"
+    assert (
+        spec["rayClusterConfig"]["gcsFaultToleranceOptions"]["redisAddress"] == redis_svc["metadata"]["name"] + ":6379"
+    )
     for container in ray_containers(service):
         env = {e["name"]: e for e in container["env"]}
         assert urlparse(env["REDIS_URL"]["value"]).hostname == redis_host.hostname
@@ -240,11 +248,13 @@ def _find(node, key: str) -> list:
 
 def test_render_refuses_configs_that_cannot_run_in_pods():
     settings = render.load_overlay(K8S / "overlays" / "dev")[0]
-    with pytest.raises(ValueError, match="redis.url"):
+    with pytest.raises(ValueError, match=r"redis\.url"):
         render.rayservice(load_config("local"), settings)
     cfg = load_config("gpu-example")
-    with pytest.raises(ValueError, match="router.host"):
-        render.rayservice(cfg.model_copy(update={"router": cfg.router.model_copy(update={"host": "127.0.0.1"})}), settings)
+    with pytest.raises(ValueError, match=r"router\.host"):
+        render.rayservice(
+            cfg.model_copy(update={"router": cfg.router.model_copy(update={"host": "127.0.0.1"})}), settings
+        )
     cfg.pools.large.placement.node_resource = "small_pool"
     with pytest.raises(ValueError, match="node_resource"):
         render.rayservice(cfg, settings)

@@ -30,13 +30,15 @@ def test_a_start_failure_is_summarized_by_its_count_and_the_exception_it_ended_w
     assert message_summary(START_FAILED) == (
         "The deployment failed to start 1 times in a row. See controller logs for details. Error: ... "
         "pydantic_core._pydantic_core.ValidationError: 1 validation error for ModelConfig Value error, "
-        "User-specified max_model_len (1000000) is greater than the derived max_model_len")
+        "User-specified max_model_len (1000000) is greater than the derived max_model_len"
+    )
 
 
 def test_a_message_without_a_traceback_keeps_its_first_and_last_lines():
     message = "Deployment 'SmallPool' has 1 replicas that have taken more than 30s.\nMiddle.\nMaybe a slow __init__."
     assert message_summary(message) == (
-        "Deployment 'SmallPool' has 1 replicas that have taken more than 30s. ... Maybe a slow __init__.")
+        "Deployment 'SmallPool' has 1 replicas that have taken more than 30s. ... Maybe a slow __init__."
+    )
 
 
 def test_progress_line_is_cut_to_its_width():

@@ -14,10 +14,14 @@ REPO = Path(__file__).resolve().parents[1]
 PACKAGES = ("cluster", "deployments", "router_service", "loadtests")
 # module prefix -> layer; a module may import only modules of its own layer or below (the longest prefix wins)
 LAYERS = {
-    "cluster": 0, "cluster.config": 0, "cluster.metrics": 0, "cluster.topology": 0,
+    "cluster": 0,
+    "cluster.config": 0,
+    "cluster.metrics": 0,
+    "cluster.topology": 0,
     "deployments": 1,
     "router_service": 2,
-    "cluster.ops": 3, "cluster.planner": 3, "cluster.__main__": 3,
+    "cluster.ops": 3,
+    "cluster.__main__": 3,
     "loadtests": 4,
 }
 
@@ -60,8 +64,10 @@ def upward_imports(root: Path = REPO) -> list[str]:
             own = module_name(path)
             for line, imported in project_imports(path):
                 if layer_of(imported) > layer_of(own):
-                    bad.append(f"{path.relative_to(root)}:{line}: {own} (layer {layer_of(own)}) imports {imported} "
-                               f"(layer {layer_of(imported)})")
+                    bad.append(
+                        f"{path.relative_to(root)}:{line}: {own} (layer {layer_of(own)}) imports {imported} "
+                        f"(layer {layer_of(imported)})"
+                    )
     return bad
 
 
@@ -77,15 +83,18 @@ def test_the_check_sees_an_upward_import(tmp_path, monkeypatch):
     (tmp_path / "router_service" / "api.py").write_text("from cluster import config\n")
     monkeypatch.setattr(sys.modules[__name__], "REPO", tmp_path)
     assert upward_imports(tmp_path) == [
-        "cluster/config.py:2: cluster.config (layer 0) imports router_service.api.app (layer 2)"]
+        "cluster/config.py:2: cluster.config (layer 0) imports router_service.api.app (layer 2)"
+    ]
 
 
 @pytest.mark.parametrize("command", [["plan", "--help"], ["tenants", "--help"], ["render", "--help"]])
 def test_operator_commands_do_not_import_ray(command):
     """The CLI's commands that need no cluster start without Ray Serve."""
-    code = ("import runpy, sys\n"
-            f"sys.argv = ['cluster', *{command!r}]\n"
-            "try:\n    runpy.run_module('cluster', run_name='__main__')\nexcept SystemExit:\n    pass\n"
-            "print('RAY' if 'ray' in sys.modules else 'NO RAY')\n")
+    code = (
+        "import runpy, sys\n"
+        f"sys.argv = ['cluster', *{command!r}]\n"
+        "try:\n    runpy.run_module('cluster', run_name='__main__')\nexcept SystemExit:\n    pass\n"
+        "print('RAY' if 'ray' in sys.modules else 'NO RAY')\n"
+    )
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert out.stdout.strip().endswith("NO RAY"), out.stdout + out.stderr

@@ -43,9 +43,24 @@ def test_env_keys_win_over_the_file(tmp_path):
 def test_runner_refuses_a_keys_file_without_keys(tmp_path):
     path = tmp_path / "keys.txt"
     path.write_text("\n")
-    run = subprocess.run([sys.executable, "-m", "loadtests.run", "--url", "http://127.0.0.1:9", "--keys-file", str(path),
-                          "--scenario", "large_only",
-                          "--out", str(tmp_path / "out")], capture_output=True, text=True, timeout=60,
-                         env={"PATH": "/usr/bin:/bin"})
+    run = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "loadtests.run",
+            "--url",
+            "http://127.0.0.1:9",
+            "--keys-file",
+            str(path),
+            "--scenario",
+            "large_only",
+            "--out",
+            str(tmp_path / "out"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={"PATH": "/usr/bin:/bin"},
+    )
     assert run.returncode == 2 and "no API keys" in run.stderr
     assert not (tmp_path / "out").exists()

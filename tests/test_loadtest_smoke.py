@@ -18,11 +18,36 @@ def test_loadtest_records_every_metric(local_cluster, tmp_path):
     keys.write_text("\n".join(local_cluster.new_tenant(name) for name in ("loadtest-a", "loadtest-b")) + "\n")
     out = tmp_path / "results"
     run = subprocess.run(
-        [sys.executable, "-m", "loadtests.run", "--url", local_cluster.base_url, "--scenario", "glimprouter",
-         "--users", "2", "--duration", "60s", "--stop-timeout", "120s", "--stream", "mixed",
-         "--token-budget", "96", "--step-max-tokens", "32", "--keys-file", str(keys), "--out", str(out),
-         "--fail-on-errors"],
-        capture_output=True, text=True, timeout=400)
+        [
+            sys.executable,
+            "-m",
+            "loadtests.run",
+            "--url",
+            local_cluster.base_url,
+            "--scenario",
+            "glimprouter",
+            "--users",
+            "2",
+            "--duration",
+            "60s",
+            "--stop-timeout",
+            "120s",
+            "--stream",
+            "mixed",
+            "--token-budget",
+            "96",
+            "--step-max-tokens",
+            "32",
+            "--keys-file",
+            str(keys),
+            "--out",
+            str(out),
+            "--fail-on-errors",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=400,
+    )
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
 
     with open(out / "glimprouter_stats.csv") as f:

@@ -5,19 +5,32 @@ from __future__ import annotations
 import math
 
 import pytest
+from fakes import ANSWER, HIGH, LOW, MESSAGES, FakePool, FakeRenderer, Out
 
 from cluster.config import PolicySettings, StepSettings
 from deployments.protocol import NextGlimpse, StepSampling
-from router_service.loop import AnswerDelta, AnswerDone, LoopRequest, ReasoningDelta, StepDone, StepLoop, thinking_finished
+from router_service.loop import (
+    AnswerDelta,
+    AnswerDone,
+    LoopRequest,
+    ReasoningDelta,
+    StepDone,
+    StepLoop,
+    thinking_finished,
+)
 from router_service.state import StepRecord
 
-from fakes import ANSWER, HIGH, LOW, MESSAGES, FakePool, FakeRenderer, Out
 
-
-def request(policy="glimprouter", *, stream=False, temperature=0.6, seed=None, fused=False, in_step=False,
-            **steps) -> LoopRequest:
-    settings = PolicySettings(policy=policy, tau=1.0, large_fraction=1.0 if policy == "random" else 0.25,
-                              fused_glimpse=fused, glimpse_in_step=in_step)
+def request(
+    policy="glimprouter", *, stream=False, temperature=0.6, seed=None, fused=False, in_step=False, **steps
+) -> LoopRequest:
+    settings = PolicySettings(
+        policy=policy,
+        tau=1.0,
+        large_fraction=1.0 if policy == "random" else 0.25,
+        fused_glimpse=fused,
+        glimpse_in_step=in_step,
+    )
     return LoopRequest("req-1", MESSAGES, settings, StepSettings(**steps), temperature, 0.95, seed, stream)
 
 
@@ -36,29 +49,35 @@ def rec(text="s", tokens=4, eos=False, index=0) -> StepRecord:
 
 
 # the reference's stop rules (glimprouter-algorithm.md, "Stopping the thinking phase"), and the variants
-@pytest.mark.parametrize("steps, budget, stop_on_eos, finished", [
-    ([], 100, False, False),
-    ([rec("a")], 100, False, False),
-    ([rec("a</think>b")], 100, False, True),
-    ([rec("a", eos=True)], 100, False, False),     # the reference has no EOS rule
-    ([rec("a", eos=True)], 100, True, True),       # the stop_on_eos variant
-    ([rec("a"), rec("a")], 100, False, False),     # two identical steps are not yet "more than two"
-    ([rec("a"), rec("b"), rec("b")], 100, False, True),
-    ([rec("b"), rec("b"), rec("c")], 100, False, False),
-    ([rec(tokens=4), rec(tokens=5)], 9, False, True),
-    ([rec(tokens=4), rec(tokens=6)], 9, False, True),  # the step that crosses the budget ends thinking
-    ([rec(tokens=4), rec(tokens=5)], 10, False, False),
-])
+@pytest.mark.parametrize(
+    "steps, budget, stop_on_eos, finished",
+    [
+        ([], 100, False, False),
+        ([rec("a")], 100, False, False),
+        ([rec("a</think>b")], 100, False, True),
+        ([rec("a", eos=True)], 100, False, False),  # the reference has no EOS rule
+        ([rec("a", eos=True)], 100, True, True),  # the stop_on_eos variant
+        ([rec("a"), rec("a")], 100, False, False),  # two identical steps are not yet "more than two"
+        ([rec("a"), rec("b"), rec("b")], 100, False, True),
+        ([rec("b"), rec("b"), rec("c")], 100, False, False),
+        ([rec(tokens=4), rec(tokens=5)], 9, False, True),
+        ([rec(tokens=4), rec(tokens=6)], 9, False, True),  # the step that crosses the budget ends thinking
+        ([rec(tokens=4), rec(tokens=5)], 10, False, False),
+    ],
+)
 def test_thinking_finished(steps, budget, stop_on_eos, finished):
     assert thinking_finished(steps, StepSettings(token_budget=budget, stop_on_eos=stop_on_eos)) is finished
 
 
-@pytest.mark.parametrize("outputs", [
-    [Out("a"), Out("b </think> c")],
-    [Out("x"), Out("x"), Out("y"), Out("y")],
-])
+@pytest.mark.parametrize(
+    "outputs",
+    [
+        [Out("a"), Out("b </think> c")],
+        [Out("x"), Out("x"), Out("y"), Out("y")],
+    ],
+)
 async def test_stop_rules_end_thinking(outputs):
-    large = FakePool(outputs + [Out(ANSWER)])
+    large = FakePool([*outputs, Out(ANSWER)])
     events = await run(request("large_only"), FakePool(), large)
     assert [s.text for s in steps_of(events)] == [o.text for o in outputs]
     assert len(large.of("step")) == len(outputs) + 1  # no step after the stop, then the answer
@@ -82,16 +101,14 @@ async def test_every_step_gets_its_full_maximum_and_the_crossing_step_is_kept():
 
 async def test_cap_last_step_caps_the_last_step_at_the_budget():
     large = FakePool([Out("a", None), Out("b", None), Out("c", None), Out(ANSWER)])
-    events = await run(request("large_only", token_budget=12, step_max_tokens=5, cap_last_step=True), FakePool(),
-                       large)
+    events = await run(request("large_only", token_budget=12, step_max_tokens=5, cap_last_step=True), FakePool(), large)
     assert [s.output_tokens for s in steps_of(events)] == [5, 5, 2]
     assert [c.arg.max_tokens for c in large.of("step")] == [5, 5, 2, 2048]
 
 
 async def test_a_completion_limit_bounds_steps_and_answer_together():
     large = FakePool([Out("a", None), Out("b", None), Out(ANSWER, None)])
-    events = await run(request("large_only", token_budget=8, step_max_tokens=5, completion_limit=12), FakePool(),
-                       large)
+    events = await run(request("large_only", token_budget=8, step_max_tokens=5, completion_limit=12), FakePool(), large)
     # the step crossing the budget is kept whole (within the limit); the answer gets what is left: 12 - 10
     assert [s.output_tokens for s in steps_of(events)] == [5, 5]
     assert [c.arg.max_tokens for c in large.of("step")] == [5, 5, 2]
@@ -100,8 +117,9 @@ async def test_a_completion_limit_bounds_steps_and_answer_together():
 
 async def test_a_completion_limit_the_steps_spend_leaves_an_empty_answer():
     large = FakePool([Out("a", None), Out("b", None)])
-    events = await run(request("large_only", token_budget=10, step_max_tokens=5, completion_limit=10), FakePool(),
-                       large)
+    events = await run(
+        request("large_only", token_budget=10, step_max_tokens=5, completion_limit=10), FakePool(), large
+    )
     assert [s.output_tokens for s in steps_of(events)] == [5, 5]
     assert len(large.calls) == 2  # no answer call: nothing was left for it
     assert events[-1] == AnswerDone("large", "", 0, 0, 0, "length", 0.0)
@@ -113,17 +131,24 @@ async def test_glimprouter_routes_by_entropy_and_large_answers():
     events = await run(request(top_k=5, seed=100), small, large)
 
     steps = steps_of(events)
-    assert [(s.index, s.pool, s.text) for s in steps] == [(0, "small", "s0"), (1, "large", "l1"), (2, "small", "s2 </think>")]
+    assert [(s.index, s.pool, s.text) for s in steps] == [
+        (0, "small", "s0"),
+        (1, "large", "l1"),
+        (2, "small", "s2 </think>"),
+    ]
     assert steps[1].entropy == pytest.approx(math.log(20)) and steps[0].entropy < 1e-20
     assert all(isinstance(e, StepDone) and e.glimpsed for e in events[:-1])
     # one glimpse (top_k from the settings) before every step, on the prefix the step then uses
     history = [(), ("s0",), ("s0", "l1")]
     assert [c.kind for c in small.calls] == ["glimpse", "step", "glimpse", "glimpse", "step"]
-    assert [(c.prompt, c.arg) for c in small.of("glimpse")] == [(("small", "step", "What is 6*7?", h, "\n\n"), 5) for h in history]
+    assert [(c.prompt, c.arg) for c in small.of("glimpse")] == [
+        (("small", "step", "What is 6*7?", h, "\n\n"), 5) for h in history
+    ]
     assert [c.prompt[3] for c in small.of("step")] == [history[0], history[2]]
     assert large.calls[0].prompt == ("large", "step", "What is 6*7?", history[1], "\n\n")
-    assert [c.arg for c in small.of("step")][0] == StepSampling(max_tokens=512, temperature=0.6, top_p=0.95,
-                                                               stop=["\n\n"], seed=100)
+    assert next(c.arg for c in small.of("step")) == StepSampling(
+        max_tokens=512, temperature=0.6, top_p=0.95, stop=["\n\n"], seed=100
+    )
     assert large.calls[0].arg.seed == 101
     # the final answer: large pool, final_prompt of all steps, no stop string
     final = large.calls[-1]
@@ -140,7 +165,11 @@ async def test_fused_glimpse_replaces_the_call_after_small_steps():
 
     steps = steps_of(events)
     assert [(s.pool, s.glimpse_fused) for s in steps] == [
-        ("small", False), ("small", False), ("large", True), ("small", False)]
+        ("small", False),
+        ("small", False),
+        ("large", True),
+        ("small", False),
+    ]
     assert steps[2].entropy == pytest.approx(math.log(20)) and steps[2].glimpse_ms == 1.5
     # step 0's prompt is not a prefix of step 1's: no fused glimpse asked there; none after the large step,
     # which the small pool has not seen
@@ -181,10 +210,16 @@ async def test_glimpse_in_step_routes_by_the_step_calls_first_token(stream):
 
     steps = steps_of(events)
     assert [(s.pool, s.text, s.glimpse_fused) for s in steps] == [
-        ("small", "s0", False), ("large", "l1", False), ("small", "s2 </think>", False)]
+        ("small", "s0", False),
+        ("large", "l1", False),
+        ("small", "s2 </think>", False),
+    ]
     assert steps[1].entropy == pytest.approx(math.log(20)) and steps[0].entropy < 1e-20
     assert [(c.kind, c.glimpse_top_k, c.closed_early) for c in small.calls] == [
-        ("step", 5, False), ("step", 5, True), ("step", 5, False)]
+        ("step", 5, False),
+        ("step", 5, True),
+        ("step", 5, False),
+    ]
     history = [(), ("s0",), ("s0", "l1")]
     assert [c.prompt[3] for c in small.calls] == history and large.calls[0].prompt[3] == history[1]
     assert small.calls[1].arg == large.calls[0].arg  # the same sampling, whichever pool writes the step

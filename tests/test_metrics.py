@@ -22,8 +22,13 @@ def finished(max_tokens=96, reason="length", queued=0.002, running=0.010, total=
     """vLLM's stats of a finished engine request."""
     from vllm.v1.engine import FinishReason
 
-    return SimpleNamespace(max_tokens_param=max_tokens, finish_reason=FinishReason[reason.upper()],
-                           queued_time=queued, inference_time=running, e2e_latency=total)
+    return SimpleNamespace(
+        max_tokens_param=max_tokens,
+        finish_reason=FinishReason[reason.upper()],
+        queued_time=queued,
+        inference_time=running,
+        e2e_latency=total,
+    )
 
 
 def test_engine_stats_logger_counts_iterations_tokens_and_busy_time_but_not_waits(monkeypatch):
@@ -36,15 +41,18 @@ def test_engine_stats_logger_counts_iterations_tokens_and_busy_time_but_not_wait
     logger = pool.engine_stats_logger("small", now=lambda: next(clock))(None)
 
     def iteration(running, waiting, done, decode=2, prefill=0):
-        stats = SimpleNamespace(num_generation_tokens=decode, prompt_token_stats=SimpleNamespace(computed=prefill),
-                                finished_requests=[finished()] * done)
+        stats = SimpleNamespace(
+            num_generation_tokens=decode,
+            prompt_token_stats=SimpleNamespace(computed=prefill),
+            finished_requests=[finished()] * done,
+        )
         logger.record(SimpleNamespace(num_running_reqs=running, num_waiting_reqs=waiting), stats)
 
     iteration(2, 0, 0, prefill=30)  # 10.000: the first end, nothing before it to count
-    iteration(2, 0, 0)              # 10.004: 4 ms busy
-    iteration(2, 0, 2)              # 10.010: 6 ms busy; both requests finished, the engine waits
-    iteration(1, 0, 0)              # 12.000: after a wait: not counted
-    iteration(1, 0, 0)              # 12.005: 5 ms busy
+    iteration(2, 0, 0)  # 10.004: 4 ms busy
+    iteration(2, 0, 2)  # 10.010: 6 ms busy; both requests finished, the engine waits
+    iteration(1, 0, 0)  # 12.000: after a wait: not counted
+    iteration(1, 0, 0)  # 12.005: 5 ms busy
     busy = [value for name, value, _ in counted if name == "glimprouter_engine_busy_seconds"]
     assert busy == pytest.approx([0.004, 0.006, 0.005])
     phases = [phase for name, _, phase in counted if name == "glimprouter_engine_iterations"]
@@ -60,17 +68,30 @@ def test_engine_stats_logger_times_the_requests_that_ran_to_their_end_by_call(mo
     monkeypatch.setattr(metrics, "set_gauge", lambda *args, **tags: None)
     logger = pool.engine_stats_logger("small", now=lambda: 1.0)(None)
 
-    stats = SimpleNamespace(num_generation_tokens=0, prompt_token_stats=SimpleNamespace(computed=0), finished_requests=[
-        finished(1),                               # a glimpse
-        finished(96, "stop", queued=0.0),          # a step that stopped at its delimiter, never waited
-        finished(96, "abort", running=-0.5)])      # a cancelled step: not timed
+    stats = SimpleNamespace(
+        num_generation_tokens=0,
+        prompt_token_stats=SimpleNamespace(computed=0),
+        finished_requests=[
+            finished(1),  # a glimpse
+            finished(96, "stop", queued=0.0),  # a step that stopped at its delimiter, never waited
+            finished(96, "abort", running=-0.5),
+        ],
+    )  # a cancelled step: not timed
     logger.record(None, stats)
     requests = [tags for name, _, tags in counted if name == "glimprouter_engine_requests"]
     assert requests == [{"pool": "small", "call": "glimpse"}, {"pool": "small", "call": "generate"}]
-    seconds = {(tags["call"], tags["part"]): value for name, value, tags in counted
-               if name == "glimprouter_engine_request_seconds"}
-    assert seconds == {("glimpse", "queued"): 0.002, ("glimpse", "running"): 0.010, ("glimpse", "total"): 0.030,
-                       ("generate", "running"): 0.010, ("generate", "total"): 0.030}  # no zero increment
+    seconds = {
+        (tags["call"], tags["part"]): value
+        for name, value, tags in counted
+        if name == "glimprouter_engine_request_seconds"
+    }
+    assert seconds == {
+        ("glimpse", "queued"): 0.002,
+        ("glimpse", "running"): 0.010,
+        ("glimpse", "total"): 0.030,
+        ("generate", "running"): 0.010,
+        ("generate", "total"): 0.030,
+    }  # no zero increment
 
 
 def test_adding_nothing_to_a_counter_is_a_no_op(monkeypatch):

@@ -25,22 +25,39 @@ def test_quantile_in_the_overflow_bucket_is_the_last_finite_bound():
 
 def test_delta_and_total_over_labels():
     before = {("c", frozenset({("pool", "small"), ("tenant", "a")})): 3.0}
-    after = {("c", frozenset({("pool", "small"), ("tenant", "a")})): 5.0,
-             ("c", frozenset({("pool", "small"), ("tenant", "b")})): 4.0,
-             ("c", frozenset({("pool", "large"), ("tenant", "b")})): 1.0}
+    after = {
+        ("c", frozenset({("pool", "small"), ("tenant", "a")})): 5.0,
+        ("c", frozenset({("pool", "small"), ("tenant", "b")})): 4.0,
+        ("c", frozenset({("pool", "large"), ("tenant", "b")})): 1.0,
+    }
     moved = delta(after, before)
     assert total(moved, "c", pool="small") == 6.0
     assert total(moved, "c") == 7.0
 
 
 DETAILS = {
-    "proxy_location": "EveryNode", "http_options": {"host": "127.0.0.1", "port": 8000},
-    "applications": {"glimprouter": {"deployed_app_config": {
-        "name": "glimprouter", "import_path": "cluster.ops.builder:app_builder", "args": {"config": {"x": 1}},
-        "deployments": [
-            {"name": "SmallPool", "autoscaling_config": {"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 8}},
-            {"name": "LargePool", "autoscaling_config": {"min_replicas": 1, "max_replicas": 1, "target_ongoing_requests": 8}},
-            {"name": "Router", "num_replicas": 1}]}}},
+    "proxy_location": "EveryNode",
+    "http_options": {"host": "127.0.0.1", "port": 8000},
+    "applications": {
+        "glimprouter": {
+            "deployed_app_config": {
+                "name": "glimprouter",
+                "import_path": "cluster.ops.builder:app_builder",
+                "args": {"config": {"x": 1}},
+                "deployments": [
+                    {
+                        "name": "SmallPool",
+                        "autoscaling_config": {"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 8},
+                    },
+                    {
+                        "name": "LargePool",
+                        "autoscaling_config": {"min_replicas": 1, "max_replicas": 1, "target_ongoing_requests": 8},
+                    },
+                    {"name": "Router", "num_replicas": 1},
+                ],
+            }
+        }
+    },
 }
 
 
@@ -49,10 +66,16 @@ def test_scaled_config_changes_only_that_pools_autoscaling():
     app = config["applications"][0]
     small, large, router = app["deployments"]
     assert small["autoscaling_config"] == {"min_replicas": 1, "max_replicas": 4, "target_ongoing_requests": 2}
-    assert large == {"name": "LargePool", "autoscaling_config": {"min_replicas": 1, "max_replicas": 1,
-                                                                 "target_ongoing_requests": 8}}
-    assert DETAILS["applications"]["glimprouter"]["deployed_app_config"]["deployments"][0]["autoscaling_config"][
-        "max_replicas"] == 2  # the details read are left as they were
+    assert large == {
+        "name": "LargePool",
+        "autoscaling_config": {"min_replicas": 1, "max_replicas": 1, "target_ongoing_requests": 8},
+    }
+    assert (
+        DETAILS["applications"]["glimprouter"]["deployed_app_config"]["deployments"][0]["autoscaling_config"][
+            "max_replicas"
+        ]
+        == 2
+    )  # the details read are left as they were
     assert router == {"name": "Router", "num_replicas": 1}
     assert app["args"] == {"config": {"x": 1}}  # args unchanged: Serve keeps the replicas
 

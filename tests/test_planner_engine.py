@@ -1,4 +1,4 @@
-"""The simulator's engine (cluster/planner/engine.py) against iteration counts worked out by hand."""
+"""The simulator's engine (cluster/ops/planner/engine.py) against iteration counts worked out by hand."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import heapq
 
 import pytest
 
-from cluster.planner.engine import Engine, EngineRequest
+from cluster.ops.planner.engine import Engine, EngineRequest
 
 
 class Clock:

@@ -1,4 +1,5 @@
-"""The profile fitter (cluster/planner/profiles.py) on synthetic points, the sweep format, and the committed files."""
+"""The profile fitter (cluster/ops/planner/profiles.py) on synthetic points, the sweep format, and the committed
+files."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import random
 
 import pytest
 
-from cluster.planner import overheads, profiles
+from cluster.ops.planner import overheads, profiles
 
 TRUE = {"base_ms": 9.0, "per_seq_ms": 0.05, "per_prefill_token_ms": 0.03, "per_kilo_context_ms": 0.08, "mixed_ms": 2.0}
 
@@ -79,8 +80,15 @@ def test_sweep_file_makes_a_profile_and_a_sharing_factor(tmp_path):
 
 def test_sweep_leaves_out_mps_rows_and_small_prefill_past_the_graphs(tmp_path):
     rows = [
-        {"model": "qwen2.5-1.5b", "shared": False, "decode_seqs": 32, "prefill_tokens": p, "context_tokens": 2000,
-         "iter_ms": 5.0, "mps": mps}
+        {
+            "model": "qwen2.5-1.5b",
+            "shared": False,
+            "decode_seqs": 32,
+            "prefill_tokens": p,
+            "context_tokens": 2000,
+            "iter_ms": 5.0,
+            "mps": mps,
+        }
         for p, mps in ((0, False), (256, False), (1024, False), (0, True))
     ]
     sweep = tmp_path / "engine-sweep-h200.json"
@@ -97,7 +105,7 @@ def test_sweep_as_a_bare_list_takes_the_card_from_its_name(tmp_path):
 
 
 def test_committed_profiles_are_what_the_fit_gives():
-    """cluster/planner/profiles/*.json are the fit of the committed runs (rerun `profiles fit` after a new run)."""
+    """cluster/ops/planner/profiles/*.json are the fit of the committed runs (rerun `profiles fit` after a new run)."""
     committed = profiles.load_profiles()
     fresh = {p.key: p for p in profiles.fit_all()}
     assert set(committed) == set(fresh)

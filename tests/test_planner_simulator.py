@@ -1,4 +1,4 @@
-"""The system simulator (cluster/planner/simulator.py): its invariants, on the committed profiles."""
+"""The system simulator (cluster/ops/planner/simulator.py): its invariants, on the committed profiles."""
 
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ import statistics
 
 import pytest
 
-from cluster.planner.simulator import Hardware, Simulator, simulate
-from cluster.planner.system import CallCost, Overheads, RequestShape, Routing, parse_layout, spec_of
+from cluster.ops.planner.simulator import Hardware, Simulator, simulate
+from cluster.ops.planner.system import CallCost, Overheads, RequestShape, Routing, parse_layout, spec_of
 
 SHORT = RequestShape(prompt_tokens=200, steps=8, step_tokens=48, final_tokens=32)
 H200 = Hardware(gpu="NVIDIA H200")

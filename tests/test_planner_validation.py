@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from cluster.planner import validate
+from cluster.ops.planner import validate
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "planning.md"
 
@@ -18,7 +18,9 @@ def rows() -> list[validate.Row]:
 
 def test_doc_table_equals_the_recomputed_one(rows):
     recomputed = validate.document(rows, validate.held_out_rows())
-    assert validate.doc_table(DOC) == recomputed, "rerun: python -m cluster.planner.validate --write docs/planning.md"
+    assert validate.doc_table(DOC) == recomputed, (
+        "rerun: python -m cluster.ops.planner.validate --write docs/planning.md"
+    )
 
 
 def test_every_committed_run_has_rows(rows):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 from types import SimpleNamespace
 
@@ -12,15 +13,18 @@ from router_service import policy
 from router_service.policy import decide, first_token_entropy, needs_glimpse, seeded_draw
 
 
-@pytest.mark.parametrize("logprobs, expected", [
-    ([math.log(1 / 20)] * 20, math.log(20)),            # uniform over k: ln k
-    ([-3.0] * 4, math.log(4)),                           # renormalised: the level does not matter
-    ([0.0], 0.0),                                        # one-hot
-    ([0.0] + [-1e4] * 19, 0.0),
-    ([math.log(0.5)] * 2 + [-1e4] * 18, math.log(2)),    # two equal, the rest negligible
-    ([math.log(0.75), math.log(0.25)], -(0.75 * math.log(0.75) + 0.25 * math.log(0.25))),  # nats
-    ([math.log(0.3), math.log(0.1)], -(0.75 * math.log(0.75) + 0.25 * math.log(0.25))),    # renormalised to .75/.25
-])
+@pytest.mark.parametrize(
+    "logprobs, expected",
+    [
+        ([math.log(1 / 20)] * 20, math.log(20)),  # uniform over k: ln k
+        ([-3.0] * 4, math.log(4)),  # renormalised: the level does not matter
+        ([0.0], 0.0),  # one-hot
+        ([0.0] + [-1e4] * 19, 0.0),
+        ([math.log(0.5)] * 2 + [-1e4] * 18, math.log(2)),  # two equal, the rest negligible
+        ([math.log(0.75), math.log(0.25)], -(0.75 * math.log(0.75) + 0.25 * math.log(0.25))),  # nats
+        ([math.log(0.3), math.log(0.1)], -(0.75 * math.log(0.75) + 0.25 * math.log(0.25))),  # renormalised to .75/.25
+    ],
+)
 def test_entropy(logprobs, expected):
     assert first_token_entropy(logprobs) == pytest.approx(expected, abs=1e-12)
 
@@ -37,7 +41,7 @@ def test_glimprouter_threshold():
     lps = [-0.2, -1.9, -3.1]
     h = first_token_entropy(lps)
     at = decide(PolicySettings(tau=h), lps, "req")
-    assert (at.pool, at.entropy) == ("large", h)                       # H >= tau -> large
+    assert (at.pool, at.entropy) == ("large", h)  # H >= tau -> large
     assert decide(PolicySettings(tau=math.nextafter(h, 10)), lps, "req").pool == "small"  # H just below tau
     assert decide(PolicySettings(tau=0.0), [0.0], "req").pool == "large"  # H = 0 = tau
     assert decide(PolicySettings(tau=0.0), None, "req") == policy.Decision("small", None)  # no glimpse
@@ -75,8 +79,12 @@ def test_seeded_draw_below_one_for_largest_digest(monkeypatch):
 
 
 def test_needs_glimpse():
-    assert [needs_glimpse(PolicySettings(policy=p)) for p in ("glimprouter", "large_only", "small_only", "random")] \
-        == [True, False, False, False]
+    assert [needs_glimpse(PolicySettings(policy=p)) for p in ("glimprouter", "large_only", "small_only", "random")] == [
+        True,
+        False,
+        False,
+        False,
+    ]
 
 
 def test_forced_fraction_spaces_large_steps_evenly_at_a_phase_per_request_and_still_glimpses():
@@ -87,7 +95,7 @@ def test_forced_fraction_spaces_large_steps_evenly_at_a_phase_per_request_and_st
 
     schedules = [large_steps(f"req-{n}") for n in range(40)]
     for steps in schedules:
-        assert len(steps) == 6 and {b - a for a, b in zip(steps, steps[1:])} == {4}  # every fourth step
+        assert len(steps) == 6 and {b - a for a, b in itertools.pairwise(steps)} == {4}  # every fourth step
     assert {steps[0] for steps in schedules} == {0, 1, 2, 3}  # requests differ in phase
     assert large_steps("req-0") == schedules[0]  # fixed by the request: a resumed request routes the same
     assert needs_glimpse(settings)

@@ -31,27 +31,41 @@ def as_here(script: str) -> str:
 
 
 def test_curl_example(local_cluster):
-    out = subprocess.run(["bash", "-euo", "pipefail", "-c", block("curl -s", "bash")], cwd=REPO, capture_output=True,
-                         text=True, timeout=600)
+    out = subprocess.run(
+        ["bash", "-euo", "pipefail", "-c", block("curl -s", "bash")],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert out.returncode == 0, out.stderr
     body = json.loads(out.stdout)
     assert body["object"] == "chat.completion" and body["routing"]["steps"], body
 
 
 def test_openai_sdk_example(local_cluster):
-    out = subprocess.run([sys.executable, "-c", block("from openai import OpenAI", "python")], cwd=REPO,
-                         capture_output=True, text=True, timeout=600)
+    out = subprocess.run(
+        [sys.executable, "-c", block("from openai import OpenAI", "python")],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert out.returncode == 0, out.stderr
     assert "'steps': [" in out.stdout  # the routing object was printed
 
 
 def test_load_test_recipe(local_cluster, tmp_path):
     script = as_here(block("loadtests.run", "bash")).replace("--duration 150s", "--duration 20s")
-    subprocess.run([sys.executable, "-m", "cluster", "tenants", "delete", "team-a",
-                    "--redis-url", local_cluster.redis_url()], capture_output=True, timeout=60)  # from an earlier run
+    subprocess.run(
+        [sys.executable, "-m", "cluster", "tenants", "delete", "team-a", "--redis-url", local_cluster.redis_url()],
+        capture_output=True,
+        timeout=60,
+    )  # from an earlier run
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    out = subprocess.run(["bash", "-euo", "pipefail", "-c", script], cwd=tmp_path, capture_output=True, text=True,
-                         timeout=900, env=env)
+    out = subprocess.run(
+        ["bash", "-euo", "pipefail", "-c", script], cwd=tmp_path, capture_output=True, text=True, timeout=900, env=env
+    )
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     for scenario in ("glimprouter-tau1.0", "large_only", "small_only"):
         assert (tmp_path / "results" / f"{scenario}_stats.csv").exists(), scenario

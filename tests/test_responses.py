@@ -3,14 +3,20 @@
 from __future__ import annotations
 
 import dataclasses
-
 import json
 
 import pytest
 
 from cluster.config import PolicySettings
 from router_service.loop import AnswerDone
-from router_service.responses import ChunkWriter, chat_completion, reasoning_text, routing_summary, text_completion, usage
+from router_service.responses import (
+    ChunkWriter,
+    chat_completion,
+    reasoning_text,
+    routing_summary,
+    text_completion,
+    usage,
+)
 from router_service.state import StepRecord
 
 STEPS = [
@@ -29,8 +35,14 @@ def test_usage_sums_and_per_pool():
         "total_tokens": 72,
         "completion_tokens_details": {"reasoning_tokens": 35},
         "per_pool": {
-            "small": {"steps": 2, "completion_tokens": 15, "prompt_tokens": 230, "cached_prompt_tokens": 120, "glimpses": 3,
-                      "glimpse_prompt_tokens": 0},
+            "small": {
+                "steps": 2,
+                "completion_tokens": 15,
+                "prompt_tokens": 230,
+                "cached_prompt_tokens": 120,
+                "glimpses": 3,
+                "glimpse_prompt_tokens": 0,
+            },
             "large": {"steps": 1, "completion_tokens": 27, "prompt_tokens": 260, "cached_prompt_tokens": 230},
         },
     }
@@ -47,7 +59,15 @@ def test_routing_summary():
     assert summary["policy"] == "glimprouter" and summary["tau"] == 1.0
     assert "seed" not in summary and "large_fraction" not in summary  # glimprouter reads neither
     assert summary["large_step_fraction"] == 0.3333
-    assert summary["steps"][1] == {"index": 1, "pool": "large", "entropy": 2.5, "tokens": 20, "glimpse_ms": 1.1, "glimpse_fused": False, "step_ms": 30.0}
+    assert summary["steps"][1] == {
+        "index": 1,
+        "pool": "large",
+        "entropy": 2.5,
+        "tokens": 20,
+        "glimpse_ms": 1.1,
+        "glimpse_fused": False,
+        "step_ms": 30.0,
+    }
     assert routing_summary(PolicySettings(), [])["large_step_fraction"] == 0.0
     drawn = routing_summary(PolicySettings(policy="random", large_fraction=0.5, seed=42), [])
     assert (drawn["large_fraction"], drawn["seed"]) == (0.5, 42) and "tau" not in drawn
@@ -64,17 +84,28 @@ def test_whole_responses(build, obj):
 
 def parse(line: str) -> dict:
     assert line.startswith("data: ") and line.endswith("\n\n") and line.count("\n") == 2
-    return json.loads(line[len("data: "):])
+    return json.loads(line[len("data: ") :])
 
 
 def test_chat_chunks():
     writer = ChunkWriter("req-1", "glimprouter", chat=True)
-    lines = [writer.delta(role="assistant"), writer.delta(reasoning="think"), writer.delta(content="42"),
-             writer.finish("stop", {"policy": "glimprouter"}), writer.usage({"total_tokens": 72})]
+    lines = [
+        writer.delta(role="assistant"),
+        writer.delta(reasoning="think"),
+        writer.delta(content="42"),
+        writer.finish("stop", {"policy": "glimprouter"}),
+        writer.usage({"total_tokens": 72}),
+    ]
     chunks = [parse(line) for line in lines]
     assert {(c["id"], c["object"], c["model"], c["created"]) for c in chunks} == {
-        ("req-1", "chat.completion.chunk", "glimprouter", writer.created)}
-    assert [c["choices"][0]["delta"] for c in chunks[:4]] == [{"role": "assistant"}, {"reasoning_content": "think"}, {"content": "42"}, {}]
+        ("req-1", "chat.completion.chunk", "glimprouter", writer.created)
+    }
+    assert [c["choices"][0]["delta"] for c in chunks[:4]] == [
+        {"role": "assistant"},
+        {"reasoning_content": "think"},
+        {"content": "42"},
+        {},
+    ]
     assert [c["choices"][0]["finish_reason"] for c in chunks[:4]] == [None, None, None, "stop"]
     assert chunks[3]["routing"] == {"policy": "glimprouter"}
     assert chunks[4]["choices"] == [] and chunks[4]["usage"] == {"total_tokens": 72}

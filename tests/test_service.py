@@ -4,11 +4,11 @@ that leave its stored state consistent (finished as failed, the steps before kep
 from __future__ import annotations
 
 import pytest
+from fakes import ANSWER, FakePool, FakeRenderer, Out
 from ray.exceptions import RayActorError
 from ray.serve.exceptions import RayServeException
 
 from cluster.config import PolicySettings, load_config
-from fakes import ANSWER, FakePool, FakeRenderer, Out
 from router_service.api_models import ChatCompletionRequest
 from router_service.errors import APIError
 from router_service.loop import AnswerDone, StepDone
@@ -48,9 +48,15 @@ async def service(redis_client):
 
 
 def body(stream: bool = False, **fields) -> ChatCompletionRequest:
-    return ChatCompletionRequest.model_validate({
-        "model": "glimprouter", "messages": [{"role": "user", "content": "What is 6*7?"}], "stream": stream,
-        "token_budget": 100, **fields})
+    return ChatCompletionRequest.model_validate(
+        {
+            "model": "glimprouter",
+            "messages": [{"role": "user", "content": "What is 6*7?"}],
+            "stream": stream,
+            "token_budget": 100,
+            **fields,
+        }
+    )
 
 
 async def tenant_of(svc: RequestService, policy: str = "large_only"):
@@ -99,8 +105,9 @@ async def test_a_pool_error_that_survives_the_retry_is_a_503_and_fails_the_reque
 
 
 async def test_a_step_that_fails_after_its_first_chunk_keeps_the_steps_before(service, redis_client):
-    small = FailingPool([Out("one"), Out("two"), Out("three")], fail_at=2, error=RayActorError(),
-                        after_first_chunk=True)
+    small = FailingPool(
+        [Out("one"), Out("two"), Out("three")], fail_at=2, error=RayActorError(), after_first_chunk=True
+    )
     svc = service(small, FakePool([Out(ANSWER)]))
     tenant = await tenant_of(svc, policy="small_only")
     run = await svc.start(tenant, body(stream=True), "chat")
@@ -135,8 +142,9 @@ async def test_resume_continues_from_the_stored_steps(service):
         async for event in first.events(run):
             steps += [event] if isinstance(event, StepDone) else []
     # the owner died instead (its failure was never recorded): another replica takes the request over
-    await first.store.redis.hset(f"glimp:t:acme:req:{run.loop.request_id}", mapping={"status": "running",
-                                                                                      "lease_until": 0})
+    await first.store.redis.hset(
+        f"glimp:t:acme:req:{run.loop.request_id}", mapping={"status": "running", "lease_until": 0}
+    )
     second = service(FakePool(), FakePool([Out("b </think>"), Out(ANSWER)]))
     second.replica = "r-2"
     resumed = await second.resume(tenant, run.loop.request_id, stream=False)

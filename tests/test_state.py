@@ -24,8 +24,15 @@ KEY = f"glimp:t:{T}:req:r1"
 
 
 def req(model: str = "m") -> StoredRequest:
-    return StoredRequest(endpoint="chat", model=model, messages=[{"role": "user", "content": "hi"}],
-                         policy=PolicySettings(), steps=StepSettings(), temperature=0.0, top_p=1.0)
+    return StoredRequest(
+        endpoint="chat",
+        model=model,
+        messages=[{"role": "user", "content": "hi"}],
+        policy=PolicySettings(),
+        steps=StepSettings(),
+        temperature=0.0,
+        top_p=1.0,
+    )
 
 
 def rec(index: int, pool: str = "small", tokens: int = 3, text: str | None = None) -> StepRecord:
@@ -49,7 +56,13 @@ async def test_round_trip(started, redis_client):
     assert await started.append_step(T, "r1", "a", rec(1, "large", tokens=7), glimpsed=False) == 2
     await started.finish(T, "r1", "a", {"text": "42"})
     state = await started.get(T, "r1")
-    assert (state.request, state.status, state.owner, state.final, state.error) == (req("m"), FINISHED, "a", {"text": "42"}, None)
+    assert (state.request, state.status, state.owner, state.final, state.error) == (
+        req("m"),
+        FINISHED,
+        "a",
+        {"text": "42"},
+        None,
+    )
     assert state.steps == [rec(0), rec(1, "large", tokens=7)]
     assert state.glimpses == 1
     counters = await redis_client.hmget(KEY, "steps_small", "steps_large", "output_tokens_small", "output_tokens_large")
@@ -89,12 +102,19 @@ async def test_claim_waits_for_lease(redis_client):
 
 
 async def test_end_only_by_owner_and_once(started):
-    for end in (lambda o: started.finish(T, "r1", o, {"text": "x"}), lambda o: started.fail(T, "r1", o, CANCELLED, "gone")):
+    for end in (
+        lambda o: started.finish(T, "r1", o, {"text": "x"}),
+        lambda o: started.fail(T, "r1", o, CANCELLED, "gone"),
+    ):
         with pytest.raises(StateConflict):
             await end("b")
     await started.fail(T, "r1", "a", CANCELLED, "client gone")
-    for end in (lambda: started.finish(T, "r1", "a", {"text": "x"}), lambda: started.fail(T, "r1", "a", "failed", "boom"),
-                lambda: started.claim(T, "r1", "a"), lambda: started.append_step(T, "r1", "a", rec(1), False)):
+    for end in (
+        lambda: started.finish(T, "r1", "a", {"text": "x"}),
+        lambda: started.fail(T, "r1", "a", "failed", "boom"),
+        lambda: started.claim(T, "r1", "a"),
+        lambda: started.append_step(T, "r1", "a", rec(1), False),
+    ):
         with pytest.raises(StateConflict):
             await end()
     state = await started.get(T, "r1")
@@ -127,7 +147,8 @@ async def test_concurrent_appends_one_wins(started, redis_url):
         stores = [RequestStateStore(c, ttl_s=600) for c in clients]
         results = await asyncio.gather(
             *(s.append_step(T, "r1", "a", rec(1, text=f"from store {i}"), glimpsed=True) for i, s in enumerate(stores)),
-            return_exceptions=True)
+            return_exceptions=True,
+        )
     finally:
         for c in clients:
             await c.aclose()

@@ -10,8 +10,9 @@ STANDARD = {"standard"}
 
 
 def controller(**over) -> TauController:
-    return TauController(TauControllerSettings(enabled=True, queue_high=4, queue_low=1, step_nats=0.5,
-                                               max_offset_nats=1.0, **over))
+    return TauController(
+        TauControllerSettings(enabled=True, queue_high=4, queue_low=1, step_nats=0.5, max_offset_nats=1.0, **over)
+    )
 
 
 def test_rises_above_high_water_up_to_the_cap_then_falls_back_below_low_water():

@@ -61,8 +61,11 @@ async def redis_dump(client) -> str:
     for key in await client.keys("*"):
         kind = (await client.type(key)).decode()
         value = {
-            "string": client.get, "hash": client.hgetall, "set": client.smembers,
-            "zset": lambda k: client.zrange(k, 0, -1, withscores=True), "list": lambda k: client.lrange(k, 0, -1),
+            "string": client.get,
+            "hash": client.hgetall,
+            "set": client.smembers,
+            "zset": lambda k: client.zrange(k, 0, -1, withscores=True),
+            "list": lambda k: client.lrange(k, 0, -1),
         }[kind]
         parts.append(f"{key!r} {await value(key)!r}")
     return "\n".join(parts)
@@ -182,8 +185,11 @@ async def test_plaintext_key_never_in_redis_logs_or_errors(store, redis_client, 
     errors = []
     for attempt in (keys[0][:-2] + "zz", keys[1], "gr-00000000-" + keys[0][12:]):
         assert await store.authenticate(attempt) is None
-    for call in (lambda: store.rotate_key("beta", key_prefix(keys[0])), lambda: store.revoke_key(keys[1]),
-                 lambda: store.revoke_key(key_prefix(keys[1]))):
+    for call in (
+        lambda: store.rotate_key("beta", key_prefix(keys[0])),
+        lambda: store.revoke_key(keys[1]),
+        lambda: store.revoke_key(key_prefix(keys[1])),
+    ):
         with pytest.raises(Exception) as info:
             await call()
         errors.append(str(info.value))
@@ -197,7 +203,7 @@ async def test_plaintext_key_never_in_redis_logs_or_errors(store, redis_client, 
     assert "acme" in dump and key_prefix(keys[0]) in dump  # the scan does see the data
     texts = {"redis": dump, "logs": caplog.text, "errors": "\n".join(errors)}
     for plain in keys:
-        secret = plain[len(key_prefix(plain)) + 1:]
+        secret = plain[len(key_prefix(plain)) + 1 :]
         for where, text in texts.items():
             assert secret not in text, f"a key's secret appears in {where}"
 
@@ -278,7 +284,8 @@ async def test_request_limit_resets_on_time(replicas):
 async def test_token_limits_per_pool_reset_on_time(replicas):
     store = replicas(window_s=1.0)
     tenant, _ = await store.create_tenant(
-        "acme", TenantSettings(tokens_per_minute_small=1000, tokens_per_minute_large=100, requests_per_minute=1000))
+        "acme", TenantSettings(tokens_per_minute_small=1000, tokens_per_minute_large=100, requests_per_minute=1000)
+    )
     await window_start(store)
     await store.charge_tokens(tenant, "small", 10)
     assert await store.charge_tokens(tenant, "large", 60) == 60
@@ -326,10 +333,12 @@ async def test_heartbeat_keeps_long_request_counted(replicas):
 async def test_usage_sums_equal_recorded(store, replicas):
     await store.create_tenant("acme")
     await store.create_tenant("beta")
-    records = [("small", dict(requests=1, prompt_tokens=30, output_tokens=70, steps=5, glimpses=5)),
-               ("large", dict(prompt_tokens=30, output_tokens=120, steps=2)),
-               ("small", dict(requests=1, prompt_tokens=11, output_tokens=9, steps=1, glimpses=3)),
-               ("large", dict(output_tokens=40, steps=1))] * 5
+    records = [
+        ("small", dict(requests=1, prompt_tokens=30, output_tokens=70, steps=5, glimpses=5)),
+        ("large", dict(prompt_tokens=30, output_tokens=120, steps=2)),
+        ("small", dict(requests=1, prompt_tokens=11, output_tokens=9, steps=1, glimpses=3)),
+        ("large", dict(output_tokens=40, steps=1)),
+    ] * 5
     writers = [replicas() for _ in range(4)]
     await asyncio.gather(*(writers[i % 4].record_usage("acme", pool, **kw) for i, (pool, kw) in enumerate(records)))
     await store.record_usage("beta", "large", steps=99)
@@ -389,7 +398,9 @@ def test_cli_create_list_revoke(cli, redis_url):
     code, out, _ = cli("set", "acme", "--rpm", "9", "--models", "")
     assert code == 0 and "requests_per_minute" in out
     code, out, _ = cli("show", "acme", "--json")
-    assert json.loads(out)["settings"]["requests_per_minute"] == 9 and json.loads(out)["settings"]["allowed_models"] == []
+    assert (
+        json.loads(out)["settings"]["requests_per_minute"] == 9 and json.loads(out)["settings"]["allowed_models"] == []
+    )
     assert key not in out
 
     code, out, _ = cli("revoke", prefix)
@@ -430,10 +441,10 @@ def test_cli_standalone_module(redis_url):
     redis.Redis.from_url(redis_url).flushdb()
     env = {**os.environ, "REDIS_URL": redis_url}
     cmd = [sys.executable, "-m", "cluster.ops.tenants_cli", "tenants"]
-    done = subprocess.run(cmd + ["create", "acme"], cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
+    done = subprocess.run([*cmd, "create", "acme"], cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
     assert "gr-" in done.stdout
-    listed = subprocess.run(cmd + ["list"], cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
+    listed = subprocess.run([*cmd, "list"], cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
     assert listed.returncode == 0 and "acme" in listed.stdout
 
 

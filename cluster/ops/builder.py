@@ -15,7 +15,8 @@ from router_service.api import Router
 def build_app(config: ClusterConfig) -> serve.Application:
     """Bind both pools and the router into one Serve application."""
     pools = {
-        role: serve.deployment(ModelPool).options(**pool_options(role, settings, config.router.prefix_affinity))
+        role: serve.deployment(ModelPool)
+        .options(**pool_options(role, settings, config.router.prefix_affinity))
         .bind(role, settings)
         for role, settings in config.pools.items()
     }

@@ -8,8 +8,8 @@ import os
 import sys
 import time
 
-from cluster.ops import operators, plan, render, tenants_cli
 from cluster.config import ConfigError, load_config
+from cluster.ops import operators, plan, render, tenants_cli
 
 SAMPLE_PROMPT = "A farmer has 17 sheep. All but 9 run away. How many sheep are left? Think step by step."
 
@@ -19,8 +19,9 @@ def sample_request(base: str, key: str, model: str) -> dict:
     import httpx
 
     body = {"model": model, "messages": [{"role": "user", "content": SAMPLE_PROMPT}], "temperature": 0}
-    response = httpx.post(f"{base}/v1/chat/completions", json=body, headers={"Authorization": f"Bearer {key}"},
-                          timeout=600)
+    response = httpx.post(
+        f"{base}/v1/chat/completions", json=body, headers={"Authorization": f"Bearer {key}"}, timeout=600
+    )
     response.raise_for_status()
     return response.json()
 
@@ -33,8 +34,13 @@ def print_sample(result: dict) -> None:
     print(f"prompt:    {SAMPLE_PROMPT}")
     print(f"reasoning: {msg['reasoning_content'][:400]!r}")
     print(f"answer:    {msg['content'][:400]!r}")
-    print("steps:     " + ", ".join(f"{s['pool']}(H={s['entropy'] if s['entropy'] is None else round(s['entropy'], 2)})"
-                                     for s in routing["steps"]))
+    print(
+        "steps:     "
+        + ", ".join(
+            f"{s['pool']}(H={s['entropy'] if s['entropy'] is None else round(s['entropy'], 2)})"
+            for s in routing["steps"]
+        )
+    )
     print(f"large-step fraction {routing['large_step_fraction']}; usage {json.dumps(result['usage']['per_pool'])}")
 
 

@@ -43,8 +43,9 @@ def latency_targets(name: str, by: str = "", what: str = "") -> list[tuple[str, 
     return [(quantile(q, name, by), f"p{round(q * 100)} {legend}".strip()) for q in (0.5, 0.95)]
 
 
-def panel(title: str, unit: str, targets: list[tuple[str, str]], description: str = "",
-          kind: str = "timeseries", **extra) -> dict:
+def panel(
+    title: str, unit: str, targets: list[tuple[str, str]], description: str = "", kind: str = "timeseries", **extra
+) -> dict:
     """A panel of ``(expr, legend)`` targets, each on the ``datasource`` variable."""
     fmt = {"format": "heatmap"} if kind == "heatmap" else {}  # Prometheus buckets as heatmap cells
     return {
@@ -53,8 +54,10 @@ def panel(title: str, unit: str, targets: list[tuple[str, str]], description: st
         "description": description,
         "datasource": DATASOURCE,
         "fieldConfig": {"defaults": {"unit": unit}, "overrides": []},
-        "targets": [{"datasource": DATASOURCE, "expr": expr, "legendFormat": legend, "refId": chr(ord("A") + i), **fmt}
-                    for i, (expr, legend) in enumerate(targets)],
+        "targets": [
+            {"datasource": DATASOURCE, "expr": expr, "legendFormat": legend, "refId": chr(ord("A") + i), **fmt}
+            for i, (expr, legend) in enumerate(targets)
+        ],
         **extra,
     }
 
@@ -65,24 +68,52 @@ def panels() -> list[dict]:
     return [
         panel("Requests/s by outcome", "reqps", [(rate("glimprouter_requests", "outcome"), "{{outcome}}")]),
         panel("Request latency by policy", "s", latency_targets("glimprouter_request_latency_seconds", "policy")),
-        panel("Time to first output (request)", "s",
-              latency_targets("glimprouter_request_ttft_seconds", "stream", "first output")),
-        panel("Refused by a limit (429) by tenant and limit", "short",
-              [(f'sum by (tenant, reason) (increase({series("glimprouter_rejections")}{WINDOW}))',
-                "{{tenant}} {{reason}}")]),
-        panel("Steps and glimpses/s", "ops", [(f"sum by (pool) (rate({steps}{WINDOW}))", "steps {{pool}}"),
-                                              (f'sum(rate({series("glimprouter_glimpses")}{WINDOW}))', "glimpses")]),
-        panel("Large-step fraction", "percentunit",
-              [(f'avg({series("glimprouter_large_step_fraction")})', "last 200 steps, mean of routers"),
-               (f'sum(rate({steps}{{pool="large"}}{WINDOW})) / sum(rate({steps}{WINDOW}))', "from step counts")],
-              "Share of reasoning steps the large pool writes; the GlimpRouter paper advises 20-30%."),
-        panel("First-token entropy (nats)", "short",
-              [(f'sum by (le) (increase({series("glimprouter_first_token_entropy_nats")}_bucket{WINDOW}))', "{{le}}")],
-              "Glimpses per entropy bucket; steps at or above tau go to the large pool.",
-              kind="heatmap", options={"calculate": False, "yAxis": {"unit": "short"}}),
-        panel("Glimpse and step latency by pool", "s",
-              latency_targets("glimprouter_glimpse_latency_seconds", what="glimpse")
-              + latency_targets("glimprouter_step_latency_seconds", "pool", "step")),
+        panel(
+            "Time to first output (request)",
+            "s",
+            latency_targets("glimprouter_request_ttft_seconds", "stream", "first output"),
+        ),
+        panel(
+            "Refused by a limit (429) by tenant and limit",
+            "short",
+            [
+                (
+                    f"sum by (tenant, reason) (increase({series('glimprouter_rejections')}{WINDOW}))",
+                    "{{tenant}} {{reason}}",
+                )
+            ],
+        ),
+        panel(
+            "Steps and glimpses/s",
+            "ops",
+            [
+                (f"sum by (pool) (rate({steps}{WINDOW}))", "steps {{pool}}"),
+                (f"sum(rate({series('glimprouter_glimpses')}{WINDOW}))", "glimpses"),
+            ],
+        ),
+        panel(
+            "Large-step fraction",
+            "percentunit",
+            [
+                (f"avg({series('glimprouter_large_step_fraction')})", "last 200 steps, mean of routers"),
+                (f'sum(rate({steps}{{pool="large"}}{WINDOW})) / sum(rate({steps}{WINDOW}))', "from step counts"),
+            ],
+            "Share of reasoning steps the large pool writes; the GlimpRouter paper advises 20-30%.",
+        ),
+        panel(
+            "First-token entropy (nats)",
+            "short",
+            [(f"sum by (le) (increase({series('glimprouter_first_token_entropy_nats')}_bucket{WINDOW}))", "{{le}}")],
+            "Glimpses per entropy bucket; steps at or above tau go to the large pool.",
+            kind="heatmap",
+            options={"calculate": False, "yAxis": {"unit": "short"}},
+        ),
+        panel(
+            "Glimpse and step latency by pool",
+            "s",
+            latency_targets("glimprouter_glimpse_latency_seconds", what="glimpse")
+            + latency_targets("glimprouter_step_latency_seconds", "pool", "step"),
+        ),
         panel("Redis latency p95 by op", "s", [(quantile(0.95, "glimprouter_redis_latency_seconds", "op"), "{{op}}")]),
         panel("Pool ongoing requests and queue depth", "short",
               [(f'sum by (pool) ({series("glimprouter_pool_ongoing_requests")})', "ongoing {{pool}}"),
@@ -115,16 +146,26 @@ def panels() -> list[dict]:
               [("sum by (application, deployment) (ray_serve_deployment_replica_healthy)", "healthy {{deployment}}"),
                ("max by (application, deployment) (ray_serve_autoscaling_target_replicas)", "target {{deployment}}")]),
         panel("vLLM requests waiting by model", "short", [(f"sum by (model_name) ({VLLM_WAITING})", "{{model_name}}")]),
-        panel("vLLM prefix cache hit rate by model", "percentunit",
-              [(f"sum by (model_name) (rate({VLLM_CACHE_HITS}{WINDOW})) / "
-                f"sum by (model_name) (rate({VLLM_CACHE_QUERIES}{WINDOW}))", "{{model_name}}")]),
+        panel(
+            "vLLM prefix cache hit rate by model",
+            "percentunit",
+            [
+                (
+                    f"sum by (model_name) (rate({VLLM_CACHE_HITS}{WINDOW})) / "
+                    f"sum by (model_name) (rate({VLLM_CACHE_QUERIES}{WINDOW}))",
+                    "{{model_name}}",
+                )
+            ],
+        ),
     ]
 
 
 def dashboard() -> dict:
     """The Grafana dashboard (schema 39) with a ``datasource`` variable for the Prometheus data source."""
-    laid_out = [{**p, "id": i + 1, "gridPos": {"h": 8, "w": 12, "x": 12 * (i % 2), "y": 8 * (i // 2)}}
-                for i, p in enumerate(panels())]
+    laid_out = [
+        {**p, "id": i + 1, "gridPos": {"h": 8, "w": 12, "x": 12 * (i % 2), "y": 8 * (i // 2)}}
+        for i, p in enumerate(panels())
+    ]
     return {
         "uid": "glimprouter",
         "title": "GlimpRouter",
@@ -133,8 +174,19 @@ def dashboard() -> dict:
         "editable": True,
         "time": {"from": "now-1h", "to": "now"},
         "refresh": "30s",
-        "templating": {"list": [{"name": "datasource", "label": "Data source", "type": "datasource",
-                                 "query": "prometheus", "current": {}, "hide": 0, "refresh": 1}]},
+        "templating": {
+            "list": [
+                {
+                    "name": "datasource",
+                    "label": "Data source",
+                    "type": "datasource",
+                    "query": "prometheus",
+                    "current": {},
+                    "hide": 0,
+                    "refresh": 1,
+                }
+            ]
+        },
         "panels": laid_out,
     }
 

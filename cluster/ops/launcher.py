@@ -9,9 +9,9 @@ from __future__ import annotations
 import json
 import os
 import re
-import signal
 import secrets
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -19,14 +19,18 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cluster.config import ClusterConfig
-from cluster.topology import ENGINE_MARKER
 from cluster.ops.models import ensure_embedded_model
 from cluster.ops.redis_server import start_local_redis
+from cluster.topology import ENGINE_MARKER
 
 RUN_DIR = Path(os.environ.get("GLIMP_RUN_DIR", "run"))
 RAY = [sys.executable, "-m", "ray.scripts.scripts"]  # this interpreter's Ray CLI, whatever PATH says
-RAY_ENV = {"RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0", "HF_HUB_OFFLINE": "1",
-           "TOKENIZERS_PARALLELISM": "false"}
+RAY_ENV = {
+    "RAY_AUTH_MODE": "disabled",
+    "RAY_USAGE_STATS_ENABLED": "0",
+    "HF_HUB_OFFLINE": "1",
+    "TOKENIZERS_PARALLELISM": "false",
+}
 
 
 def say(message: str) -> None:
@@ -76,14 +80,25 @@ def start_ray(nodes: list[LocalNode], num_cpus: int) -> None:
         say("Ray is already running; reusing it")
         return
     for i, node in enumerate(nodes):
-        common = [f"--num-cpus={num_cpus}", f"--num-gpus={len(node.gpus)}", f"--resources={json.dumps(node.resources)}",
-                  f"--metrics-export-port={HEAD_METRICS_PORT + i}", f"--object-store-memory={OBJECT_STORE_BYTES}",
-                  f"--dashboard-agent-listen-port={52365 + i}", "--disable-usage-stats"]
-        role = ["--head", f"--dashboard-port={DASHBOARD_PORT}", "--dashboard-host=127.0.0.1"] if i == 0 else \
-            ["--address=127.0.0.1:6379"]
+        common = [
+            f"--num-cpus={num_cpus}",
+            f"--num-gpus={len(node.gpus)}",
+            f"--resources={json.dumps(node.resources)}",
+            f"--metrics-export-port={HEAD_METRICS_PORT + i}",
+            f"--object-store-memory={OBJECT_STORE_BYTES}",
+            f"--dashboard-agent-listen-port={52365 + i}",
+            "--disable-usage-stats",
+        ]
+        role = (
+            ["--head", f"--dashboard-port={DASHBOARD_PORT}", "--dashboard-host=127.0.0.1"]
+            if i == 0
+            else ["--address=127.0.0.1:6379"]
+        )
         env = {**os.environ, **({"CUDA_VISIBLE_DEVICES": ",".join(node.gpus)} if node.gpus else {})}
-        say(f"starting Ray {'head' if i == 0 else 'worker'} node {i} ({num_cpus} logical CPUs, "
-            f"GPUs {list(node.gpus)}, resources {node.resources})")
+        say(
+            f"starting Ray {'head' if i == 0 else 'worker'} node {i} ({num_cpus} logical CPUs, "
+            f"GPUs {list(node.gpus)}, resources {node.resources})"
+        )
         subprocess.run([*RAY, "start", *role, *common], check=True, env=env, stdout=subprocess.DEVNULL)
 
 
@@ -101,7 +116,9 @@ def deploy(cfg: ClusterConfig, timeout_s: float = 900) -> None:
 
     ray.init(address="auto", logging_level="ERROR", log_to_driver=False)
     say(f"deploying application '{cfg.name}' (pools start their vLLM engines; this takes a few minutes on CPU)")
-    ServeSubmissionClient(f"http://127.0.0.1:{DASHBOARD_PORT}").deploy_applications(serve_config(cfg, proxy_location="HeadOnly"))
+    ServeSubmissionClient(f"http://127.0.0.1:{DASHBOARD_PORT}").deploy_applications(
+        serve_config(cfg, proxy_location="HeadOnly")
+    )
     start, seen = time.time(), {}
     while time.time() - start < timeout_s:
         app = serve.status().applications.get(cfg.name)
@@ -116,8 +133,11 @@ def deploy(cfg: ClusterConfig, timeout_s: float = 900) -> None:
                 say(f"application ready in {time.time() - start:.0f} s")
                 return
             if app_state == "DEPLOY_FAILED":
-                failed = [f"{name}: {message_summary(dep.message)}" for name, dep in app.deployments.items()
-                          if status_name(dep.status) == "DEPLOY_FAILED"]
+                failed = [
+                    f"{name}: {message_summary(dep.message)}"
+                    for name, dep in app.deployments.items()
+                    if status_name(dep.status) == "DEPLOY_FAILED"
+                ]
                 raise RuntimeError(f"deployment failed: {app.message} {' '.join(failed)}")
         time.sleep(2)
     raise TimeoutError(f"application not ready after {timeout_s:.0f} s")
@@ -133,7 +153,7 @@ def progress_line(deployment: str, state: str, message: str, elapsed_s: float, w
     ``message_summary``)."""
     detail = message_summary(message)
     line = f"  {deployment}: {state} ({elapsed_s:.0f} s){': ' + detail if detail else ''}"
-    return line if len(line) <= width else line[:width - 3] + "..."
+    return line if len(line) <= width else line[: width - 3] + "..."
 
 
 def message_summary(message: str) -> str:
@@ -207,7 +227,6 @@ def kill_engine_processes() -> int:
     """Kill vLLM engine processes of this machine's pools that outlived their Ray worker (engine cores
     are separate processes; a replica killed by Ray leaves them behind). They carry ``ENGINE_MARKER``."""
     import psutil
-
 
     killed = 0
     for proc in psutil.process_iter(["pid"]):

@@ -46,7 +46,7 @@ class EmbeddedModel:
         spec = importlib.util.find_spec(self.package)
         if spec is None or not spec.submodule_search_locations:
             raise ModelSourceError(f"package {self.package!r} is not installed; run the setup command first")
-        pkg_dir = Path(list(spec.submodule_search_locations)[0])
+        pkg_dir = Path(next(iter(spec.submodule_search_locations)))
         direct = pkg_dir / self.gguf_file
         if direct.exists():
             return direct
@@ -127,7 +127,9 @@ def _convert(spec: EmbeddedModel, target: Path) -> None:
         plain.tie_weights()
         missing = [k for k in missing if not k.startswith("lm_head")]
     if missing or unexpected:
-        raise ModelSourceError(f"{spec.name}: weights do not match (missing {missing[:3]}, unexpected {unexpected[:3]})")
+        raise ModelSourceError(
+            f"{spec.name}: weights do not match (missing {missing[:3]}, unexpected {unexpected[:3]})"
+        )
 
     _progress(f"{spec.name}: [4/4] saving to {target}")
     plain.save_pretrained(tmp, safe_serialization=True)

@@ -92,6 +92,7 @@ def delta(after: Samples, before: Samples) -> Samples:
 
 # ---- status ------------------------------------------------------------------------------------------------
 
+
 def serve_details() -> dict:
     """Serve's instance details from the Ray dashboard."""
     from ray.dashboard.modules.serve.sdk import ServeSubmissionClient
@@ -111,38 +112,47 @@ def pool_status(details: dict, app: str, before: Samples, after: Samples, window
         running = sum(1 for r in dep["replicas"] if r["state"] == "RUNNING")
         latency = SPECS["glimprouter_step_latency_seconds"].exported
         window = moved if total(moved, latency + "_count", pool=pool) else after  # since start when idle
-        rows.append({
-            "pool": pool,
-            "target": dep["target_num_replicas"],
-            "running": running,
-            "pending": len(dep["replicas"]) - running,
-            "bounds": dep["deployment_config"].get("autoscaling_config") or {},
-            "ongoing": total(after, SPECS["glimprouter_pool_ongoing_requests"].exported, pool=pool),
-            "queue": total(after, SPECS["glimprouter_pool_queue_depth"].exported, pool=pool),
-            "steps_per_s": steps[pool] / window_s,
-            "step_share": steps[pool] / all_steps if all_steps else None,
-            "p50_s": quantile(window, latency, 0.5, pool=pool),
-            "p95_s": quantile(window, latency, 0.95, pool=pool),
-        })
+        rows.append(
+            {
+                "pool": pool,
+                "target": dep["target_num_replicas"],
+                "running": running,
+                "pending": len(dep["replicas"]) - running,
+                "bounds": dep["deployment_config"].get("autoscaling_config") or {},
+                "ongoing": total(after, SPECS["glimprouter_pool_ongoing_requests"].exported, pool=pool),
+                "queue": total(after, SPECS["glimprouter_pool_queue_depth"].exported, pool=pool),
+                "steps_per_s": steps[pool] / window_s,
+                "step_share": steps[pool] / all_steps if all_steps else None,
+                "p50_s": quantile(window, latency, 0.5, pool=pool),
+                "p95_s": quantile(window, latency, 0.95, pool=pool),
+            }
+        )
     return rows
 
 
 def format_status(rows: list[dict], window_s: float) -> str:
     """The status table."""
+
     def ms(v):
         return "-" if v is None else f"{v * 1e3:.0f}"
 
-    lines = [f"{'pool':6} {'replicas t/r/p':>15} {'min-max':>8} {'ongoing':>8} {'queue':>6} {'steps/s':>8} "
-             f"{'step share':>10} {'p50 ms':>7} {'p95 ms':>7}"]
+    lines = [
+        f"{'pool':6} {'replicas t/r/p':>15} {'min-max':>8} {'ongoing':>8} {'queue':>6} {'steps/s':>8} "
+        f"{'step share':>10} {'p50 ms':>7} {'p95 ms':>7}"
+    ]
     for r in rows:
         b = r["bounds"]
         share = "-" if r["step_share"] is None else f"{r['step_share']:.0%}"
-        lines.append(f"{r['pool']:6} {r['target']:>7}/{r['running']}/{r['pending']:<5} "
-                     f"{str(b.get('min_replicas', '-')) + '-' + str(b.get('max_replicas', '-')):>8} "
-                     f"{r['ongoing']:>8.0f} {r['queue']:>6.0f} {r['steps_per_s']:>8.2f} {share:>10} "
-                     f"{ms(r['p50_s']):>7} {ms(r['p95_s']):>7}")
-    lines.append(f"(rates over the last {window_s:.0f} s; step share of the large pool is the large-step fraction; "
-                 "latency over the window, or since start when no step ran in it)")
+        lines.append(
+            f"{r['pool']:6} {r['target']:>7}/{r['running']}/{r['pending']:<5} "
+            f"{str(b.get('min_replicas', '-')) + '-' + str(b.get('max_replicas', '-')):>8} "
+            f"{r['ongoing']:>8.0f} {r['queue']:>6.0f} {r['steps_per_s']:>8.2f} {share:>10} "
+            f"{ms(r['p50_s']):>7} {ms(r['p95_s']):>7}"
+        )
+    lines.append(
+        f"(rates over the last {window_s:.0f} s; step share of the large pool is the large-step fraction; "
+        "latency over the window, or since start when no step ran in it)"
+    )
     return "\n".join(lines)
 
 
@@ -158,10 +168,16 @@ def cmd_status(args) -> int:
 
 # ---- scale -------------------------------------------------------------------------------------------------
 
+
 def scaled_config(details: dict, app: str, pool: str, changes: dict) -> dict:
     """The running Serve config with one pool's autoscaling bounds changed (nothing else)."""
-    config = copy.deepcopy({"proxy_location": details["proxy_location"], "http_options": details["http_options"],
-                            "applications": [a["deployed_app_config"] for a in details["applications"].values()]})
+    config = copy.deepcopy(
+        {
+            "proxy_location": details["proxy_location"],
+            "http_options": details["http_options"],
+            "applications": [a["deployed_app_config"] for a in details["applications"].values()],
+        }
+    )
     target = next(a for a in config["applications"] if a["name"] == app)
     deployment = next(d for d in target["deployments"] if d["name"] == DEPLOYMENT_NAMES[pool])
     bounds = {**deployment.get("autoscaling_config", {}), **changes}
@@ -175,13 +191,22 @@ def scaled_config(details: dict, app: str, pool: str, changes: dict) -> dict:
 def cmd_scale(args) -> int:
     from ray.dashboard.modules.serve.sdk import ServeSubmissionClient
 
-    changes = {k: v for k, v in (("min_replicas", args.min), ("max_replicas", args.max),
-                                  ("target_ongoing_requests", args.target_ongoing),
-                                  ("upscale_delay_s", args.upscale_delay), ("downscale_delay_s", args.downscale_delay))
-               if v is not None}
+    changes = {
+        k: v
+        for k, v in (
+            ("min_replicas", args.min),
+            ("max_replicas", args.max),
+            ("target_ongoing_requests", args.target_ongoing),
+            ("upscale_delay_s", args.upscale_delay),
+            ("downscale_delay_s", args.downscale_delay),
+        )
+        if v is not None
+    }
     if not changes:
-        print("error: give at least one of --min, --max, --target-ongoing, --upscale-delay, --downscale-delay",
-              file=sys.stderr)
+        print(
+            "error: give at least one of --min, --max, --target-ongoing, --upscale-delay, --downscale-delay",
+            file=sys.stderr,
+        )
         return 2
     details = serve_details()
     try:
@@ -190,12 +215,15 @@ def cmd_scale(args) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     ServeSubmissionClient(DASHBOARD).deploy_applications(config)
-    print(f"{DEPLOYMENT_NAMES[args.pool]}: autoscaling {json.dumps(changes)} applied live "
-          f"(keep it by setting pools.{args.pool}.autoscaling in your config)")
+    print(
+        f"{DEPLOYMENT_NAMES[args.pool]}: autoscaling {json.dumps(changes)} applied live "
+        f"(keep it by setting pools.{args.pool}.autoscaling in your config)"
+    )
     return 0
 
 
 # ---- calibrate ---------------------------------------------------------------------------------------------
+
 
 def fractions(entropies: list[float], taus: list[float]) -> list[float]:
     """Large-step fraction each tau gives over the sampled first-token entropies (H >= tau goes large)."""
@@ -204,7 +232,7 @@ def fractions(entropies: list[float], taus: list[float]) -> list[float]:
 
 def tau_for_fraction(taus: list[float], fracs: list[float], target: float) -> float:
     """The tau whose fraction is closest to ``target``."""
-    return min(zip(taus, fracs), key=lambda tf: abs(tf[1] - target))[0]
+    return min(zip(taus, fracs, strict=False), key=lambda tf: abs(tf[1] - target))[0]
 
 
 def sample_entropies(base_url: str, key: str, model: str, prompts: list[str], seed: int) -> list[float]:
@@ -214,8 +242,13 @@ def sample_entropies(base_url: str, key: str, model: str, prompts: list[str], se
     entropies = []
     with httpx.Client(base_url=base_url, headers={"Authorization": f"Bearer {key}"}, timeout=900) as client:
         for i, prompt in enumerate(prompts):
-            body = {"model": model, "messages": [{"role": "user", "content": prompt}], "policy": "glimprouter",
-                    "tau": 10.0, "seed": seed + i}  # tau above ln(20): every step small, every step glimpsed
+            body = {
+                "model": model,
+                "messages": [{"role": "user", "content": prompt}],
+                "policy": "glimprouter",
+                "tau": 10.0,
+                "seed": seed + i,
+            }  # tau above ln(20): every step small, every step glimpsed
             response = client.post("/v1/chat/completions", json=body)
             response.raise_for_status()
             entropies += [s["entropy"] for s in response.json()["routing"]["steps"]]
@@ -233,10 +266,12 @@ def cmd_calibrate(args) -> int:
     taus = [round(0.1 * i, 2) for i in range(0, 31)]
     fracs = fractions(entropies, taus)
     print(f"{'tau':>5} {'large fraction':>15}")
-    for tau, f in zip(taus, fracs):
+    for tau, f in zip(taus, fracs, strict=False):
         print(f"{tau:>5.2f} {f:>15.1%}")
-    print(f"tau {tau_for_fraction(taus, fracs, args.target):.2f} gives the fraction closest to {args.target:.0%} "
-          f"({len(entropies)} steps of {args.prompts} prompts; the paper advises 20-30%)")
+    print(
+        f"tau {tau_for_fraction(taus, fracs, args.target):.2f} gives the fraction closest to {args.target:.0%} "
+        f"({len(entropies)} steps of {args.prompts} prompts; the paper advises 20-30%)"
+    )
     if args.out:
         Path(args.out).write_text(json.dumps({"taus": taus, "large_fraction": fracs, "steps": len(entropies)}))
     return 0

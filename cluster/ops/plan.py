@@ -1,4 +1,4 @@
-"""``plan`` and ``predict`` of the operators' CLI, on the performance model of ``cluster/planner/``.
+"""``plan`` and ``predict`` of the operators' CLI, on the performance model of ``cluster/ops/planner/``.
 
 ``plan`` searches replica mixes and layouts (pools split, pools sharing GPUs, data-parallel small replicas, large
 only) for the cheapest that meets a p95 (or goodput) target at a request rate or a number in flight, with the
@@ -55,7 +55,7 @@ def load_calibration(path: Path) -> tuple[list[float], list[float]]:
 
 
 def _shape(args, fraction: float):
-    from cluster.planner.system import RequestShape, Routing
+    from cluster.ops.planner.system import RequestShape, Routing
 
     entropy = {}
     if args.entropy is not None and args.tau is not None:  # each step's entropy drawn, routed against tau
@@ -89,7 +89,7 @@ def _fraction(args) -> float:
     if args.tau is None:
         return args.large_fraction
     if args.entropy is not None:
-        from cluster.planner.system import Routing
+        from cluster.ops.planner.system import Routing
 
         return Routing(entropy_mu=args.entropy[0], entropy_sigma=args.entropy[1], tau=args.tau).fraction()
     if not args.calibration:
@@ -98,8 +98,8 @@ def _fraction(args) -> float:
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
-    from cluster.planner import report, search
-    from cluster.planner.simulator import Hardware
+    from cluster.ops.planner import report, search
+    from cluster.ops.planner.simulator import Hardware
 
     try:
         fraction = _fraction(args)
@@ -146,9 +146,9 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    from cluster.planner import report
-    from cluster.planner.simulator import Hardware, simulate
-    from cluster.planner.system import parse_layout
+    from cluster.ops.planner import report
+    from cluster.ops.planner.simulator import Hardware, simulate
+    from cluster.ops.planner.system import parse_layout
 
     try:
         fraction = _fraction(args)

@@ -31,6 +31,9 @@ def problems(n: int, seed: int = 0) -> list[str]:
     out = []
     for i in range(n):
         a, b, c = rnd.randint(2, 12), rnd.randint(3, 15), rnd.randint(16, 30)
-        out.append(TEMPLATES[i % len(TEMPLATES)].format(
-            a=a, b=b, c=c, d=rnd.randint(2, 9), n=rnd.randint(40, 400), p=2 * (a + rnd.randint(a + 1, 40))))
+        out.append(
+            TEMPLATES[i % len(TEMPLATES)].format(
+                a=a, b=b, c=c, d=rnd.randint(2, 9), n=rnd.randint(40, 400), p=2 * (a + rnd.randint(a + 1, 40))
+            )
+        )
     return out

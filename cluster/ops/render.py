@@ -100,9 +100,19 @@ def rayservice(cfg: ClusterConfig, settings: RenderSettings) -> dict:
         raise ValueError("Ray Serve would not read the Serve config as written:\n" + "\n".join(errors))
     env = _ray_env(redis)
     head = _container(
-        "ray-head", settings.image, env, cpu=settings.head.cpu, memory_gib=settings.head.memory_gib, disk_gib=SCRATCH_GIB,
-        ports={"gcs-server": 6379, "dashboard": DASHBOARD_PORT, "client": 10001, "serve": cfg.router.port,
-               "metrics": METRICS_PORT},
+        "ray-head",
+        settings.image,
+        env,
+        cpu=settings.head.cpu,
+        memory_gib=settings.head.memory_gib,
+        disk_gib=SCRATCH_GIB,
+        ports={
+            "gcs-server": 6379,
+            "dashboard": DASHBOARD_PORT,
+            "client": 10001,
+            "serve": cfg.router.port,
+            "metrics": METRICS_PORT,
+        },
     )
     cluster = {
         "rayVersion": settings.ray_version,
@@ -124,8 +134,10 @@ def rayservice(cfg: ClusterConfig, settings: RenderSettings) -> dict:
         },
         "workerGroupSpecs": [
             _router_group(cfg, settings.router, settings.image, env),
-            *(_worker_group(role, pool, getattr(settings, role), settings.image, env, cfg.router.port)
-              for role, pool in cfg.pools.items()),
+            *(
+                _worker_group(role, pool, getattr(settings, role), settings.image, env, cfg.router.port)
+                for role, pool in cfg.pools.items()
+            ),
         ],
     }
     return {
@@ -149,7 +161,12 @@ def _router_group(cfg: ClusterConfig, group: RouterGroupSettings, image: str, en
     """The router replicas' worker group: one CPU pod per replica, each advertising one unit of ROUTER_RESOURCE."""
     cpus = max(1, math.ceil(cfg.router.num_cpus))
     container = _container(
-        "ray-worker", image, env, cpu=cpus + CPU_HEADROOM, memory_gib=group.memory_gib, disk_gib=SCRATCH_GIB,
+        "ray-worker",
+        image,
+        env,
+        cpu=cpus + CPU_HEADROOM,
+        memory_gib=group.memory_gib,
+        disk_gib=SCRATCH_GIB,
         ports={"serve": cfg.router.port, "metrics": METRICS_PORT},
     )
     spec = {"containers": [container]}
@@ -184,8 +201,14 @@ def _worker_group(
     else:
         cache = {"emptyDir": {"sizeLimit": f"{group.cache_gib}Gi"}}
     container = _container(
-        "ray-worker", image, env, cpu=cpus + CPU_HEADROOM, memory_gib=group.memory_gib, gpus=gpus,
-        disk_gib=(group.cache_gib or 0) + SCRATCH_GIB, ports={"serve": port, "metrics": METRICS_PORT},
+        "ray-worker",
+        image,
+        env,
+        cpu=cpus + CPU_HEADROOM,
+        memory_gib=group.memory_gib,
+        gpus=gpus,
+        disk_gib=(group.cache_gib or 0) + SCRATCH_GIB,
+        ports={"serve": port, "metrics": METRICS_PORT},
         mounts={"dshm": "/dev/shm", "model-cache": HF_CACHE},
     )
     tolerations = [{"key": NODE_POOL_LABEL, "operator": "Equal", "value": group.node_pool, "effect": "NoSchedule"}]
@@ -223,8 +246,16 @@ def _pod(component: str, spec: dict) -> dict:
 
 
 def _container(
-    name: str, image: str, env: list[dict], *, cpu: int, memory_gib: int, ports: dict[str, int],
-    gpus: int = 0, disk_gib: int = 0, mounts: dict[str, str] | None = None,
+    name: str,
+    image: str,
+    env: list[dict],
+    *,
+    cpu: int,
+    memory_gib: int,
+    ports: dict[str, int],
+    gpus: int = 0,
+    disk_gib: int = 0,
+    mounts: dict[str, str] | None = None,
 ) -> dict:
     """A Ray container whose requests equal its limits. Its liveness and readiness probes are KubeRay's own
     (injected unless the operator runs with ENABLE_PROBES_INJECTION=false): for Ray 2.53 and later an HTTP
@@ -355,8 +386,9 @@ def _add_commands(parser: argparse.ArgumentParser) -> None:
     k8s = sub.add_parser("k8s", help=f"Write each overlay's {OUTPUT_FILE} from its {SETTINGS_FILE}.")
     k8s.add_argument("overlays", nargs="*", type=Path, help=f"Overlay folders (default: every one in {OVERLAYS_DIR}).")
     k8s.set_defaults(func=_cmd_k8s)
-    sub.add_parser("openapi", help="Print the API's OpenAPI schema (not served: every route but /health needs a key).")\
-        .set_defaults(func=_cmd_openapi)
+    sub.add_parser(
+        "openapi", help="Print the API's OpenAPI schema (not served: every route but /health needs a key)."
+    ).set_defaults(func=_cmd_openapi)
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:

@@ -36,16 +36,23 @@ class WorkerGroupSettings(StrictModel):
         pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$",
         description=f"Value of the pool's nodes' {NODE_POOL_LABEL} label (and of their NoSchedule taint).",
     )
-    node_selector: dict[str, str] = Field(default_factory=dict, description="Further node labels, e.g. the GPU product.")
+    node_selector: dict[str, str] = Field(
+        default_factory=dict, description="Further node labels, e.g. the GPU product."
+    )
     memory_gib: int = Field(ge=2, le=4096, description="Host memory per pod (GiB), /dev/shm included.")
     shm_gib: int = Field(8, ge=1, le=1024, description="Memory-backed /dev/shm (GiB) for vLLM and NCCL.")
     cache_gib: int | None = Field(
-        None, ge=1, le=4096, description="Node disk (GiB) for the model cache: each pod downloads the pool's weights "
+        None,
+        ge=1,
+        le=4096,
+        description="Node disk (GiB) for the model cache: each pod downloads the pool's weights "
         f"from the hub into a volume of this size at {HF_CACHE}; the pod requests it (ephemeral-storage) "
         f"with {SCRATCH_GIB} GiB more for Ray's logs, so the scheduler places it on a node with the room.",
     )
     cache_claim: str | None = Field(
-        None, pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$", description="Instead of cache_gib: a ReadWriteMany "
+        None,
+        pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$",
+        description="Instead of cache_gib: a ReadWriteMany "
         f"PersistentVolumeClaim, shared by the pool's pods at {HF_CACHE}, that already holds the pool's model "
         "(docs/kubernetes.md: filling it); its pods then read the weights offline (HF_HUB_OFFLINE=1).",
     )
@@ -55,7 +62,9 @@ class WorkerGroupSettings(StrictModel):
         if self.shm_gib >= self.memory_gib:
             raise ValueError("shm_gib must be below memory_gib: /dev/shm counts against the pod's memory")
         if (self.cache_gib is None) == (self.cache_claim is None):
-            raise ValueError("set exactly one of cache_gib (a cache on the node's disk) or cache_claim (a shared claim)")
+            raise ValueError(
+                "set exactly one of cache_gib (a cache on the node's disk) or cache_claim (a shared claim)"
+            )
         return self
 
 
@@ -68,7 +77,8 @@ class RenderSettings(StrictModel):
     head: HeadSettings = Field(default_factory=HeadSettings, description="The head pod.")
     router: RouterGroupSettings = Field(default_factory=RouterGroupSettings, description="The router pods.")
     upgrade_strategy: Literal["None", "NewCluster"] = Field(
-        "None", description="RayService upgradeStrategy.type. 'None': a change of rayClusterConfig (image, pod "
+        "None",
+        description="RayService upgradeStrategy.type. 'None': a change of rayClusterConfig (image, pod "
         "sizes) waits until the RayCluster is replaced on purpose (docs/kubernetes.md), so the GPUs in use are "
         "never doubled; Serve config changes still apply in place. 'NewCluster' (KubeRay's default): a second "
         "RayCluster at its groups' replicas starts beside the running one and takes the traffic once it serves.",

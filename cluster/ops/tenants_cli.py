@@ -59,7 +59,9 @@ def register(subparsers) -> argparse.ArgumentParser:
 
     group = subparsers.add_parser("tenants", help="manage tenants, API keys and usage")
     cmds = group.add_subparsers(dest="tenants_cmd", required=True)
-    cmds.add_parser("create", parents=[common, limits], help="create a tenant and print its first key").add_argument("name")
+    cmds.add_parser("create", parents=[common, limits], help="create a tenant and print its first key").add_argument(
+        "name"
+    )
     cmds.add_parser("list", parents=[common], help="list tenants")
     cmds.add_parser("show", parents=[common], help="a tenant's settings and keys").add_argument("name")
     cmds.add_parser("set", parents=[common, limits], help="change a tenant's settings").add_argument("name")
@@ -91,7 +93,7 @@ def _changes(args) -> dict:
 def _table(rows: list[list], header: list[str]) -> str:
     cells = [header] + [[str(c) for c in row] for row in rows]
     widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
-    return "\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in cells)
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=False)).rstrip() for row in cells)
 
 
 def _iso(epoch: float) -> str:

@@ -43,8 +43,13 @@ async def one_request(client: httpx.AsyncClient, model: str, seed: int, fields: 
         response = await client.post("/v1/chat/completions", json=body)
         response.raise_for_status()
         data = response.json()
-        return {"id": data["id"], "seconds": time.perf_counter() - t0, "ttft": None, "usage": data["usage"],
-                "routing": data["routing"]}
+        return {
+            "id": data["id"],
+            "seconds": time.perf_counter() - t0,
+            "ttft": None,
+            "usage": data["usage"],
+            "routing": data["routing"],
+        }
     ttft, usage, routing, rid = None, None, None, None
     async with client.stream("POST", "/v1/chat/completions", json=body) as response:
         response.raise_for_status()
@@ -61,8 +66,9 @@ async def one_request(client: httpx.AsyncClient, model: str, seed: int, fields: 
     return {"id": rid, "seconds": time.perf_counter() - t0, "ttft": ttft, "usage": usage, "routing": routing}
 
 
-async def warm_up(client: httpx.AsyncClient, cfg: ClusterConfig, concurrency: int = 1,
-                  lag_s: float = METRICS_LAG_S) -> None:
+async def warm_up(
+    client: httpx.AsyncClient, cfg: ClusterConfig, concurrency: int = 1, lag_s: float = METRICS_LAG_S
+) -> None:
     """``concurrency`` requests at once, then ``lag_s`` for their metrics to be exported (so that they are not
     counted in the first level). At the load's largest concurrency this runs the engines' kernels at the levels'
     batch shapes before any level is measured: in each start of the sixth GPU run whose engines had just

@@ -29,38 +29,63 @@ class Layout:
 
 # each pool with GPUs of its own: one GPU, most of its memory, a larger KV cache than when sharing
 OWN_GPU = {
-    "pools.small.placement.num_gpus": 1, "pools.small.engine.gpu_memory_utilization": 0.85,
+    "pools.small.placement.num_gpus": 1,
+    "pools.small.engine.gpu_memory_utilization": 0.85,
     "pools.small.engine.kv_cache_gib": 16,
-    "pools.large.placement.num_gpus": 1, "pools.large.engine.gpu_memory_utilization": 0.85,
+    "pools.large.placement.num_gpus": 1,
+    "pools.large.engine.gpu_memory_utilization": 0.85,
     "pools.large.engine.kv_cache_gib": 40,
 }
 LAYOUTS = {
     "one-gpu": Layout("both pools on one GPU (the single-stream layout)", [({"small": 1, "large": 1}, GPU0)]),
-    "routed-2gpu": Layout("small pool on GPU 0, large pool on GPU 1", [({"small": 1}, GPU0), ({"large": 1}, GPU1)],
-                          OWN_GPU),
-    "shared-2gpu": Layout("one small and one large replica on each GPU",
-                          [({"small": 1, "large": 1}, GPU0), ({"small": 1, "large": 1}, GPU1)]),
+    "routed-2gpu": Layout(
+        "small pool on GPU 0, large pool on GPU 1", [({"small": 1}, GPU0), ({"large": 1}, GPU1)], OWN_GPU
+    ),
+    "shared-2gpu": Layout(
+        "one small and one large replica on each GPU",
+        [({"small": 1, "large": 1}, GPU0), ({"small": 1, "large": 1}, GPU1)],
+    ),
     # two small engines share GPU 0: each its own scheduler process
-    "routed-dp-2gpu": Layout("two small replicas on GPU 0 (data parallel), the large pool on GPU 1",
-                             [({"small": 2}, GPU0), ({"large": 1}, GPU1)],
-                             {**OWN_GPU, "pools.small.placement.num_gpus": 0.5,
-                              "pools.small.engine.gpu_memory_utilization": 0.4, "pools.small.engine.kv_cache_gib": 12}),
-    "large-only-2gpu": Layout("one large replica on each GPU, policy large_only",
-                              [({"large": 1}, GPU0), ({"large": 1}, GPU1)],
-                              {**OWN_GPU, "pools.small.autoscaling.min_replicas": 0,
-                               "pools.small.autoscaling.max_replicas": 1,
-                               "pools.small.autoscaling.initial_replicas": 0, "router.policy": {"policy": "large_only"}}),
+    "routed-dp-2gpu": Layout(
+        "two small replicas on GPU 0 (data parallel), the large pool on GPU 1",
+        [({"small": 2}, GPU0), ({"large": 1}, GPU1)],
+        {
+            **OWN_GPU,
+            "pools.small.placement.num_gpus": 0.5,
+            "pools.small.engine.gpu_memory_utilization": 0.4,
+            "pools.small.engine.kv_cache_gib": 12,
+        },
+    ),
+    "large-only-2gpu": Layout(
+        "one large replica on each GPU, policy large_only",
+        [({"large": 1}, GPU0), ({"large": 1}, GPU1)],
+        {
+            **OWN_GPU,
+            "pools.small.autoscaling.min_replicas": 0,
+            "pools.small.autoscaling.max_replicas": 1,
+            "pools.small.autoscaling.initial_replicas": 0,
+            "router.policy": {"policy": "large_only"},
+        },
+    ),
     # NCCL all-reduce: with vLLM's custom one an H200 pair failed the engine's first pass
-    "tp2-32b-2gpu": Layout("the large pool as Qwen2.5-32B over both GPUs (tensor parallel 2), a small replica on "
-                           "each GPU", [({"small": 1}, GPU0), ({"small": 1}, GPU1), ({"large": 1}, BOTH)],
-                           {"pools.large.model.path": "qwen2.5-32b", "pools.large.engine.tensor_parallel_size": 2,
-                            "pools.large.engine.gpu_memory_utilization": 0.75, "pools.large.engine.kv_cache_gib": 20,
-                            "pools.large.engine.disable_custom_all_reduce": True, "pools.large.placement.num_gpus": 2}),
+    "tp2-32b-2gpu": Layout(
+        "the large pool as Qwen2.5-32B over both GPUs (tensor parallel 2), a small replica on each GPU",
+        [({"small": 1}, GPU0), ({"small": 1}, GPU1), ({"large": 1}, BOTH)],
+        {
+            "pools.large.model.path": "qwen2.5-32b",
+            "pools.large.engine.tensor_parallel_size": 2,
+            "pools.large.engine.gpu_memory_utilization": 0.75,
+            "pools.large.engine.kv_cache_gib": 20,
+            "pools.large.engine.disable_custom_all_reduce": True,
+            "pools.large.placement.num_gpus": 2,
+        },
+    ),
 }
 
 
-def layout(name: str, steps: int, models_dir: Path, overrides: dict | None = None
-           ) -> tuple[ClusterConfig, list[LocalNode]]:
+def layout(
+    name: str, steps: int, models_dir: Path, overrides: dict | None = None
+) -> tuple[ClusterConfig, list[LocalNode]]:
     """The benchmark config and local Ray nodes (each advertising the pools it hosts, owning its GPUs) for
     ``name``, with ``steps`` steps per request, absolute model folders and ``{dotted.path: value}`` overrides
     set last."""
@@ -75,8 +100,10 @@ def layout(name: str, steps: int, models_dir: Path, overrides: dict | None = Non
         if (replicas := sum(pools.get(role, 0) for pools, _ in spec.hosts)) > 1:
             pool["autoscaling"].update(min_replicas=replicas, max_replicas=replicas)
     gpus = local_gpus()
-    nodes = [LocalNode({f"{role}_pool": float(n) for role, n in pools.items()}, tuple(gpus[i] for i in owned))
-             for pools, owned in spec.hosts]
+    nodes = [
+        LocalNode({f"{role}_pool": float(n) for role, n in pools.items()}, tuple(gpus[i] for i in owned))
+        for pools, owned in spec.hosts
+    ]
     return with_overrides(data, overrides or {}, f"layout {name}"), nodes
 
 

@@ -74,7 +74,7 @@ def at_equal_p95(curve: list[dict], p95_s: float, key: str) -> float | None:
     """The throughput ``key`` of a curve (levels of one arm, those at the same number in flight averaged) where its
     p95 latency is ``p95_s``: linear between neighbouring points whose p95s enclose it; None outside the curve."""
     points = [(mean_of(levels, "p95_s"), mean_of(levels, key)) for _, levels in by_in_flight(curve)]
-    for (p1, t1), (p2, t2) in zip(points, points[1:] or points):  # a one-point curve: only at its own p95
+    for (p1, t1), (p2, t2) in zip(points, points[1:] or points, strict=False):  # a one-point curve: only at its own p95
         if min(p1, p2) <= p95_s <= max(p1, p2) and None not in (t1, t2):
             return t1 if p1 == p2 else t1 + (t2 - t1) * (p95_s - p1) / (p2 - p1)
     return None
@@ -100,8 +100,9 @@ def comparisons(routed: dict, baseline: dict) -> list[dict]:
                 if (reference := mean_of(base, key)) is None:
                     continue
                 row[f"{key}_ratio"] = None if (equal := mean_of(same, key)) is None else equal / reference
-                row[f"{key}_ratio_at_equal_p95"] = None if (at := at_equal_p95(curve, p95_s, key)) is None \
-                    else at / reference
+                row[f"{key}_ratio_at_equal_p95"] = (
+                    None if (at := at_equal_p95(curve, p95_s, key)) is None else at / reference
+                )
             rows.append({key: round(value, 3) if isinstance(value, float) else value for key, value in row.items()})
     return rows
 

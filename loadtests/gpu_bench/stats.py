@@ -18,13 +18,20 @@ def breakdown(result: dict, before: dict, after: dict) -> dict:
     the final answer), Redis (the router's round trips; Ray exports a histogram's sum from its bucket midpoints,
     so this one is approximate) and the rest (router, Serve proxy, HTTP, client)."""
     steps = result["routing"]["steps"]
-    calls = {"glimpse_s": sum(s["glimpse_ms"] for s in steps) / 1e3,
-             **{f"{p}_steps_s": sum(s["step_ms"] for s in steps if s["pool"] == p) / 1e3 for p in ("small", "large")},
-             "final_s": result["final_ms"] / 1e3}
+    calls = {
+        "glimpse_s": sum(s["glimpse_ms"] for s in steps) / 1e3,
+        **{f"{p}_steps_s": sum(s["step_ms"] for s in steps if s["pool"] == p) / 1e3 for p in ("small", "large")},
+        "final_s": result["final_ms"] / 1e3,
+    }
     redis = total(delta(after, before), "ray_glimprouter_redis_latency_seconds_sum")
-    return {"total_s": result["seconds"], **calls, "redis_s": redis,
-            "router_http_rest_s": result["seconds"] - sum(calls.values()) - redis,
-            "large_steps": sum(s["pool"] == "large" for s in steps), "steps": len(steps)}
+    return {
+        "total_s": result["seconds"],
+        **calls,
+        "redis_s": redis,
+        "router_http_rest_s": result["seconds"] - sum(calls.values()) - redis,
+        "large_steps": sum(s["pool"] == "large" for s in steps),
+        "steps": len(steps),
+    }
 
 
 def engine_figures(cfg: ClusterConfig, moved: dict, wall_s: float, requests: int) -> dict:
@@ -41,24 +48,30 @@ def engine_figures(cfg: ClusterConfig, moved: dict, wall_s: float, requests: int
         if not iterations:
             continue
         busy_s = total(moved, SPECS["glimprouter_engine_busy_seconds"].exported, pool=role)
-        tokens = {kind: total(moved, SPECS["glimprouter_engine_tokens"].exported, pool=role, kind=kind)
-                  for kind in ("decode", "prefill")}
+        tokens = {
+            kind: total(moved, SPECS["glimprouter_engine_tokens"].exported, pool=role, kind=kind)
+            for kind in ("decode", "prefill")
+        }
         replicas = pool.autoscaling.max_replicas
         phase_iterations, phase_busy_s = (
             {phase: total(moved, SPECS[name].exported, pool=role, phase=phase) for phase in PHASES}
-            for name in ("glimprouter_engine_iterations", "glimprouter_engine_busy_seconds"))
-        figures[role] = {"iterations_per_s": round(iterations / wall_s, 1),
-                         "iterations_per_request": round(iterations / requests, 1),
-                         "ms_per_iteration": round(1e3 * wall_s * replicas / iterations, 2),
-                         "busy_fraction": round(busy_s / (wall_s * replicas), 3),
-                         "ms_per_busy_iteration": round(1e3 * busy_s / iterations, 2),
-                         "busy_ms_per_request": round(1e3 * busy_s / requests),
-                         "decode_tokens_per_iteration": round(tokens["decode"] / iterations, 1),
-                         "prefill_tokens_per_s": round(tokens["prefill"] / wall_s),
-                         **phase_figures(phase_iterations, phase_busy_s),
-                         "prefill_tokens_per_mixed_iteration": round(tokens["prefill"] / phase_iterations["mixed"], 1)
-                                                               if phase_iterations["mixed"] else 0.0,
-                         "calls": call_figures(moved, role)}
+            for name in ("glimprouter_engine_iterations", "glimprouter_engine_busy_seconds")
+        )
+        figures[role] = {
+            "iterations_per_s": round(iterations / wall_s, 1),
+            "iterations_per_request": round(iterations / requests, 1),
+            "ms_per_iteration": round(1e3 * wall_s * replicas / iterations, 2),
+            "busy_fraction": round(busy_s / (wall_s * replicas), 3),
+            "ms_per_busy_iteration": round(1e3 * busy_s / iterations, 2),
+            "busy_ms_per_request": round(1e3 * busy_s / requests),
+            "decode_tokens_per_iteration": round(tokens["decode"] / iterations, 1),
+            "prefill_tokens_per_s": round(tokens["prefill"] / wall_s),
+            **phase_figures(phase_iterations, phase_busy_s),
+            "prefill_tokens_per_mixed_iteration": round(tokens["prefill"] / phase_iterations["mixed"], 1)
+            if phase_iterations["mixed"]
+            else 0.0,
+            "calls": call_figures(moved, role),
+        }
     return figures
 
 
@@ -70,19 +83,31 @@ def call_figures(moved: dict, role: str) -> dict:
     for call in CALLS:
         if not (requests := total(moved, SPECS["glimprouter_engine_requests"].exported, pool=role, call=call)):
             continue
-        ms = {part: round(1e3 * total(moved, SPECS["glimprouter_engine_request_seconds"].exported, pool=role,
-                                      call=call, part=part) / requests, 1) for part in REQUEST_PARTS}
-        figures[call] = {"requests": round(requests), "ms": {**ms, "outside": round(ms["total"] - ms["queued"]
-                                                                                     - ms["running"], 1)}}
+        ms = {
+            part: round(
+                1e3
+                * total(moved, SPECS["glimprouter_engine_request_seconds"].exported, pool=role, call=call, part=part)
+                / requests,
+                1,
+            )
+            for part in REQUEST_PARTS
+        }
+        figures[call] = {
+            "requests": round(requests),
+            "ms": {**ms, "outside": round(ms["total"] - ms["queued"] - ms["running"], 1)},
+        }
     return figures
 
 
 def phase_figures(iterations: Mapping[str, float], busy_s: Mapping[str, float]) -> dict:
     """From an engine's iterations and busy seconds by phase (see ``deployments.pool.PHASES``): the share of
     mixed iterations and the time per busy iteration of each phase."""
-    return {"mixed_fraction": round(iterations["mixed"] / max(sum(iterations.values()), 1), 3),
-            "ms_per_busy_iteration_by_phase": {phase: round(1e3 * busy_s[phase] / iterations[phase], 2)
-                                               for phase in PHASES if iterations[phase]}}
+    return {
+        "mixed_fraction": round(iterations["mixed"] / max(sum(iterations.values()), 1), 3),
+        "ms_per_busy_iteration_by_phase": {
+            phase: round(1e3 * busy_s[phase] / iterations[phase], 2) for phase in PHASES if iterations[phase]
+        },
+    }
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -108,23 +133,45 @@ def summarize(concurrency: int, results: list[dict], wall: float, bound_s: float
     ttft = [r["ttft"] for r in results if r["ttft"] is not None] or [math.nan]  # nan: not streamed
     steps = [s for r in results for s in r["routing"]["steps"]]
     return {
-        "concurrency": concurrency, "requests": len(results), "wall_s": round(wall, 2),
-        "throughput_rps": round(len(results) / wall, 4), "steady_rps": steady_throughput(results, concurrency),
-        "p50_s": round(statistics.median(latency), 2), "p95_s": round(percentile(latency, 0.95), 2),
-        "ttft_p50_s": round(statistics.median(ttft), 3), "ttft_p95_s": round(percentile(ttft, 0.95), 3),
-        "goodput_rps": round(sum(x <= bound_s for x in latency) / wall, 4), "latency_bound_s": bound_s,
+        "concurrency": concurrency,
+        "requests": len(results),
+        "wall_s": round(wall, 2),
+        "throughput_rps": round(len(results) / wall, 4),
+        "steady_rps": steady_throughput(results, concurrency),
+        "p50_s": round(statistics.median(latency), 2),
+        "p95_s": round(percentile(latency, 0.95), 2),
+        "ttft_p50_s": round(statistics.median(ttft), 3),
+        "ttft_p95_s": round(percentile(ttft, 0.95), 3),
+        "goodput_rps": round(sum(x <= bound_s for x in latency) / wall, 4),
+        "latency_bound_s": bound_s,
         "steps_per_request": round(len(steps) / len(results), 2),
         "large_fraction": round(sum(s["pool"] == "large" for s in steps) / len(steps), 3),
-        "step_ms_p50": {p: round(statistics.median(ms), 1) for p in ("small", "large")
-                        if (ms := [s["step_ms"] for s in steps if s["pool"] == p])},
-        "glimpse_ms_p50": {kind: round(statistics.median(ms), 1) for kind, fused in (("call", False), ("fused", True))
-                           if (ms := [s["glimpse_ms"] for s in steps if s["glimpse_fused"] is fused and s["glimpse_ms"]])},
+        "step_ms_p50": {
+            p: round(statistics.median(ms), 1)
+            for p in ("small", "large")
+            if (ms := [s["step_ms"] for s in steps if s["pool"] == p])
+        },
+        "glimpse_ms_p50": {
+            kind: round(statistics.median(ms), 1)
+            for kind, fused in (("call", False), ("fused", True))
+            if (ms := [s["glimpse_ms"] for s in steps if s["glimpse_fused"] is fused and s["glimpse_ms"]])
+        },
         # beside the engines' own times of their calls (``call_figures``; they also count fused glimpses as
         # glimpses and the large pool's final answers as its calls): the rest is Serve and the replicas
-        "call_ms_mean": {call: round(statistics.fmean(ms), 1) for call, ms in (
-            ("glimpse", [s["glimpse_ms"] for s in steps if not s["glimpse_fused"] and s["glimpse_ms"]]),
-            *((f"{p}_step", [s["step_ms"] for s in steps if s["pool"] == p]) for p in ("small", "large"))) if ms},
-        "cache_hit": {p: round(sum(r["usage"]["per_pool"][p]["cached_prompt_tokens"] for r in results) /
-                               max(1, sum(r["usage"]["per_pool"][p]["prompt_tokens"] for r in results)), 3)
-                      for p in ("small", "large")},
+        "call_ms_mean": {
+            call: round(statistics.fmean(ms), 1)
+            for call, ms in (
+                ("glimpse", [s["glimpse_ms"] for s in steps if not s["glimpse_fused"] and s["glimpse_ms"]]),
+                *((f"{p}_step", [s["step_ms"] for s in steps if s["pool"] == p]) for p in ("small", "large")),
+            )
+            if ms
+        },
+        "cache_hit": {
+            p: round(
+                sum(r["usage"]["per_pool"][p]["cached_prompt_tokens"] for r in results)
+                / max(1, sum(r["usage"]["per_pool"][p]["prompt_tokens"] for r in results)),
+                3,
+            )
+            for p in ("small", "large")
+        },
     }

@@ -14,7 +14,9 @@ from cluster.ops.launcher import LocalNode
 
 DEVICE_ENV = {  # for the Ray nodes the driver starts, and so for the engines
     # Hosts whose GPUs others share may forbid NVLink multicast; vLLM's symmetric-memory all-reduce uses it.
-    "NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1",
+    "NCCL_NVLS_ENABLE": "0",
+    "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1",
+    "NVSHMEM_DISABLE_NVLS": "1",
     "VLLM_ALLREDUCE_USE_SYMM_MEM": "0",
     # A replica that fails to start fails the run at its first try, not its third (GPU time is costly).
     "RAY_SERVE_MAX_PER_REPLICA_RETRY_COUNT": "1",
@@ -31,10 +33,17 @@ async def bench_key(cfg: ClusterConfig) -> str:
     store = TenantStore(client)
     if await store.get_tenant("bench") is not None:
         await store.delete_tenant("bench")
-    _, key = await store.create_tenant("bench", TenantSettings(
-        policy=cfg.router.policy, max_token_budget=100_000, requests_per_minute=1_000_000,
-        tokens_per_minute_small=1_000_000_000, tokens_per_minute_large=1_000_000_000,
-        max_concurrent_requests=10_000))
+    _, key = await store.create_tenant(
+        "bench",
+        TenantSettings(
+            policy=cfg.router.policy,
+            max_token_budget=100_000,
+            requests_per_minute=1_000_000,
+            tokens_per_minute_small=1_000_000_000,
+            tokens_per_minute_large=1_000_000_000,
+            max_concurrent_requests=10_000,
+        ),
+    )
     await client.aclose()
     return key
 

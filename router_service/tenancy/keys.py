@@ -111,7 +111,11 @@ class TenantDirectory(TenantKeys):
         if not names:
             return []
         raws = await self.redis.mget([self._settings_key(n) for n in names])
-        return [Tenant(name=n, settings=TenantSettings.model_validate_json(r)) for n, r in zip(names, raws) if r is not None]
+        return [
+            Tenant(name=n, settings=TenantSettings.model_validate_json(r))
+            for n, r in zip(names, raws, strict=True)
+            if r is not None
+        ]
 
     async def update_settings(self, name: str, changes: dict) -> Tenant:
         """Apply ``changes`` (a partial settings dict; ``policy`` may be partial too) and return the tenant."""

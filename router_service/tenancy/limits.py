@@ -54,10 +54,7 @@ class RateLimited(TenancyError):
         self.state = state
 
 
-_NOW_LUA = (
-    "local t = redis.call('TIME')\n"
-    "local now_ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)\n"
-)
+_NOW_LUA = "local t = redis.call('TIME')\nlocal now_ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)\n"
 
 # A sliding window of length ARGV[1] ms ending now: an admission or charge made at t counts while now < t + window.
 # Requests are a sorted set of admissions scored by time; a pool's tokens a sorted set of charges ("id:tokens")
@@ -155,12 +152,15 @@ return sum
 """
 
 # KEYS[1] in-flight set; ARGV: request_id, ttl_ms. Returns 1 if the request was still counted.
-_HEARTBEAT_LUA = _NOW_LUA + """
+_HEARTBEAT_LUA = (
+    _NOW_LUA
+    + """
 if not redis.call('ZSCORE', KEYS[1], ARGV[1]) then return 0 end
 redis.call('ZADD', KEYS[1], now_ms + tonumber(ARGV[2]), ARGV[1])
 redis.call('PEXPIRE', KEYS[1], ARGV[2])
 return 1
 """
+)
 
 class RateLimiter(TenantKeys):
     """A tenant's limits in Redis (``redis.asyncio`` client; decoded replies or not).

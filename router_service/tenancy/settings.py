@@ -29,12 +29,24 @@ POOLS: tuple[PoolRole, ...] = ("small", "large")
 class TenantSettings(StrictModel):
     """One tenant's defaults and limits."""
 
-    policy: PolicySettings = Field(default_factory=PolicySettings, description="Default routing policy and tau of the tenant's requests.")
-    max_token_budget: int = Field(8192, ge=1, le=1_000_000, description="Ceiling on a request's token budget (all steps together).")
-    allowed_models: list[str] = Field(default_factory=list, description="Model names the tenant may ask for; empty means all.")
-    requests_per_minute: int = Field(60, ge=1, le=1_000_000, description="Requests admitted per rate-limit window (a minute).")
-    tokens_per_minute_small: int = Field(1_000_000, ge=1, le=1_000_000_000, description="Small-pool tokens per window; none admitted once reached.")
-    tokens_per_minute_large: int = Field(200_000, ge=1, le=1_000_000_000, description="Large-pool tokens per window; none admitted once reached.")
+    policy: PolicySettings = Field(
+        default_factory=PolicySettings, description="Default routing policy and tau of the tenant's requests."
+    )
+    max_token_budget: int = Field(
+        8192, ge=1, le=1_000_000, description="Ceiling on a request's token budget (all steps together)."
+    )
+    allowed_models: list[str] = Field(
+        default_factory=list, description="Model names the tenant may ask for; empty means all."
+    )
+    requests_per_minute: int = Field(
+        60, ge=1, le=1_000_000, description="Requests admitted per rate-limit window (a minute)."
+    )
+    tokens_per_minute_small: int = Field(
+        1_000_000, ge=1, le=1_000_000_000, description="Small-pool tokens per window; none admitted once reached."
+    )
+    tokens_per_minute_large: int = Field(
+        200_000, ge=1, le=1_000_000_000, description="Large-pool tokens per window; none admitted once reached."
+    )
     max_concurrent_requests: int = Field(8, ge=1, le=100_000, description="Requests of the tenant in flight at once.")
     tau_floor: float | None = Field(None, ge=0, le=10, description="Load-aware tau never goes below this (None: the request's tau).")
     tau_ceiling: float | None = Field(None, ge=0, le=10, description="Load-aware tau never goes above this (None: no ceiling).")
@@ -64,7 +76,6 @@ class Tenant(StrictModel):
     settings: TenantSettings = Field(default_factory=TenantSettings, description="Defaults and limits.")
 
 
-
 class TenancyError(Exception):
     """Base of this module's errors; messages name keys by prefix only."""
 
@@ -83,7 +94,6 @@ class TenantExists(TenancyError):
 
 class KeyNotFound(TenancyError, LookupError):
     """No such API key (prefix), or not the tenant's."""
-
 
 
 def check_tenant_name(name: str) -> str:
@@ -128,4 +138,3 @@ class TenantKeys:
     def request_key_prefix(self, tenant: Tenant | str) -> str:
         """Prefix of the tenant's request-state keys (``{ns}:t:{tenant}:req:``): one tenant cannot reach another's."""
         return self._base(tenant) + "req:"
-

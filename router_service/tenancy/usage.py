@@ -13,13 +13,22 @@ USAGE_FIELDS = ("requests", "prompt_tokens", "output_tokens", "steps", "glimpses
 class UsageMeter(TenantKeys):
     """A tenant's usage counters in Redis."""
 
-    async def record_usage(self, tenant: Tenant | str, pool: PoolRole, *, requests: int = 0, prompt_tokens: int = 0,
-                           output_tokens: int = 0, steps: int = 0, glimpses: int = 0) -> None:
+    async def record_usage(
+        self,
+        tenant: Tenant | str,
+        pool: PoolRole,
+        *,
+        requests: int = 0,
+        prompt_tokens: int = 0,
+        output_tokens: int = 0,
+        steps: int = 0,
+        glimpses: int = 0,
+    ) -> None:
         """Add to the tenant's usage counters of ``pool`` for today (UTC), in one transaction."""
         if pool not in POOLS:
             raise ValueError(f"unknown pool {pool!r}")
         key = self._usage_key(tenant_name(tenant), _today(), pool)
-        counts = dict(zip(USAGE_FIELDS, (requests, prompt_tokens, output_tokens, steps, glimpses)))
+        counts = dict(zip(USAGE_FIELDS, (requests, prompt_tokens, output_tokens, steps, glimpses), strict=False))
         async with self.redis.pipeline(transaction=True) as pipe:
             for field, n in counts.items():
                 if n:
@@ -35,7 +44,7 @@ class UsageMeter(TenantKeys):
                 pipe.hgetall(self._usage_key(name, day, pool))
             raws = await pipe.execute()
         pools = {}
-        for pool, raw in zip(POOLS, raws):
+        for pool, raw in zip(POOLS, raws, strict=False):
             counts = {text(k): int(v) for k, v in raw.items()}
             pools[pool] = {f: counts.get(f, 0) for f in USAGE_FIELDS}
         steps = pools["small"]["steps"] + pools["large"]["steps"]
@@ -45,7 +54,6 @@ class UsageMeter(TenantKeys):
             "pools": pools,
             "large_step_fraction": pools["large"]["steps"] / steps if steps else 0.0,
         }
-
 
 
 def _today() -> str:

@@ -5,7 +5,7 @@ budget (``max_num_batched_tokens``) on the prompts waiting, in arrival order, wh
 (``max_num_seqs``) and the KV cache holds the request (prompt plus its output). A prompt's tokens in the
 prefix cache (the request's earlier calls to this engine, in whole 16-token blocks) are not computed; the
 iteration that finishes a prompt samples its first token (a glimpse ends there). The iteration's time comes
-from the engine's cost profile (``cluster/planner/profiles.py``), times the sharing factor while another engine
+from the engine's cost profile (``cluster/ops/planner/profiles.py``), times the sharing factor while another engine
 on the same GPU is in an iteration.
 """
 

@@ -17,16 +17,16 @@ import statistics
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
-from cluster.planner.engine import Engine, EngineRequest
-from cluster.planner.overheads import load_overheads
-from cluster.planner.profiles import (
+from cluster.ops.planner.engine import Engine, EngineRequest
+from cluster.ops.planner.overheads import load_overheads
+from cluster.ops.planner.profiles import (
     KV_BYTES_PER_TOKEN,
     SHAPES,
     find_profile,
     load_profiles,
     sharing_slowdown,
 )
-from cluster.planner.system import Layout, Overheads, RequestShape, kv_gib
+from cluster.ops.planner.system import Layout, Overheads, RequestShape, kv_gib
 
 
 @dataclass(frozen=True)

@@ -1,5 +1,6 @@
 """Engine cost profiles: one vLLM engine's iteration time as a linear function of its batch, fitted by least
-squares from the pools' own counters in the committed GPU runs (``docs/gpu/**.json``) or from an engine sweep.
+squares from the pools' own counters in the committed GPU runs (the JSON files under ``docs/gpu/``) or from an
+engine sweep.
 
     iteration ms = base + per_seq * decode sequences + per_prefill_token * prefill tokens
                    + per_kilo_context * (context tokens of the decode sequences / 1000)
@@ -10,7 +11,7 @@ iteration, no prefill) and its mixed ones (the same sequences plus the prefill t
 at the context the request shape gives (prompt plus half the reasoning on average). An engine that shares its
 GPU runs ``shared_slowdown`` times slower while the other engine on it is busy: measured by a side-by-side sweep
 where one exists, else the time-slicing factor 2 (``sharing_slowdown``).
-``python -m cluster.planner.profiles fit`` writes ``cluster/planner/profiles/*.json``.
+``python -m cluster.ops.planner.profiles fit`` writes ``cluster/ops/planner/profiles/*.json``.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from pathlib import Path
 import numpy as np
 from pydantic import BaseModel, Field
 
-from cluster.planner.runs import GPU_DOCS, RUNS, VERSIONS, facts_for, gpu_key, run_folder
+from cluster.ops.planner.runs import GPU_DOCS, RUNS, VERSIONS, facts_for, gpu_key, run_folder
 
 PROFILE_DIR = Path(__file__).resolve().parent / "profiles"
 TERMS = ("base_ms", "per_seq_ms", "per_prefill_token_ms", "per_kilo_context_ms", "mixed_ms")
@@ -314,9 +315,11 @@ def sharing_slowdown(profiles: dict, profile: Profile) -> float:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m cluster.planner.profiles", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m cluster.ops.planner.profiles", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("fit", help="fit the profiles from docs/gpu/**.json (and sweep files) and write them")
+    p = sub.add_parser(
+        "fit", help="fit the profiles from the JSON files under docs/gpu/ (and sweep files) and write them"
+    )
     p.add_argument("--docs", type=Path, default=GPU_DOCS)
     p.add_argument(
         "--sweep",

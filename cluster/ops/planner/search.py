@@ -13,8 +13,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-from cluster.planner.simulator import Hardware, Result, simulate
-from cluster.planner.system import Layout, RequestShape, parse_layout, spec_of
+from cluster.ops.planner.simulator import Hardware, Result, simulate
+from cluster.ops.planner.system import Layout, RequestShape, parse_layout, spec_of
 
 
 def candidate_cells(max_gpus: int = 4, routed: bool = True) -> list[Layout]:
@@ -185,7 +185,10 @@ def plan(
                 cell.per_copy = run(layout, shape_here, load / cell.copies, closed, hardware, duration_s)
         evaluated.append(cell)
     feasible = [c for c in evaluated if c.capacity > 0 and (max_gpus is None or c.gpus <= max_gpus)]
-    key = lambda c: (c.gpus, -c.capacity / len(c.layout.gpus))
+
+    def key(c):
+        return c.gpus, -c.capacity / len(c.layout.gpus)
+
     best = min(feasible, key=key, default=None)
     large_only = min((c for c in evaluated if not c.layout.count("small") and c.capacity > 0), key=key, default=None)
     routed = min((c for c in feasible if c.layout.count("small")), key=key, default=None)

@@ -13,9 +13,9 @@ from pathlib import Path
 
 import numpy as np
 
-from cluster.planner.profiles import PROFILE_DIR, nonnegative_lstsq, result_files
-from cluster.planner.runs import GPU_DOCS, facts_for
-from cluster.planner.system import CallCost, Overheads
+from cluster.ops.planner.profiles import PROFILE_DIR, nonnegative_lstsq, result_files
+from cluster.ops.planner.runs import GPU_DOCS, facts_for
+from cluster.ops.planner.system import CallCost, Overheads
 
 OVERHEADS_FILE = PROFILE_DIR / "overheads" / "router-path.json"
 ONE_OPEN = {"glimpse": 7.0, "small": 0.0, "large": 0.0}

@@ -8,7 +8,7 @@ import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 GPU_DOCS = ROOT / "docs" / "gpu"
 H200, H100 = "NVIDIA H200", "NVIDIA H100 80GB HBM3"
 VERSIONS = {"vllm": "0.26.0", "ray": "2.60.0", "torch": "2.11", "python": "3.12"}
@@ -25,8 +25,8 @@ class RunFacts:
     cold_first_level: bool = False  # a start's first level ran right after the engines compiled (no warm-up)
 
 
-RUNS = {  # folder under docs/gpu ("." for the files at its top)
-    ".": RunFacts(H200, "aligned", "default", code="before-levers", cold_first_level=True),
+RUNS = {  # folder under docs/gpu
+    "2026-11-25": RunFacts(H200, "aligned", "default", code="before-levers", cold_first_level=True),
     "2026-11-26": RunFacts(H200, "aligned", "default", cold_first_level=True),
     "2026-11-26-run2": RunFacts(H200, "aligned", "default", cold_first_level=True),
     "2026-11-26-run3": RunFacts(H200, "aligned", "default", cold_first_level=True),
@@ -51,7 +51,7 @@ def facts_for(path: Path, result: dict) -> RunFacts:
     """The facts of a result file, its overrides applied (a file may set the small engine's graphs)."""
     facts = RUNS.get(run_folder(path))
     if facts is None:
-        raise KeyError(f"{path}: its run folder is not in cluster/planner/runs.py RUNS; add its card and settings")
+        raise KeyError(f"{path}: its run folder is not in cluster/ops/planner/runs.py RUNS; add its card and settings")
     rel = str(path.resolve().relative_to(GPU_DOCS))
     if rel in FILE_GPU:
         facts = dataclasses.replace(facts, gpu=FILE_GPU[rel])

@@ -2,8 +2,8 @@
 level's layout, arm, requests in flight and request count run through the simulator on the profiles of its
 card, and set beside what the run measured (throughput over the level, p50, p95, each pool's busy fraction).
 
-    python -m cluster.planner.validate            # the table (markdown), then the worst errors
-    python -m cluster.planner.validate --check docs/planning.md   # exit 1 if the doc's table differs
+    python -m cluster.ops.planner.validate            # the table (markdown), then the worst errors
+    python -m cluster.ops.planner.validate --check docs/planning.md   # exit 1 if the doc's table differs
 """
 
 from __future__ import annotations
@@ -15,11 +15,11 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from cluster.planner.overheads import as_overheads, fit_overheads
-from cluster.planner.profiles import fit_all
-from cluster.planner.runs import GPU_DOCS, H100, facts_for, run_folder
-from cluster.planner.simulator import Hardware, simulate
-from cluster.planner.system import NAMED, Layout, RequestShape, Routing
+from cluster.ops.planner.overheads import as_overheads, fit_overheads
+from cluster.ops.planner.profiles import fit_all
+from cluster.ops.planner.runs import GPU_DOCS, H100, facts_for, run_folder
+from cluster.ops.planner.simulator import Hardware, simulate
+from cluster.ops.planner.system import NAMED, Layout, RequestShape, Routing
 
 BEGIN, END = "<!-- validation table: begin -->", "<!-- validation table: end -->"
 
@@ -286,7 +286,7 @@ def doc_table(path: Path) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m cluster.planner.validate", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m cluster.ops.planner.validate", description=__doc__.splitlines()[0])
     parser.add_argument("--check", type=Path, help="a doc whose table must equal the recomputed one")
     parser.add_argument("--write", type=Path, help="replace the doc's table with the recomputed one")
     args = parser.parse_args(argv)

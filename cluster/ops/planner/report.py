@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from cluster.planner.search import Plan, autoscaling_targets, run
-from cluster.planner.simulator import Hardware, Result
-from cluster.planner.system import Layout, RequestShape, spec_of
+from cluster.ops.planner.search import Plan, autoscaling_targets, run
+from cluster.ops.planner.simulator import Hardware, Result
+from cluster.ops.planner.system import Layout, RequestShape, spec_of
 
 
 def unit(closed: bool) -> str:
