@@ -256,9 +256,12 @@ class PolicySettings(StrictModel):
         "of two. When the step goes to the large pool, the small call is cancelled after that token.",
     )
     max_large_fraction: float | None = Field(
-        None, ge=0, le=1, description="glimprouter: a large-step budget. The router steers the tenant's tau from the "
+        None,
+        ge=0,
+        le=1,
+        description="glimprouter: a large-step budget. The router steers the tenant's tau from the "
         "entropies of its own recent glimpses so that about this fraction of its steps (the ones of highest entropy) "
-        "go to the large pool; `tau` is the starting point until enough glimpses are seen. None: tau alone decides."
+        "go to the large pool; `tau` is the starting point until enough glimpses are seen. None: tau alone decides.",
     )
 
     @field_validator("glimpse_in_step")
@@ -340,21 +343,45 @@ class FairnessSettings(StrictModel):
     tenant's virtual token counter (tokens served / weight). Off by default: calls go first come, first served."""
 
     enabled: bool = Field(False, description="Queue calls beyond each pool's concurrency and release them fairly.")
-    max_in_flight_small: int = Field(64, ge=1, le=100_000, description="Small-pool calls this router replica keeps "
-                                     "in flight at once; more wait in the fair queue.")
-    max_in_flight_large: int = Field(16, ge=1, le=100_000, description="Large-pool calls this router replica keeps "
-                                     "in flight at once; more wait in the fair queue.")
-    max_queue_depth: int = Field(64, ge=1, le=100_000, description="Waiting calls (both pools) at which admission "
-                                 "refuses even interactive requests (503 with Retry-After); admitted requests' "
-                                 "calls always queue.")
-    refuse_batch_at: float = Field(0.5, gt=0, le=1, description="Fraction of max_queue_depth at which batch "
-                                   "requests are refused.")
-    refuse_standard_at: float = Field(0.75, gt=0, le=1, description="Fraction of max_queue_depth at which standard "
-                                      "requests are refused.")
-    class_aging_s: float = Field(2.0, gt=0, le=3600, description="A waiting call moves up one class for each of "
-                                 "these seconds it waits, so no class starves.")
-    prefill_token_cost: float = Field(0.5, ge=0, le=10, description="What a prompt token not served from the prefix "
-                                      "cache counts in the virtual token counter, next to 1 for an output token.")
+    max_in_flight_small: int = Field(
+        64,
+        ge=1,
+        le=100_000,
+        description="Small-pool calls this router replica keeps in flight at once; more wait in the fair queue.",
+    )
+    max_in_flight_large: int = Field(
+        16,
+        ge=1,
+        le=100_000,
+        description="Large-pool calls this router replica keeps in flight at once; more wait in the fair queue.",
+    )
+    max_queue_depth: int = Field(
+        64,
+        ge=1,
+        le=100_000,
+        description="Waiting calls (both pools) at which admission "
+        "refuses even interactive requests (503 with Retry-After); admitted requests' "
+        "calls always queue.",
+    )
+    refuse_batch_at: float = Field(
+        0.5, gt=0, le=1, description="Fraction of max_queue_depth at which batch requests are refused."
+    )
+    refuse_standard_at: float = Field(
+        0.75, gt=0, le=1, description="Fraction of max_queue_depth at which standard requests are refused."
+    )
+    class_aging_s: float = Field(
+        2.0,
+        gt=0,
+        le=3600,
+        description="A waiting call moves up one class for each of these seconds it waits, so no class starves.",
+    )
+    prefill_token_cost: float = Field(
+        0.5,
+        ge=0,
+        le=10,
+        description="What a prompt token not served from the prefix "
+        "cache counts in the virtual token counter, next to 1 for an output token.",
+    )
 
     @model_validator(mode="after")
     def _classes_ordered(self) -> FairnessSettings:
@@ -370,12 +397,18 @@ class FairnessSettings(StrictModel):
 class LargeStepBudgetSettings(StrictModel):
     """How the router holds a `max_large_fraction` (router_service/budgets.py)."""
 
-    window: int = Field(200, ge=10, le=100_000, description="Recent glimpse entropies of a tenant whose quantile "
-                        "gives its tau.")
-    min_samples: int = Field(10, ge=1, le=100_000, description="Glimpses seen before the quantile replaces the "
-                             "request's own tau.")
-    feedback_steps: float = Field(4.0, gt=0, le=10_000, description="Steps over which a shortfall or excess of "
-                                  "large steps is made up (the share's error feedback).")
+    window: int = Field(
+        200, ge=10, le=100_000, description="Recent glimpse entropies of a tenant whose quantile gives its tau."
+    )
+    min_samples: int = Field(
+        10, ge=1, le=100_000, description="Glimpses seen before the quantile replaces the request's own tau."
+    )
+    feedback_steps: float = Field(
+        4.0,
+        gt=0,
+        le=10_000,
+        description="Steps over which a shortfall or excess of large steps is made up (the share's error feedback).",
+    )
 
 
 class RouterSettings(StrictModel):
@@ -395,8 +428,9 @@ class RouterSettings(StrictModel):
     steps: StepSettings = Field(default_factory=StepSettings, description="Step loop constants.")
     tau_controller: TauControllerSettings = Field(default_factory=TauControllerSettings, description="Load-aware tau.")
     fairness: FairnessSettings = Field(default_factory=FairnessSettings, description="Fair shares under saturation.")
-    large_step_budget: LargeStepBudgetSettings = Field(default_factory=LargeStepBudgetSettings,
-                                                       description="How large-step budgets are held.")
+    large_step_budget: LargeStepBudgetSettings = Field(
+        default_factory=LargeStepBudgetSettings, description="How large-step budgets are held."
+    )
 
 
 class ClusterConfig(StrictModel):

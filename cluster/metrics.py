@@ -69,46 +69,99 @@ SPECS = {
         ),
         MetricSpec("glimprouter_steps", "counter", "Reasoning steps written, by pool and tenant.", ("pool", "tenant")),
         MetricSpec("glimprouter_glimpses", "counter", "Glimpses (first-token calls to the small pool).", ("tenant",)),
-        MetricSpec("glimprouter_tokens", "counter", "Engine-reported output tokens by tenant and pool.",
-                   ("tenant", "pool")),
-        MetricSpec("glimprouter_first_token_entropy_nats", "histogram", "First-token entropy of each glimpse.",
-                   (), tuple(ENTROPY_BUCKETS_NATS)),
-        MetricSpec("glimprouter_large_step_fraction", "gauge",
-                   "Fraction of this router replica's last 200 steps written by the large pool.", ()),
-        MetricSpec("glimprouter_glimpse_latency_seconds", "histogram", "Glimpse latency seen by the router.",
-                   (), tuple(LATENCY_BUCKETS_S)),
-        MetricSpec("glimprouter_step_latency_seconds", "histogram", "Step latency seen by the router, by pool.",
-                   ("pool",), tuple(LATENCY_BUCKETS_S)),
-        MetricSpec("glimprouter_redis_latency_seconds", "histogram", "Latency of the router's Redis round trips.",
-                   ("op",), tuple(REDIS_BUCKETS_S)),
-        MetricSpec("glimprouter_pool_retries", "counter", "Pool calls sent again because their replica died.",
-                   ("pool",)),
-        MetricSpec("glimprouter_pool_ongoing_requests", "gauge", "Calls in a pool replica (glimpses and steps).",
-                   ("pool",)),
-        MetricSpec("glimprouter_pool_queue_depth", "gauge", "Requests waiting in a pool replica's engine scheduler.",
-                   ("pool",)),
-        MetricSpec("glimprouter_engine_iterations", "counter",
-                   "Iterations (engine steps) of a pool replica's vLLM scheduler, by phase (mixed: computed prefill).",
-                   ("pool", "phase")),
-        MetricSpec("glimprouter_engine_busy_seconds", "counter",
-                   "Time a pool replica's engine spent iterating (gaps between its iterations, less its waits for work).",
-                   ("pool", "phase")),
-        MetricSpec("glimprouter_engine_tokens", "counter",
-                   "Tokens a pool's engines computed: decode (generated) and prefill (prompt tokens not cached).",
-                   ("pool", "kind")),
-        MetricSpec("glimprouter_engine_requests", "counter",
-                   "Engine requests that ran to their end (a stop or their token limit), by call: glimpse (one "
-                   "token) or generate (a step or final answer).", ("pool", "call")),
-        MetricSpec("glimprouter_engine_request_seconds", "counter",
-                   "Seconds of those engine requests, summed, by part: queued (waiting to be scheduled), running "
-                   "(first scheduled to last token), total (arrival to last output in the engine's front end).",
-                   ("pool", "call", "part")),
-        MetricSpec("glimprouter_tau_offset_nats", "gauge",
-                   "What the load-aware controller adds to each request's tau (router replica).", ()),
-        MetricSpec("glimprouter_fair_queue_depth", "gauge",
-                   "Glimpses and steps waiting in the router replica's fair queue, by pool.", ("pool",)),
-        MetricSpec("glimprouter_tau_changes", "counter", "Tau controller changes, by direction (up, down).",
-                   ("direction",)),
+        MetricSpec(
+            "glimprouter_tokens", "counter", "Engine-reported output tokens by tenant and pool.", ("tenant", "pool")
+        ),
+        MetricSpec(
+            "glimprouter_first_token_entropy_nats",
+            "histogram",
+            "First-token entropy of each glimpse.",
+            (),
+            tuple(ENTROPY_BUCKETS_NATS),
+        ),
+        MetricSpec(
+            "glimprouter_large_step_fraction",
+            "gauge",
+            "Fraction of this router replica's last 200 steps written by the large pool.",
+            (),
+        ),
+        MetricSpec(
+            "glimprouter_glimpse_latency_seconds",
+            "histogram",
+            "Glimpse latency seen by the router.",
+            (),
+            tuple(LATENCY_BUCKETS_S),
+        ),
+        MetricSpec(
+            "glimprouter_step_latency_seconds",
+            "histogram",
+            "Step latency seen by the router, by pool.",
+            ("pool",),
+            tuple(LATENCY_BUCKETS_S),
+        ),
+        MetricSpec(
+            "glimprouter_redis_latency_seconds",
+            "histogram",
+            "Latency of the router's Redis round trips.",
+            ("op",),
+            tuple(REDIS_BUCKETS_S),
+        ),
+        MetricSpec(
+            "glimprouter_pool_retries", "counter", "Pool calls sent again because their replica died.", ("pool",)
+        ),
+        MetricSpec(
+            "glimprouter_pool_ongoing_requests", "gauge", "Calls in a pool replica (glimpses and steps).", ("pool",)
+        ),
+        MetricSpec(
+            "glimprouter_pool_queue_depth", "gauge", "Requests waiting in a pool replica's engine scheduler.", ("pool",)
+        ),
+        MetricSpec(
+            "glimprouter_engine_iterations",
+            "counter",
+            "Iterations (engine steps) of a pool replica's vLLM scheduler, by phase (mixed: computed prefill).",
+            ("pool", "phase"),
+        ),
+        MetricSpec(
+            "glimprouter_engine_busy_seconds",
+            "counter",
+            "Time a pool replica's engine spent iterating (gaps between its iterations, less its waits for work).",
+            ("pool", "phase"),
+        ),
+        MetricSpec(
+            "glimprouter_engine_tokens",
+            "counter",
+            "Tokens a pool's engines computed: decode (generated) and prefill (prompt tokens not cached).",
+            ("pool", "kind"),
+        ),
+        MetricSpec(
+            "glimprouter_engine_requests",
+            "counter",
+            "Engine requests that ran to their end (a stop or their token limit), by call: glimpse (one "
+            "token) or generate (a step or final answer).",
+            ("pool", "call"),
+        ),
+        MetricSpec(
+            "glimprouter_engine_request_seconds",
+            "counter",
+            "Seconds of those engine requests, summed, by part: queued (waiting to be scheduled), running "
+            "(first scheduled to last token), total (arrival to last output in the engine's front end).",
+            ("pool", "call", "part"),
+        ),
+        MetricSpec(
+            "glimprouter_tau_offset_nats",
+            "gauge",
+            "What the load-aware controller adds to each request's tau (router replica).",
+            (),
+        ),
+        MetricSpec(
+            "glimprouter_fair_queue_depth",
+            "gauge",
+            "Glimpses and steps waiting in the router replica's fair queue, by pool.",
+            ("pool",),
+        ),
+        MetricSpec(
+            "glimprouter_tau_changes", "counter", "Tau controller changes, by direction (up, down).", ("direction",)
+        ),
     ]
 }
 

@@ -41,8 +41,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--budgets", default="0.1,0.25,0.5")
     opts = parser.parse_args(argv)
     settings = LargeStepBudgetSettings()
-    print(f"{opts.seeds} tenants x {opts.steps} steps, start tau {opts.start_tau}, window {settings.window}, "
-          f"min_samples {settings.min_samples}, feedback_steps {settings.feedback_steps}")
+    print(
+        f"{opts.seeds} tenants x {opts.steps} steps, start tau {opts.start_tau}, window {settings.window}, "
+        f"min_samples {settings.min_samples}, feedback_steps {settings.feedback_steps}"
+    )
     print("budget  tau-alone share  mean share got  worst |got - budget|  runs off by > 5 points")
     for fraction in (float(f) for f in opts.budgets.split(",")):
         alone, got = [], []
@@ -52,8 +54,9 @@ def main(argv: list[str] | None = None) -> int:
             got.append(share_got(fraction, entropies, opts.start_tau, settings))
         worst = max(abs(g - fraction) for g in got)
         off = sum(abs(g - fraction) > 0.05 + 1e-9 for g in got)
-        print(f"{fraction:6.2f}  {sum(alone) / len(alone):15.3f}  {sum(got) / len(got):14.3f}  {worst:19.3f}  "
-              f"{off:22d}")
+        print(
+            f"{fraction:6.2f}  {sum(alone) / len(alone):15.3f}  {sum(got) / len(got):14.3f}  {worst:19.3f}  {off:22d}"
+        )
     return 0
 
 

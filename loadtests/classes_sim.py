@@ -28,8 +28,11 @@ CLASSES = ("interactive", "batch")
 
 async def simulate(opts) -> dict:
     shares, loop, steps = build(opts, True)
-    control = TauController(TauControllerSettings(enabled=True, queue_high=opts.queue_high, queue_low=opts.queue_low,
-                                                  interval_s=opts.interval))
+    control = TauController(
+        TauControllerSettings(
+            enabled=True, queue_high=opts.queue_high, queue_low=opts.queue_low, interval_s=opts.interval
+        )
+    )
     loop.tau_controller = control
     end, ids = now() + opts.duration, iter(range(10**9))
     latencies, pools, first_rise = defaultdict(list), defaultdict(list), {}
@@ -38,8 +41,18 @@ async def simulate(opts) -> dict:
         while now() < end:
             rid = f"{cls}-{next(ids)}"
             shares.register(rid, f"tenant-{cls}", 1.0, cls)
-            req = LoopRequest(rid, [{"role": "user", "content": "q"}], PolicySettings(tau=1.0), steps, 0.0, 1.0,
-                              None, False, tenant=f"tenant-{cls}", priority=cls)
+            req = LoopRequest(
+                rid,
+                [{"role": "user", "content": "q"}],
+                PolicySettings(tau=1.0),
+                steps,
+                0.0,
+                1.0,
+                None,
+                False,
+                tenant=f"tenant-{cls}",
+                priority=cls,
+            )
             start = now()
             try:
                 async with contextlib.aclosing(loop.run(req, [])) as events:
@@ -75,15 +88,19 @@ def main(argv: list[str] | None = None) -> int:
     opts = parser.parse_args(argv)
     logging.getLogger("ray.serve").setLevel(logging.WARNING)  # the controller logs every change
     out = run_virtual(simulate(opts))
-    print(f"{opts.users} requests in flight per class for {opts.duration:g} simulated s; final tau offsets "
-          + ", ".join(f"{c} {v:.2f}" for c, v in out["offsets"].items()))
+    print(
+        f"{opts.users} requests in flight per class for {opts.duration:g} simulated s; final tau offsets "
+        + ", ".join(f"{c} {v:.2f}" for c, v in out["offsets"].items())
+    )
     print(f"{'class':12s}{'requests':>9s}{'p50 ms':>9s}{'p95 ms':>9s}{'large steps':>12s}{'tau first rose at':>19s}")
     for cls in CLASSES:
         lat, steps = out["latencies"][cls], out["pools"][cls]
         rose = out["first_rise"].get(cls)
         rose_text = "never" if rose is None else f"{rose:.0f} s"
-        print(f"{cls:12s}{len(lat):9d}{1000 * statistics.median(lat):9.0f}{1000 * p95(lat):9.0f}"
-              f"{sum(p == 'large' for p in steps) / len(steps):12.3f}{rose_text:>19s}")
+        print(
+            f"{cls:12s}{len(lat):9d}{1000 * statistics.median(lat):9.0f}{1000 * p95(lat):9.0f}"
+            f"{sum(p == 'large' for p in steps) / len(steps):12.3f}{rose_text:>19s}"
+        )
     return 0
 
 

@@ -73,8 +73,14 @@ class SimPool:
     async def step(self, prompt, sampling, stream, affinity_key, next_glimpse=None, glimpse_top_k=None):
         async with self.slots:
             await asyncio.sleep(sampling.max_tokens * self.ms_per_token / 1000)
-        yield StepChunk(f"step {self.rng.random()}", done=True, prompt_tokens=64, cached_tokens=48,
-                        output_tokens=sampling.max_tokens, finish_reason="length")
+        yield StepChunk(
+            f"step {self.rng.random()}",
+            done=True,
+            prompt_tokens=64,
+            cached_tokens=48,
+            output_tokens=sampling.max_tokens,
+            finish_reason="length",
+        )
 
 
 class Renderer:
@@ -85,13 +91,30 @@ class Renderer:
         return [len(steps), 0]
 
 
-async def one_request(loop: StepLoop, shares: FairShares, rid: str, tenant: str, steps: StepSettings,
-                      priority: str = "standard", weight: float = 1.0) -> float:
+async def one_request(
+    loop: StepLoop,
+    shares: FairShares,
+    rid: str,
+    tenant: str,
+    steps: StepSettings,
+    priority: str = "standard",
+    weight: float = 1.0,
+) -> float:
     """Run one request through the step loop; returns its latency (virtual seconds)."""
     shares.register(rid, tenant, weight, priority)
     start = now()
-    req = LoopRequest(rid, [{"role": "user", "content": "q"}], PolicySettings(tau=1.0), steps, 0.0, 1.0, None,
-                      False, tenant=tenant, priority=priority)
+    req = LoopRequest(
+        rid,
+        [{"role": "user", "content": "q"}],
+        PolicySettings(tau=1.0),
+        steps,
+        0.0,
+        1.0,
+        None,
+        False,
+        tenant=tenant,
+        priority=priority,
+    )
     try:
         async with contextlib.aclosing(loop.run(req, [])) as events:
             async for event in events:
@@ -105,14 +128,18 @@ async def one_request(loop: StepLoop, shares: FairShares, rid: str, tenant: str,
 def build(opts, fair: bool, **fairness) -> tuple[FairShares, StepLoop, StepSettings]:
     """The simulated cluster: fair shares (on or off, more ``FairnessSettings`` fields), the step loop over two
     ``SimPool``s, the requests' step settings."""
-    settings = FairnessSettings.model_validate({"enabled": fair, "max_in_flight_small": opts.small_slots,
-                                                "max_in_flight_large": opts.large_slots, **fairness})
+    settings = FairnessSettings.model_validate(
+        {"enabled": fair, "max_in_flight_small": opts.small_slots, "max_in_flight_large": opts.large_slots, **fairness}
+    )
     shares = FairShares(settings, clock=now)
-    pools = {"small": SimPool(opts.small_slots, opts.ms_per_token / 3, opts.glimpse_ms, 1),
-             "large": SimPool(opts.large_slots, opts.ms_per_token, opts.glimpse_ms, 2)}
+    pools = {
+        "small": SimPool(opts.small_slots, opts.ms_per_token / 3, opts.glimpse_ms, 1),
+        "large": SimPool(opts.large_slots, opts.ms_per_token, opts.glimpse_ms, 2),
+    }
     loop = StepLoop(shares.wrap(pools), {"small": Renderer(), "large": Renderer()})
-    steps = StepSettings(step_max_tokens=opts.step_tokens, token_budget=opts.step_tokens * opts.steps,
-                         final_max_tokens=opts.step_tokens)
+    steps = StepSettings(
+        step_max_tokens=opts.step_tokens, token_budget=opts.step_tokens * opts.steps, final_max_tokens=opts.step_tokens
+    )
     return shares, loop, steps
 
 
@@ -173,14 +200,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--noisy-concurrency", type=int, default=48, help="noisy tenant's requests in flight")
     model_options(parser)
     opts = parser.parse_args(argv)
-    cases = {"quiet alone": (False, False), "beside noisy, first come first served": (False, True),
-             "beside noisy, fair shares": (True, True)}
+    cases = {
+        "quiet alone": (False, False),
+        "beside noisy, first come first served": (False, True),
+        "beside noisy, fair shares": (True, True),
+    }
     results = {name: run_virtual(scenario(opts, fair, noisy)) for name, (fair, noisy) in cases.items()}
     alone = p95(results["quiet alone"])
     print(f"{'case':40s} {'requests':>8s} {'p50 ms':>8s} {'p95 ms':>8s} {'p95 / alone':>11s}")
     for name, latencies in results.items():
-        print(f"{name:40s} {len(latencies):8d} {1000 * statistics.median(latencies):8.0f} "
-              f"{1000 * p95(latencies):8.0f} {p95(latencies) / alone:11.2f}")
+        print(
+            f"{name:40s} {len(latencies):8d} {1000 * statistics.median(latencies):8.0f} "
+            f"{1000 * p95(latencies):8.0f} {p95(latencies) / alone:11.2f}"
+        )
     return 0
 
 

@@ -74,26 +74,58 @@ def token_shares(before: dict[str, dict], after: dict[str, dict]) -> dict[str, d
 
 def compare_line(fair: dict, fcfs: dict) -> str:
     """The docs' line: the quiet tenant's p95 beside the noisy one over its p95 alone, with and without."""
+
     def ratio(run: dict) -> float:
         return run["shared"]["quiet"]["p95_ms"] / run["alone"]["quiet"]["p95_ms"]
 
-    return (f"quiet tenant p95 under a noisy neighbour: {ratio(fair):.2f}x alone "
-            f"({ratio(fcfs):.2f}x without fair shares)")
+    return (
+        f"quiet tenant p95 under a noisy neighbour: {ratio(fair):.2f}x alone ({ratio(fcfs):.2f}x without fair shares)"
+    )
 
 
 def _usage(client: httpx.Client, url: str, admin_key: str, tenants: list[dict]) -> dict[str, dict]:
     names = dict(zip(TENANTS, (t["tenant"] for t in tenants), strict=True))
-    return {role: client.get(f"{url}/v1/admin/tenants/{name}/usage", headers={"Authorization": f"Bearer {admin_key}"},
-                             timeout=10).raise_for_status().json() for role, name in names.items()}
+    return {
+        role: client.get(
+            f"{url}/v1/admin/tenants/{name}/usage", headers={"Authorization": f"Bearer {admin_key}"}, timeout=10
+        )
+        .raise_for_status()
+        .json()
+        for role, name in names.items()
+    }
 
 
 def run_phase(opts, tenants: list[dict], name: str, noisy_rate: float) -> Path:
     prefix = opts.out / f"{opts.label}-{name}"
     env = {**os.environ, "GLIMP_QUIET_KEY": tenants[0]["key"], "GLIMP_NOISY_KEY": tenants[1]["key"]}
-    cmd = [sys.executable, "-m", "locust", "-f", str(LOCUSTFILE), "--headless", "--only-summary", "--host", opts.url,
-           "-u", str(opts.users), "-r", str(opts.users), "-t", opts.duration, "--stop-timeout", opts.stop_timeout,
-           "--csv", str(prefix), "--quiet-rate", str(opts.quiet_rate), "--noisy-rate", str(noisy_rate),
-           "--quiet-users", str(opts.quiet_users), *opts.locust_args]
+    cmd = [
+        sys.executable,
+        "-m",
+        "locust",
+        "-f",
+        str(LOCUSTFILE),
+        "--headless",
+        "--only-summary",
+        "--host",
+        opts.url,
+        "-u",
+        str(opts.users),
+        "-r",
+        str(opts.users),
+        "-t",
+        opts.duration,
+        "--stop-timeout",
+        opts.stop_timeout,
+        "--csv",
+        str(prefix),
+        "--quiet-rate",
+        str(opts.quiet_rate),
+        "--noisy-rate",
+        str(noisy_rate),
+        "--quiet-users",
+        str(opts.quiet_users),
+        *opts.locust_args,
+    ]
     rc = subprocess.run(cmd, env=env).returncode
     stats = Path(f"{prefix}_stats.csv")
     if rc not in (0, 1) or not stats.exists():
@@ -126,8 +158,12 @@ def main(argv: list[str] | None = None) -> int:
     tenants = read_tenants(opts.tenants_file.read_text())
     admin_key = opts.admin_key_file.read_text().strip()
     opts.out.mkdir(parents=True, exist_ok=True)
-    summary = {"label": opts.label, "quiet_rate": opts.quiet_rate, "noisy_rate": opts.noisy_rate,
-               "duration": opts.duration}
+    summary = {
+        "label": opts.label,
+        "quiet_rate": opts.quiet_rate,
+        "noisy_rate": opts.noisy_rate,
+        "duration": opts.duration,
+    }
     with httpx.Client() as client:
         summary["alone"] = tenant_stats(run_phase(opts, tenants, "alone", 0.0))
         before = _usage(client, opts.url, admin_key, tenants)

@@ -60,8 +60,14 @@ def _start(environment, **_):
 
 
 def fire(request_type: str, name: str, value: float, error: str | None = None) -> None:
-    events.request.fire(request_type=request_type, name=name, response_time=value, response_length=0,
-                        exception=RuntimeError(error) if error else None, context={})
+    events.request.fire(
+        request_type=request_type,
+        name=name,
+        response_time=value,
+        response_length=0,
+        exception=RuntimeError(error) if error else None,
+        context={},
+    )
 
 
 class _TenantUser(User):
@@ -90,8 +96,13 @@ class _TenantUser(User):
     def body(self) -> dict:
         o = self.options
         priority = getattr(o, f"{self.tenant}_priority")
-        body = {"model": o.model, "messages": [{"role": "user", "content": PROMPTS[self.sent % len(PROMPTS)]}],
-                "token_budget": o.token_budget, "step_max_tokens": o.step_max_tokens, "max_tokens": o.max_tokens}
+        body = {
+            "model": o.model,
+            "messages": [{"role": "user", "content": PROMPTS[self.sent % len(PROMPTS)]}],
+            "token_budget": o.token_budget,
+            "step_max_tokens": o.step_max_tokens,
+            "max_tokens": o.max_tokens,
+        }
         return {**body, "priority": priority} if priority else body
 
     @task

@@ -79,9 +79,11 @@ def main(argv: list[str] | None = None) -> int:
     opts = parser.parse_args(argv)
     cap = run_virtual(capacity(opts))
     out = run_virtual(overload(opts, opts.load * cap))
-    print(f"capacity {cap:.1f} requests/s; arrivals {opts.load:g}x that for {opts.duration:g} s; "
-          f"queue depth {opts.queue_depth}; most calls waiting at once {out['deepest']}; accepted requests that "
-          f"failed {out['failed']}")
+    print(
+        f"capacity {cap:.1f} requests/s; arrivals {opts.load:g}x that for {opts.duration:g} s; "
+        f"queue depth {opts.queue_depth}; most calls waiting at once {out['deepest']}; accepted requests that "
+        f"failed {out['failed']}"
+    )
     columns = ["arrived", "refused", "with Retry-After", "accepted", "finished"]
     print(f"{'class':12s}" + "".join(f"{c:>17s}" for c in columns) + f"{'p50 ms':>9s}{'p95 ms':>9s}")
     for cls in PRIORITY_CLASSES:

@@ -52,16 +52,22 @@ def main(argv: list[str] | None = None) -> int:
     weights = [float(w) for w in opts.weights.split(",")]
     out = run_virtual(simulate(opts, weights))
     fcfs = run_virtual(simulate(opts, weights, fair=False))
-    print(f"{len(weights)} tenants, weights {opts.weights}, {opts.users} requests in flight each, "
-          f"{opts.duration:g} simulated s")
-    print(f"{'pool':6s}{'tenant':10s}{'weight share':>13s}{'share (all)':>12s}{'share (last 180 s)':>19s}"
-          f"{'without fair shares':>21s}")
+    print(
+        f"{len(weights)} tenants, weights {opts.weights}, {opts.users} requests in flight each, "
+        f"{opts.duration:g} simulated s"
+    )
+    print(
+        f"{'pool':6s}{'tenant':10s}{'weight share':>13s}{'share (all)':>12s}{'share (last 180 s)':>19s}"
+        f"{'without fair shares':>21s}"
+    )
     for role in ("small", "large"):
         total, window = sum(out["served"][role].values()), sum(out["window"][role].values())
         fcfs_window = sum(fcfs["window"][role].values())
         for tenant, weight in zip(out["tenants"], weights, strict=True):
-            print(f"{role:6s}{tenant:10s}{weight / sum(weights):13.3f}{out['served'][role][tenant] / total:12.3f}"
-                  f"{out['window'][role][tenant] / window:19.3f}{fcfs['window'][role][tenant] / fcfs_window:21.3f}")
+            print(
+                f"{role:6s}{tenant:10s}{weight / sum(weights):13.3f}{out['served'][role][tenant] / total:12.3f}"
+                f"{out['window'][role][tenant] / window:19.3f}{fcfs['window'][role][tenant] / fcfs_window:21.3f}"
+            )
     return 0
 
 

@@ -56,16 +56,31 @@ class RoutingOverrides(APIModel):
     )
     token_budget: int | None = Field(None, ge=1, le=1_000_000, description="Most output tokens of all steps.")
     step_max_tokens: int | None = Field(None, ge=1, le=32_768, description="Most tokens of one step.")
-    final_max_tokens: int | None = Field(None, ge=1, le=32_768, description="Most tokens of the final answer alone "
-                                         "(within max_completion_tokens, when that is given too).")
-    cap_last_step: bool | None = Field(None, description="Cap each step at what is left of token_budget (a serving "
-                                       "variant; the reference keeps the step that crosses the budget whole).")
-    stop_on_eos: bool | None = Field(None, description="End thinking after a step that ends with EOS (a serving "
-                                     "variant; the reference writes the next step).")
-    max_large_fraction: float | None = Field(None, ge=0, le=1, description="glimprouter: large-step budget, the "
-                                             "share of steps the router sends to the large pool.")
-    priority: PriorityClass | None = Field(None, description="interactive, standard or batch: at most the key's "
-                                           "own class (its default).")
+    final_max_tokens: int | None = Field(
+        None,
+        ge=1,
+        le=32_768,
+        description="Most tokens of the final answer alone (within max_completion_tokens, when that is given too).",
+    )
+    cap_last_step: bool | None = Field(
+        None,
+        description="Cap each step at what is left of token_budget (a serving "
+        "variant; the reference keeps the step that crosses the budget whole).",
+    )
+    stop_on_eos: bool | None = Field(
+        None,
+        description="End thinking after a step that ends with EOS (a serving "
+        "variant; the reference writes the next step).",
+    )
+    max_large_fraction: float | None = Field(
+        None,
+        ge=0,
+        le=1,
+        description="glimprouter: large-step budget, the share of steps the router sends to the large pool.",
+    )
+    priority: PriorityClass | None = Field(
+        None, description="interactive, standard or batch: at most the key's own class (its default)."
+    )
 
 
 class SamplingFields(RoutingOverrides):

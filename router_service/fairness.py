@@ -103,8 +103,14 @@ class FairDispatcher:
     """One pool's client behind a fair queue (see the module's docstring). ``in_flight`` counts the calls
     running and waiting (what the load-aware tau controller reads as the pool's queue)."""
 
-    def __init__(self, inner, role: PoolRole, settings: FairnessSettings, registry: TenantRegistry,
-                 clock: Callable[[], float] = time.monotonic):
+    def __init__(
+        self,
+        inner,
+        role: PoolRole,
+        settings: FairnessSettings,
+        registry: TenantRegistry,
+        clock: Callable[[], float] = time.monotonic,
+    ):
         self.inner, self.role, self.settings, self.registry, self.clock = inner, role, settings, registry, clock
         self.limit = settings.max_in_flight(role)
         self.running = 0
@@ -207,16 +213,23 @@ class FairDispatcher:
             self._settle(info, provisional, cost, self.clock() - start)
             self._release()
 
-    async def step(self, prompt: Prompt, sampling: StepSampling, stream: bool, affinity_key: str,
-                   next_glimpse: NextGlimpse | None = None, glimpse_top_k: int | None = None,
-                   ) -> AsyncIterator[StepChunk]:
+    async def step(
+        self,
+        prompt: Prompt,
+        sampling: StepSampling,
+        stream: bool,
+        affinity_key: str,
+        next_glimpse: NextGlimpse | None = None,
+        glimpse_top_k: int | None = None,
+    ) -> AsyncIterator[StepChunk]:
         """The inner pool's step chunks, once the call's turn comes; closing this closes the inner call."""
         info = self.registry.of(affinity_key)
         provisional = await self._acquire(info)
         cost, start, call = 1.0, self.clock(), None  # a call closed before its end has written one token
         try:
-            call = self.inner.step(prompt, sampling, stream, affinity_key, next_glimpse=next_glimpse,
-                                   glimpse_top_k=glimpse_top_k)
+            call = self.inner.step(
+                prompt, sampling, stream, affinity_key, next_glimpse=next_glimpse, glimpse_top_k=glimpse_top_k
+            )
             async for chunk in call:
                 if chunk.done:
                     cost = self._cost(chunk.output_tokens, chunk.prompt_tokens, chunk.cached_tokens)
@@ -243,8 +256,9 @@ class FairShares:
         """The pools the step loop should call: behind dispatchers when enabled, else as they are."""
         if not self.settings.enabled:
             return pools
-        self.dispatchers = {role: FairDispatcher(pool, role, self.settings, self.registry, self.clock)
-                            for role, pool in pools.items()}
+        self.dispatchers = {
+            role: FairDispatcher(pool, role, self.settings, self.registry, self.clock) for role, pool in pools.items()
+        }
         return dict(self.dispatchers)
 
     def register(self, request_id: str, tenant: str, weight: float, priority: PriorityClass) -> None:
@@ -274,9 +288,13 @@ class FairShares:
         if queued < self.refusal_depth(priority):
             return
         retry_s = max(1, math.ceil(max(d.drain_s() for d in self.dispatchers.values())))
-        raise APIError(503, f"the router is overloaded ({queued} calls waiting); {priority} requests are refused "
-                       f"until the queue drains: retry after {retry_s} s", code="overloaded",
-                       headers={"Retry-After": str(retry_s)})
+        raise APIError(
+            503,
+            f"the router is overloaded ({queued} calls waiting); {priority} requests are refused "
+            f"until the queue drains: retry after {retry_s} s",
+            code="overloaded",
+            headers={"Retry-After": str(retry_s)},
+        )
 
     def shares(self, role: PoolRole) -> dict[str, float]:
         """Each tenant's share of the tokens ``role`` served through this replica (empty when off)."""

@@ -134,8 +134,13 @@ def answer_max_tokens(cfg: StepSettings, used: int) -> int:
 class StepLoop:
     """Runs requests over a small and a large pool."""
 
-    def __init__(self, pools: Mapping[PoolRole, PoolClient], renderers: Mapping[PoolRole, PromptRenderer],
-                 tau_controller: TauController | None = None, budgets: LargeStepBudgets | None = None):
+    def __init__(
+        self,
+        pools: Mapping[PoolRole, PoolClient],
+        renderers: Mapping[PoolRole, PromptRenderer],
+        tau_controller: TauController | None = None,
+        budgets: LargeStepBudgets | None = None,
+    ):
         self.pools = pools
         self.renderers = renderers
         self.tau_controller = tau_controller

@@ -101,8 +101,14 @@ async def redis_call(awaitable):
 class RequestService:
     """Requests of one router replica (``replica`` names it as the owner of the requests it runs)."""
 
-    def __init__(self, cfg: ClusterConfig, redis, pools: Mapping[PoolRole, PoolClient],
-                 renderers: Mapping[PoolRole, PromptRenderer], replica: str):
+    def __init__(
+        self,
+        cfg: ClusterConfig,
+        redis,
+        pools: Mapping[PoolRole, PoolClient],
+        renderers: Mapping[PoolRole, PromptRenderer],
+        replica: str,
+    ):
         # tenants under saturation: the fair queue in front of the pools (when enabled), large-step budgets
         self.fairness = FairShares(cfg.router.fairness)
         self.budgets = LargeStepBudgets(cfg.router.large_step_budget)
@@ -110,9 +116,16 @@ class RequestService:
         self.cfg, self.replica, self.pools, self.renderers = cfg, replica, pools, renderers
         self.store = RequestStateStore(redis, ttl_s=cfg.redis.request_ttl_s, lease_s=cfg.router.lease_s)
         self.tenants = TenantStore(redis)
-        self.admin = Tenant(name="admin", settings=TenantSettings(
-            policy=cfg.router.policy, max_token_budget=cfg.router.steps.token_budget,
-            requests_per_minute=1_000_000, max_concurrent_requests=100_000, priority="interactive"))
+        self.admin = Tenant(
+            name="admin",
+            settings=TenantSettings(
+                policy=cfg.router.policy,
+                max_token_budget=cfg.router.steps.token_budget,
+                requests_per_minute=1_000_000,
+                max_concurrent_requests=100_000,
+                priority="interactive",
+            ),
+        )
         control = cfg.router.tau_controller
         self.tau_controller = TauController(control) if control.enabled else None
         self.loop = StepLoop(pools, renderers, self.tau_controller, self.budgets)
@@ -183,8 +196,12 @@ class RequestService:
         policy, steps = self._settings(tenant, body)
         priority = body.priority or tenant.settings.priority
         if not tenant.settings.allows_priority(priority):
-            raise APIError(400, f"priority {priority!r} is above this key's class {tenant.settings.priority!r}",
-                           param="priority", code="priority_not_allowed")
+            raise APIError(
+                400,
+                f"priority {priority!r} is above this key's class {tenant.settings.priority!r}",
+                param="priority",
+                code="priority_not_allowed",
+            )
         messages = body.chat()
         stored = StoredRequest(
             endpoint=endpoint,
@@ -197,7 +214,9 @@ class RequestService:
             seed=body.seed,
             stream=body.stream,
             include_usage=bool(body.stream_options and body.stream_options.include_usage),
-            prompt_tokens=self._check_context(messages, steps), user=body.user, priority=priority,
+            prompt_tokens=self._check_context(messages, steps),
+            user=body.user,
+            priority=priority,
         )
         request_id = completion_id(endpoint, base_id or uuid.uuid4().hex)
         self.fairness.check_admission(priority)  # 503 while the fair queue is past this class's depth
@@ -217,14 +236,25 @@ class RequestService:
         state = await redis_call(self.store.get(tenant.name, request_id))
         admission = await redis_call(self.tenants.admit(tenant, request_id))
         self.fairness.register(request_id, tenant.name, tenant.settings.weight, state.request.priority)
-        return Run(tenant, self._loop_request(tenant, request_id, state.request, stream), state.request, state.steps,
-                   admission)
+        return Run(
+            tenant, self._loop_request(tenant, request_id, state.request, stream), state.request, state.steps, admission
+        )
 
     @staticmethod
     def _loop_request(tenant: Tenant, request_id: str, stored: StoredRequest, stream: bool) -> LoopRequest:
-        return LoopRequest(request_id, stored.messages, stored.policy, stored.steps, stored.temperature,
-                           stored.top_p, stored.seed, stream, (tenant.settings.tau_floor, tenant.settings.tau_ceiling),
-                           tenant.name, stored.priority)
+        return LoopRequest(
+            request_id,
+            stored.messages,
+            stored.policy,
+            stored.steps,
+            stored.temperature,
+            stored.top_p,
+            stored.seed,
+            stream,
+            (tenant.settings.tau_floor, tenant.settings.tau_ceiling),
+            tenant.name,
+            stored.priority,
+        )
 
     def _settings(self, tenant: Tenant, body) -> tuple[PolicySettings, StepSettings]:
         """The request's policy and step limits: router defaults < tenant defaults < request fields. A request's
@@ -345,8 +375,9 @@ class RequestService:
             raise
         finally:
             metrics.inc("glimprouter_requests", tenant=tenant.name, policy=req.policy.policy, outcome=outcome)
-            metrics.observe("glimprouter_request_latency_seconds", time.perf_counter() - start,
-                            policy=req.policy.policy)
+            metrics.observe(
+                "glimprouter_request_latency_seconds", time.perf_counter() - start, policy=req.policy.policy
+            )
             self.fairness.unregister(rid)
             self.budgets.forget(rid)
             await asyncio.shield(self._release(tenant, rid))
@@ -425,8 +456,9 @@ class RequestService:
         """Sample the large pool's in-flight calls every interval and let the controller move tau."""
         while True:
             await asyncio.sleep(self.tau_controller.settings.interval_s)
-            direction = self.tau_controller.update(self.pools["large"].in_flight,
-                                                   self.fairness.registry.active_classes())
+            direction = self.tau_controller.update(
+                self.pools["large"].in_flight, self.fairness.registry.active_classes()
+            )
             if direction:
                 metrics.inc("glimprouter_tau_changes", direction=direction)
             metrics.set_gauge("glimprouter_tau_offset_nats", self.tau_controller.offset)

@@ -48,12 +48,18 @@ class TauController:
             direction = "down"
         else:
             return None
-        log.info("tau controller: large pool in flight %d, %s tau offset %s to %.2f", large_in_flight, moved,
-                 direction, self.offsets[moved])
+        log.info(
+            "tau controller: large pool in flight %d, %s tau offset %s to %.2f",
+            large_in_flight,
+            moved,
+            direction,
+            self.offsets[moved],
+        )
         return direction
 
-    def apply(self, policy: PolicySettings, floor: float | None, ceiling: float | None,
-              priority: PriorityClass = "standard") -> PolicySettings:
+    def apply(
+        self, policy: PolicySettings, floor: float | None, ceiling: float | None, priority: PriorityClass = "standard"
+    ) -> PolicySettings:
         """``policy`` with its tau raised by its class's offset and clamped to [floor, ceiling] (when given)."""
         offset = self.offsets[priority]
         if policy.policy != "glimprouter" or (offset == 0 and floor is None and ceiling is None):

@@ -75,8 +75,13 @@ def registered(shares: FairShares, *runs: tuple[str, str, float, str]) -> None:
 async def test_a_saturated_pool_serves_the_tenant_with_the_least_service_first():
     inner, shares = GatedPool(), FairShares(settings(), clock=Clock())
     pool = shares.wrap({"large": inner})["large"]
-    registered(shares, ("a1", "noisy", 1, "standard"), ("a2", "noisy", 1, "standard"), ("a3", "noisy", 1, "standard"),
-               ("b1", "quiet", 1, "standard"))
+    registered(
+        shares,
+        ("a1", "noisy", 1, "standard"),
+        ("a2", "noisy", 1, "standard"),
+        ("a3", "noisy", 1, "standard"),
+        ("b1", "quiet", 1, "standard"),
+    )
     tasks = [asyncio.create_task(run_step(pool, key)) for key in ("a1", "a2", "a3")]
     await settle()
     tasks.append(asyncio.create_task(run_step(pool, "b1")))  # the quiet tenant arrives last
@@ -139,8 +144,13 @@ async def test_a_higher_class_goes_first_and_a_waiting_lower_class_ages_up():
     clock = Clock()
     inner, shares = GatedPool(), FairShares(settings(class_aging_s=1.0), clock=clock)
     pool = shares.wrap({"large": inner})["large"]
-    registered(shares, ("x", "t0", 1, "standard"), ("b", "t1", 1, "batch"), ("s", "t2", 1, "standard"),
-               ("i", "t3", 1, "interactive"))
+    registered(
+        shares,
+        ("x", "t0", 1, "standard"),
+        ("b", "t1", 1, "batch"),
+        ("s", "t2", 1, "standard"),
+        ("i", "t3", 1, "interactive"),
+    )
     first = asyncio.create_task(run_step(pool, "x"))
     await settle()
     batch = asyncio.create_task(run_step(pool, "b"))
@@ -247,8 +257,16 @@ def test_in_the_simulated_cluster_fair_shares_keep_the_quiet_tenant_near_its_lat
     from loadtests import fairness_sim
 
     opts = argparse.Namespace(
-        duration=30.0, quiet_rate=2.0, noisy_concurrency=48, small_slots=8, large_slots=4, ms_per_token=1.0,
-        glimpse_ms=5.0, step_tokens=16, steps=6)
+        duration=30.0,
+        quiet_rate=2.0,
+        noisy_concurrency=48,
+        small_slots=8,
+        large_slots=4,
+        ms_per_token=1.0,
+        glimpse_ms=5.0,
+        step_tokens=16,
+        steps=6,
+    )
 
     def p95_of(fair: bool, noisy: bool) -> float:
         return fairness_sim.p95(fairness_sim.run_virtual(fairness_sim.scenario(opts, fair, noisy)))
@@ -261,8 +279,16 @@ def test_in_the_simulated_cluster_fair_shares_keep_the_quiet_tenant_near_its_lat
 def test_in_the_simulated_cluster_overload_refuses_lowest_class_first_and_loses_no_accepted_request():
     from loadtests import fairness_sim, overload_sim
 
-    opts = argparse.Namespace(duration=20.0, queue_depth=64, small_slots=8, large_slots=4, ms_per_token=1.0,
-                              glimpse_ms=5.0, step_tokens=16, steps=6)
+    opts = argparse.Namespace(
+        duration=20.0,
+        queue_depth=64,
+        small_slots=8,
+        large_slots=4,
+        ms_per_token=1.0,
+        glimpse_ms=5.0,
+        step_tokens=16,
+        steps=6,
+    )
     cap = fairness_sim.run_virtual(overload_sim.capacity(opts, seconds=20.0))
     out = fairness_sim.run_virtual(overload_sim.overload(opts, 3 * cap))
     counts = out["counts"]
@@ -279,8 +305,19 @@ def test_in_the_simulated_cluster_overload_refuses_lowest_class_first_and_loses_
 def test_in_the_simulated_cluster_the_batch_class_tau_rises_first_and_interactive_is_served_first():
     from loadtests import classes_sim, fairness_sim
 
-    opts = argparse.Namespace(users=24, duration=20.0, queue_high=8, queue_low=2, interval=1.0, small_slots=8,
-                              large_slots=4, ms_per_token=1.0, glimpse_ms=5.0, step_tokens=16, steps=6)
+    opts = argparse.Namespace(
+        users=24,
+        duration=20.0,
+        queue_high=8,
+        queue_low=2,
+        interval=1.0,
+        small_slots=8,
+        large_slots=4,
+        ms_per_token=1.0,
+        glimpse_ms=5.0,
+        step_tokens=16,
+        steps=6,
+    )
     out = fairness_sim.run_virtual(classes_sim.simulate(opts))
     assert out["first_rise"]["batch"] < out["first_rise"].get("interactive", float("inf"))
     assert fairness_sim.p95(out["latencies"]["interactive"]) < fairness_sim.p95(out["latencies"]["batch"])

@@ -14,8 +14,11 @@ FIELDS = ["Type", "Name", "Request Count", "Failure Count", "50%", "95%"]
 
 
 def test_read_tenants_takes_two_create_outputs_quiet_first():
-    text = json.dumps({"tenant": "q", "key": "k1", "prefix": "p"}, indent=2) + "\n" + json.dumps(
-        {"tenant": "n", "key": "k2", "prefix": "p2"})
+    text = (
+        json.dumps({"tenant": "q", "key": "k1", "prefix": "p"}, indent=2)
+        + "\n"
+        + json.dumps({"tenant": "n", "key": "k2", "prefix": "p2"})
+    )
     assert read_tenants(text) == [{"tenant": "q", "key": "k1"}, {"tenant": "n", "key": "k2"}]
     with pytest.raises(ValueError, match="two tenants"):
         read_tenants(json.dumps({"tenant": "q", "key": "k1"}))
@@ -23,17 +26,28 @@ def test_read_tenants_takes_two_create_outputs_quiet_first():
 
 def test_tenant_stats_split_successes_refusals_and_failures(tmp_path):
     path = tmp_path / "x_stats.csv"
-    rows = [["POST", "quiet", 40, 0, 900, 1500], ["POST", "noisy", 100, 0, 2000, 6000],
-            ["error", "noisy HTTP 503", 12, 12, 5, 9], ["error", "noisy HTTP 429 without Retry-After", 1, 1, 5, 5],
-            ["error", "quiet stream error", 2, 2, 100, 100], ["schedule", "noisy missed arrivals", 3, 0, 0, 0],
-            ["", "Aggregated", 158, 15, 1000, 5000]]
+    rows = [
+        ["POST", "quiet", 40, 0, 900, 1500],
+        ["POST", "noisy", 100, 0, 2000, 6000],
+        ["error", "noisy HTTP 503", 12, 12, 5, 9],
+        ["error", "noisy HTTP 429 without Retry-After", 1, 1, 5, 5],
+        ["error", "quiet stream error", 2, 2, 100, 100],
+        ["schedule", "noisy missed arrivals", 3, 0, 0, 0],
+        ["", "Aggregated", 158, 15, 1000, 5000],
+    ]
     with open(path, "w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(FIELDS)
         writer.writerows(rows)
     stats = tenant_stats(path)
-    assert stats["quiet"] == {"requests": 40, "p50_ms": 900.0, "p95_ms": 1500.0, "refused": 0,
-                              "refused_without_retry_after": 0, "failed": 2}
+    assert stats["quiet"] == {
+        "requests": 40,
+        "p50_ms": 900.0,
+        "p95_ms": 1500.0,
+        "refused": 0,
+        "refused_without_retry_after": 0,
+        "failed": 2,
+    }
     assert stats["noisy"]["refused"] == 13 and stats["noisy"]["refused_without_retry_after"] == 1
     assert stats["noisy"]["failed"] == 0
 
@@ -52,8 +66,9 @@ def test_token_shares_are_the_differences_of_two_readings():
 def test_compare_line():
     fair = {"alone": {"quiet": {"p95_ms": 1000.0}}, "shared": {"quiet": {"p95_ms": 1200.0}}}
     fcfs = {"alone": {"quiet": {"p95_ms": 1000.0}}, "shared": {"quiet": {"p95_ms": 3400.0}}}
-    assert compare_line(fair, fcfs) == ("quiet tenant p95 under a noisy neighbour: 1.20x alone "
-                                        "(3.40x without fair shares)")
+    assert compare_line(fair, fcfs) == (
+        "quiet tenant p95 under a noisy neighbour: 1.20x alone (3.40x without fair shares)"
+    )
 
 
 class StubAPI:
@@ -88,8 +103,14 @@ class StubAPI:
                     return self._json(503, {"error": {"message": "overloaded"}}, {"Retry-After": "1"})
                 tenant = "quiet" if key == "kq" else "noisy"
                 stub.usage[tenant] += 10
-                self._json(200, {"choices": [{"message": {"content": "42"}}], "usage": {"completion_tokens": 10},
-                                 "routing": {"steps": []}})
+                self._json(
+                    200,
+                    {
+                        "choices": [{"message": {"content": "42"}}],
+                        "usage": {"completion_tokens": 10},
+                        "routing": {"steps": []},
+                    },
+                )
 
             def do_GET(self):
                 tenant = self.path.split("/")[4]
@@ -108,15 +129,43 @@ def test_the_runner_drives_both_phases_through_locust_and_summarises_them(tmp_pa
 
     api = StubAPI()
     tenants = tmp_path / "tenants.json"
-    tenants.write_text(json.dumps({"tenant": "quiet", "key": "kq"}) + "\n"
-                       + json.dumps({"tenant": "noisy", "key": "kn"}))
+    tenants.write_text(
+        json.dumps({"tenant": "quiet", "key": "kq"}) + "\n" + json.dumps({"tenant": "noisy", "key": "kn"})
+    )
     admin = tmp_path / "admin.key"
     admin.write_text("admin\n")
     done = subprocess.run(
-        [sys.executable, "-m", "loadtests.noisy_neighbour", "--url", api.url, "--tenants-file", str(tenants),
-         "--admin-key-file", str(admin), "--quiet-rate", "2", "--noisy-rate", "6", "--users", "6", "--quiet-users",
-         "2", "--duration", "4s", "--stop-timeout", "5s", "--label", "stub", "--out", str(tmp_path / "out")],
-        capture_output=True, text=True, timeout=300)
+        [
+            sys.executable,
+            "-m",
+            "loadtests.noisy_neighbour",
+            "--url",
+            api.url,
+            "--tenants-file",
+            str(tenants),
+            "--admin-key-file",
+            str(admin),
+            "--quiet-rate",
+            "2",
+            "--noisy-rate",
+            "6",
+            "--users",
+            "6",
+            "--quiet-users",
+            "2",
+            "--duration",
+            "4s",
+            "--stop-timeout",
+            "5s",
+            "--label",
+            "stub",
+            "--out",
+            str(tmp_path / "out"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     api.server.shutdown()
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     summary = json.loads((tmp_path / "out" / "stub.json").read_text())

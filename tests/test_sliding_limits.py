@@ -35,8 +35,9 @@ async def admit_all(store, tenant, prefix: str, n: int) -> int:
 async def test_a_burst_across_a_window_boundary_is_admitted_at_most_at_the_limit(redis_client):
     store = TenantStore(redis_client, window_s=WINDOW_S)
     limit = 10
-    tenant, _ = await store.create_tenant("acme", TenantSettings(requests_per_minute=limit,
-                                                                  max_concurrent_requests=100))
+    tenant, _ = await store.create_tenant(
+        "acme", TenantSettings(requests_per_minute=limit, max_concurrent_requests=100)
+    )
     # a fixed window would open at each multiple of the window length: send a full burst just before such a
     # boundary and another just after it
     now = await redis_ms(store)
@@ -72,8 +73,7 @@ async def test_a_refusal_says_exactly_when_the_next_request_is_admitted(redis_cl
 
 async def test_tokens_leave_the_window_with_their_charges(redis_client):
     store = TenantStore(redis_client, window_s=WINDOW_S)
-    tenant, _ = await store.create_tenant("acme", TenantSettings(tokens_per_minute_large=100,
-                                                                  requests_per_minute=1000))
+    tenant, _ = await store.create_tenant("acme", TenantSettings(tokens_per_minute_large=100, requests_per_minute=1000))
     assert await store.charge_tokens(tenant, "large", 70) == 70
     await asyncio.sleep(0.4)
     assert await store.charge_tokens(tenant, "large", 30) == 100

@@ -37,9 +37,14 @@ def make_service(redis_client, small, large, **router) -> RequestService:
 
 
 def body(**fields) -> ChatCompletionRequest:
-    return ChatCompletionRequest.model_validate({
-        "model": "glimprouter", "messages": [{"role": "user", "content": "What is 6*7?"}],
-        "token_budget": 4 * STEPS_PER_REQUEST, **fields})
+    return ChatCompletionRequest.model_validate(
+        {
+            "model": "glimprouter",
+            "messages": [{"role": "user", "content": "What is 6*7?"}],
+            "token_budget": 4 * STEPS_PER_REQUEST,
+            **fields,
+        }
+    )
 
 
 async def run_one(svc: RequestService, tenant, **fields) -> Finished:
@@ -60,9 +65,13 @@ async def test_a_large_step_budget_is_held_within_five_points_over_100_steps(red
     start_tau, budget = 1.0, 0.25
     assert sum(h >= start_tau for h in entropies) / len(entropies) > 0.5  # tau alone would send over half large
     svc = make_service(redis_client, *pools_for(glimpses))
-    tenant, _ = await svc.tenants.create_tenant("acme", TenantSettings(
-        policy=PolicySettings(policy="glimprouter", tau=start_tau, max_large_fraction=budget),
-        requests_per_minute=1000))
+    tenant, _ = await svc.tenants.create_tenant(
+        "acme",
+        TenantSettings(
+            policy=PolicySettings(policy="glimprouter", tau=start_tau, max_large_fraction=budget),
+            requests_per_minute=1000,
+        ),
+    )
     finished = [await run_one(svc, tenant) for _ in range(REQUESTS)]
     steps = [s for f in finished for s in f.steps]
     assert len(steps) == 100
@@ -77,12 +86,13 @@ async def test_a_large_step_budget_is_held_within_five_points_over_100_steps(red
 async def test_a_request_may_ask_for_its_own_budget(redis_client):
     glimpses = entropy_glimpses(STEPS_PER_REQUEST * REQUESTS, seed=11)
     svc = make_service(redis_client, *pools_for(glimpses))
-    tenant, _ = await svc.tenants.create_tenant("acme", TenantSettings(
-        policy=PolicySettings(policy="glimprouter", tau=1.0), requests_per_minute=1000))
+    tenant, _ = await svc.tenants.create_tenant(
+        "acme", TenantSettings(policy=PolicySettings(policy="glimprouter", tau=1.0), requests_per_minute=1000)
+    )
     finished = [await run_one(svc, tenant, max_large_fraction=0.5) for _ in range(REQUESTS)]
     large = sum(s.pool == "large" for f in finished for s in f.steps)
     assert abs(large / 100 - 0.5) <= 0.05
-    trace = await svc.trace(tenant, (await svc.request_ids(tenant))[0])
+    trace = await svc.trace(tenant, (await svc.request_ids(tenant, 10))[0][0])
     assert trace["request"]["policy"]["max_large_fraction"] == 0.5
 
 
@@ -110,16 +120,19 @@ def test_a_request_without_a_budget_keeps_its_tau():
     budgets = LargeStepBudgets(load_config("local").router.large_step_budget)
     policy = PolicySettings(policy="glimprouter", tau=1.2)
     assert budgets.steer("acme", "r1", policy) is policy
-    assert budgets.steer("acme", "r1", policy.model_copy(update={"policy": "random", "max_large_fraction": 0.3}))\
-        .tau == 1.2
+    assert (
+        budgets.steer("acme", "r1", policy.model_copy(update={"policy": "random", "max_large_fraction": 0.3})).tau
+        == 1.2
+    )
     budgets.observe("r1", 2.0)
     assert budgets.budgets == {}
 
 
 async def test_a_request_may_ask_for_a_class_up_to_its_tenants_ceiling(redis_client):
     svc = make_service(redis_client, FakePool(), FakePool([Out("a </think>"), Out("answer")] * 2))
-    tenant, _ = await svc.tenants.create_tenant("acme", TenantSettings(
-        policy=PolicySettings(policy="large_only"), priority="standard"))
+    tenant, _ = await svc.tenants.create_tenant(
+        "acme", TenantSettings(policy=PolicySettings(policy="large_only"), priority="standard")
+    )
     with pytest.raises(APIError) as info:
         await svc.start(tenant, body(priority="interactive"), "chat")
     assert (info.value.status, info.value.param) == (400, "priority")
@@ -139,14 +152,16 @@ async def test_with_fair_queueing_on_the_pools_see_each_calls_tenant(redis_clien
 
     glimpses = entropy_glimpses(STEPS_PER_REQUEST)
     svc = make_service(redis_client, *pools_for(glimpses), fairness=FairnessSettings(enabled=True))
-    tenant, _ = await svc.tenants.create_tenant("acme", TenantSettings(
-        policy=PolicySettings(policy="glimprouter", tau=1.0), weight=2.0))
+    tenant, _ = await svc.tenants.create_tenant(
+        "acme", TenantSettings(policy=PolicySettings(policy="glimprouter", tau=1.0), weight=2.0)
+    )
     finished = await run_one(svc, tenant)
     small, large = svc.fairness.dispatchers["small"], svc.fairness.dispatchers["large"]
     large_tokens = sum(s.output_tokens for s in finished.steps if s.pool == "large") + finished.answer.output_tokens
     # glimpses cost 1 token (their prompt is cached in the fake); steps their output and half the uncached prompt
-    assert large.served["acme"] == pytest.approx(large_tokens + 0.5 * 7 * (1 + sum(s.pool == "large"
-                                                                                   for s in finished.steps)))
+    assert large.served["acme"] == pytest.approx(
+        large_tokens + 0.5 * 7 * (1 + sum(s.pool == "large" for s in finished.steps))
+    )
     assert small.served["acme"] > 0 and set(small.served) == {"acme"}
     assert large.counters["acme"] == pytest.approx(large.served["acme"] / 2.0)  # weight 2
     assert small.running == large.running == 0
@@ -155,15 +170,20 @@ async def test_with_fair_queueing_on_the_pools_see_each_calls_tenant(redis_clien
 async def test_an_overloaded_router_refuses_the_lowest_class_first_without_taking_an_admission(redis_client):
     from cluster.config import FairnessSettings
 
-    svc = make_service(redis_client, FakePool(), FakePool([Out("a </think>"), Out("answer")]),
-                       fairness=FairnessSettings(enabled=True, max_queue_depth=10))
-    tenant, _ = await svc.tenants.create_tenant("acme", TenantSettings(
-        policy=PolicySettings(policy="large_only"), priority="interactive"))
+    svc = make_service(
+        redis_client,
+        FakePool(),
+        FakePool([Out("a </think>"), Out("answer")]),
+        fairness=FairnessSettings(enabled=True, max_queue_depth=10),
+    )
+    tenant, _ = await svc.tenants.create_tenant(
+        "acme", TenantSettings(policy=PolicySettings(policy="large_only"), priority="interactive")
+    )
     svc.fairness.queued = lambda: 6  # as if six calls were waiting: past batch (5), below standard (7.5)
     with pytest.raises(APIError) as info:
         await svc.start(tenant, body(priority="batch"), "chat")
     assert info.value.status == 503 and math.isfinite(int(info.value.headers["Retry-After"]))
-    assert await redis_client.zcard("glimp:t:acme:inflight") == 0 and await svc.request_ids(tenant) == []
+    assert await redis_client.zcard("glimp:t:acme:inflight") == 0 and (await svc.request_ids(tenant, 10))[0] == []
     run = await svc.start(tenant, body(priority="standard"), "chat")
     [event async for event in svc.events(run)]
     assert (await svc.trace(tenant, run.loop.request_id))["status"] == "finished"

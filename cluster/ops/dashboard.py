@@ -115,36 +115,76 @@ def panels() -> list[dict]:
             + latency_targets("glimprouter_step_latency_seconds", "pool", "step"),
         ),
         panel("Redis latency p95 by op", "s", [(quantile(0.95, "glimprouter_redis_latency_seconds", "op"), "{{op}}")]),
-        panel("Pool ongoing requests and queue depth", "short",
-              [(f'sum by (pool) ({series("glimprouter_pool_ongoing_requests")})', "ongoing {{pool}}"),
-               (f'sum by (pool) ({series("glimprouter_pool_queue_depth")})', "queued {{pool}}"),
-               (f'sum by (pool) ({series("glimprouter_fair_queue_depth")})', "router fair queue {{pool}}")]),
-        panel("Engine iterations/s, tokens per iteration and busy engines by pool", "short",
-              [(rate("glimprouter_engine_iterations", "pool"), "iterations/s {{pool}}"),
-               (f'{rate("glimprouter_engine_tokens", "pool, kind")} / ignoring(kind) group_left '
-                f'{rate("glimprouter_engine_iterations", "pool")}', "{{kind}} tokens/iteration {{pool}}"),
-               (rate("glimprouter_engine_busy_seconds", "pool"), "busy engines {{pool}}")],
-              "Scheduler iterations per second, the decode (batch) and prefill tokens each iteration computed, and "
-              "how many of the pool's engines were iterating (busy seconds per second)."),
-        panel("Engine request time by pool, call and part", "s",
-              [(f'{rate("glimprouter_engine_request_seconds", "pool, call, part")} / ignoring(part) group_left '
-                f'{rate("glimprouter_engine_requests", "pool, call")}', "{{part}} {{call}} {{pool}}")],
-              "Mean time of an engine request (glimpse or generate) that ran to its end: queued, running (first "
-              "scheduled to last token) and total (arrival to last output in the engine's front end); the total "
-              "less the other two is the way into and out of the engine core."),
-        panel("Output tokens/s by tenant and pool", "short",
-              [(rate("glimprouter_tokens", "tenant, pool"), "{{tenant}} {{pool}}")]),
-        panel("Tau offset (nats)", "short",
-              [(f'avg({series("glimprouter_tau_offset_nats")})', "mean of routers"),
-               (f'max({series("glimprouter_tau_offset_nats")})', "max of routers")],
-              "What the load-aware controller adds to each request's tau."),
-        panel("Pool calls retried after a replica died", "short",
-              [(f'sum by (pool) (increase({series("glimprouter_pool_retries")}{WINDOW}))', "{{pool}}")]),
-        panel("Tau changes by direction", "short",
-              [(f'sum by (direction) (increase({series("glimprouter_tau_changes")}{WINDOW}))', "{{direction}}")]),
-        panel("Serve replicas by deployment", "short",
-              [("sum by (application, deployment) (ray_serve_deployment_replica_healthy)", "healthy {{deployment}}"),
-               ("max by (application, deployment) (ray_serve_autoscaling_target_replicas)", "target {{deployment}}")]),
+        panel(
+            "Pool ongoing requests and queue depth",
+            "short",
+            [
+                (f"sum by (pool) ({series('glimprouter_pool_ongoing_requests')})", "ongoing {{pool}}"),
+                (f"sum by (pool) ({series('glimprouter_pool_queue_depth')})", "queued {{pool}}"),
+                (f"sum by (pool) ({series('glimprouter_fair_queue_depth')})", "router fair queue {{pool}}"),
+            ],
+        ),
+        panel(
+            "Engine iterations/s, tokens per iteration and busy engines by pool",
+            "short",
+            [
+                (rate("glimprouter_engine_iterations", "pool"), "iterations/s {{pool}}"),
+                (
+                    f"{rate('glimprouter_engine_tokens', 'pool, kind')} / ignoring(kind) group_left "
+                    f"{rate('glimprouter_engine_iterations', 'pool')}",
+                    "{{kind}} tokens/iteration {{pool}}",
+                ),
+                (rate("glimprouter_engine_busy_seconds", "pool"), "busy engines {{pool}}"),
+            ],
+            "Scheduler iterations per second, the decode (batch) and prefill tokens each iteration computed, and "
+            "how many of the pool's engines were iterating (busy seconds per second).",
+        ),
+        panel(
+            "Engine request time by pool, call and part",
+            "s",
+            [
+                (
+                    f"{rate('glimprouter_engine_request_seconds', 'pool, call, part')} / ignoring(part) group_left "
+                    f"{rate('glimprouter_engine_requests', 'pool, call')}",
+                    "{{part}} {{call}} {{pool}}",
+                )
+            ],
+            "Mean time of an engine request (glimpse or generate) that ran to its end: queued, running (first "
+            "scheduled to last token) and total (arrival to last output in the engine's front end); the total "
+            "less the other two is the way into and out of the engine core.",
+        ),
+        panel(
+            "Output tokens/s by tenant and pool",
+            "short",
+            [(rate("glimprouter_tokens", "tenant, pool"), "{{tenant}} {{pool}}")],
+        ),
+        panel(
+            "Tau offset (nats)",
+            "short",
+            [
+                (f"avg({series('glimprouter_tau_offset_nats')})", "mean of routers"),
+                (f"max({series('glimprouter_tau_offset_nats')})", "max of routers"),
+            ],
+            "What the load-aware controller adds to each request's tau.",
+        ),
+        panel(
+            "Pool calls retried after a replica died",
+            "short",
+            [(f"sum by (pool) (increase({series('glimprouter_pool_retries')}{WINDOW}))", "{{pool}}")],
+        ),
+        panel(
+            "Tau changes by direction",
+            "short",
+            [(f"sum by (direction) (increase({series('glimprouter_tau_changes')}{WINDOW}))", "{{direction}}")],
+        ),
+        panel(
+            "Serve replicas by deployment",
+            "short",
+            [
+                ("sum by (application, deployment) (ray_serve_deployment_replica_healthy)", "healthy {{deployment}}"),
+                ("max by (application, deployment) (ray_serve_autoscaling_target_replicas)", "target {{deployment}}"),
+            ],
+        ),
         panel("vLLM requests waiting by model", "short", [(f"sum by (model_name) ({VLLM_WAITING})", "{{model_name}}")]),
         panel(
             "vLLM prefix cache hit rate by model",

@@ -54,8 +54,11 @@ def register(subparsers) -> argparse.ArgumentParser:
     limits.add_argument("--tau-ceiling", type=float, help="load-aware tau never above this")
     limits.add_argument("--weight", type=float, help="fair share under saturation (relative to other tenants)")
     limits.add_argument("--priority", choices=PRIORITY_CLASSES, help="class of the tenant's requests and their ceiling")
-    limits.add_argument("--max-large-fraction", type=float,
-                        help="large-step budget: share of steps sent to the large pool (the tau steers to it)")
+    limits.add_argument(
+        "--max-large-fraction",
+        type=float,
+        help="large-step budget: share of steps sent to the large pool (the tau steers to it)",
+    )
 
     group = subparsers.add_parser("tenants", help="manage tenants, API keys and usage")
     cmds = group.add_subparsers(dest="tenants_cmd", required=True)
@@ -113,12 +116,33 @@ async def _dispatch(args, store: TenantStore) -> tuple[object, str]:
         return data, f"created tenant {tenant.name}\napi key (shown once, store it now): {key}"
     if cmd == "list":
         tenants = await store.list_tenants()
-        rows = [[t.name, t.settings.requests_per_minute, t.settings.tokens_per_minute_small,
-                 t.settings.tokens_per_minute_large, t.settings.max_concurrent_requests,
-                 t.settings.policy.policy, t.settings.policy.tau, t.settings.weight, t.settings.priority,
-                 ",".join(t.settings.allowed_models) or "*"] for t in tenants]
-        header = ["tenant", "rpm", "tpm_small", "tpm_large", "concurrent", "policy", "tau", "weight", "priority",
-                  "models"]
+        rows = [
+            [
+                t.name,
+                t.settings.requests_per_minute,
+                t.settings.tokens_per_minute_small,
+                t.settings.tokens_per_minute_large,
+                t.settings.max_concurrent_requests,
+                t.settings.policy.policy,
+                t.settings.policy.tau,
+                t.settings.weight,
+                t.settings.priority,
+                ",".join(t.settings.allowed_models) or "*",
+            ]
+            for t in tenants
+        ]
+        header = [
+            "tenant",
+            "rpm",
+            "tpm_small",
+            "tpm_large",
+            "concurrent",
+            "policy",
+            "tau",
+            "weight",
+            "priority",
+            "models",
+        ]
         return [t.model_dump() for t in tenants], _table(rows, header)
     if cmd in ("show", "keys"):
         tenant = await store.require_tenant(args.name)
@@ -145,8 +169,11 @@ async def _dispatch(args, store: TenantStore) -> tuple[object, str]:
         data = await store.usage(args.name, args.day)
         rows = [[pool, *(counts[f] for f in USAGE_FIELDS)] for pool, counts in data["pools"].items()]
         rows.append(["total", *(sum(c[f] for c in data["pools"].values()) for f in USAGE_FIELDS)])
-        text = (f"tenant {data['tenant']}  day {data['day']} (UTC)\n" + _table(rows, ["pool", *USAGE_FIELDS])
-                + f"\nlarge_step_fraction {data['large_step_fraction']:.3f}")
+        text = (
+            f"tenant {data['tenant']}  day {data['day']} (UTC)\n"
+            + _table(rows, ["pool", *USAGE_FIELDS])
+            + f"\nlarge_step_fraction {data['large_step_fraction']:.3f}"
+        )
         budget = (await store.require_tenant(args.name)).settings.policy.max_large_fraction
         if budget is not None:
             text += f" (budget max_large_fraction {budget:.3f})"

@@ -59,7 +59,9 @@ _NOW_LUA = "local t = redis.call('TIME')\nlocal now_ms = tonumber(t[1]) * 1000 +
 # A sliding window of length ARGV[1] ms ending now: an admission or charge made at t counts while now < t + window.
 # Requests are a sorted set of admissions scored by time; a pool's tokens a sorted set of charges ("id:tokens")
 # with their sum kept beside it, expired charges taken off the sum as they leave.
-_WINDOW_LUA = _NOW_LUA + """
+_WINDOW_LUA = (
+    _NOW_LUA
+    + """
 local window_ms = tonumber(ARGV[1])
 local since = now_ms - window_ms
 local function charged(member)
@@ -86,11 +88,14 @@ local function newest_leaves_in(key)
   return tonumber(newest[2]) + window_ms - now_ms
 end
 """
+)
 
 # KEYS[1] tenant base; ARGV: window_ms, request_id, rpm, tpm_small, tpm_large, max_concurrent, inflight_ttl_ms,
 # admission id. Returns {admitted, reason, requests used, small tokens, large tokens, requests reset ms,
 # tokens reset ms, retry ms}; retry ms is exact for the request and token limits (when enough of the window leaves).
-_ADMIT_LUA = _WINDOW_LUA + """
+_ADMIT_LUA = (
+    _WINDOW_LUA
+    + """
 local base = KEYS[1]
 local req_key = base .. 'rl:req'
 local small_key, large_key = base .. 'rl:tok:small', base .. 'rl:tok:large'
@@ -137,9 +142,12 @@ redis.call('ZADD', inflight, now_ms + ttl, ARGV[2])
 redis.call('PEXPIRE', inflight, ttl)
 return reply(1)
 """
+)
 
 # KEYS[1] tenant base; ARGV: window_ms, pool, tokens, charge id. Returns the pool's tokens in the window.
-_CHARGE_LUA = _WINDOW_LUA + """
+_CHARGE_LUA = (
+    _WINDOW_LUA
+    + """
 local key = KEYS[1] .. 'rl:tok:' .. ARGV[2]
 local sum = pool_tokens(key)
 local n = tonumber(ARGV[3])
@@ -150,6 +158,7 @@ redis.call('PEXPIRE', key, window_ms)
 redis.call('PEXPIRE', key .. ':sum', window_ms)
 return sum
 """
+)
 
 # KEYS[1] in-flight set; ARGV: request_id, ttl_ms. Returns 1 if the request was still counted.
 _HEARTBEAT_LUA = (
@@ -161,6 +170,7 @@ redis.call('PEXPIRE', KEYS[1], ARGV[2])
 return 1
 """
 )
+
 
 class RateLimiter(TenantKeys):
     """A tenant's limits in Redis (``redis.asyncio`` client; decoded replies or not).
@@ -178,8 +188,9 @@ class RateLimiter(TenantKeys):
         self._charge = redis.register_script(_CHARGE_LUA)
         self._heartbeat = redis.register_script(_HEARTBEAT_LUA)
 
-    def _state(self, settings: TenantSettings, used: int, small: int, large: int, reset_ms: int,
-               reset_tokens_ms: int) -> RateLimitState:
+    def _state(
+        self, settings: TenantSettings, used: int, small: int, large: int, reset_ms: int, reset_tokens_ms: int
+    ) -> RateLimitState:
         limits = {pool: settings.tokens_per_minute(pool) for pool in POOLS}
         return RateLimitState(
             limit_requests=settings.requests_per_minute,
@@ -194,10 +205,19 @@ class RateLimiter(TenantKeys):
         """Let a request in, or raise RateLimited: requests and tokens per pool over the sliding window, concurrency
         (one atomic script)."""
         s = tenant.settings
-        args = [self.window_ms, request_id, s.requests_per_minute, s.tokens_per_minute_small,
-                s.tokens_per_minute_large, s.max_concurrent_requests, self.inflight_ttl_ms, uuid.uuid4().hex[:12]]
+        args = [
+            self.window_ms,
+            request_id,
+            s.requests_per_minute,
+            s.tokens_per_minute_small,
+            s.tokens_per_minute_large,
+            s.max_concurrent_requests,
+            self.inflight_ttl_ms,
+            uuid.uuid4().hex[:12],
+        ]
         ok, reason, used, small, large, reset_ms, reset_tokens_ms, retry_ms = await self._admit(
-            keys=[self._base(tenant)], args=args)
+            keys=[self._base(tenant)], args=args
+        )
         state = self._state(s, used, small, large, reset_ms, reset_tokens_ms)
         if not ok:
             reason = text(reason)

@@ -48,13 +48,25 @@ class TenantSettings(StrictModel):
         200_000, ge=1, le=1_000_000_000, description="Large-pool tokens per window; none admitted once reached."
     )
     max_concurrent_requests: int = Field(8, ge=1, le=100_000, description="Requests of the tenant in flight at once.")
-    tau_floor: float | None = Field(None, ge=0, le=10, description="Load-aware tau never goes below this (None: the request's tau).")
-    tau_ceiling: float | None = Field(None, ge=0, le=10, description="Load-aware tau never goes above this (None: no ceiling).")
-    weight: float = Field(1.0, gt=0, le=1000, description="Fair share under saturation: each pool's tokens are shared "
-                          "among the active tenants in proportion to their weights.")
-    priority: PriorityClass = Field("standard", description="Class of the tenant's requests (interactive > standard > "
-                                    "batch) and the highest a request may ask for: under load, lower classes are "
-                                    "queued, their tau raised and their admissions refused first.")
+    tau_floor: float | None = Field(
+        None, ge=0, le=10, description="Load-aware tau never goes below this (None: the request's tau)."
+    )
+    tau_ceiling: float | None = Field(
+        None, ge=0, le=10, description="Load-aware tau never goes above this (None: no ceiling)."
+    )
+    weight: float = Field(
+        1.0,
+        gt=0,
+        le=1000,
+        description="Fair share under saturation: each pool's tokens are shared "
+        "among the active tenants in proportion to their weights.",
+    )
+    priority: PriorityClass = Field(
+        "standard",
+        description="Class of the tenant's requests (interactive > standard > "
+        "batch) and the highest a request may ask for: under load, lower classes are "
+        "queued, their tau raised and their admissions refused first.",
+    )
 
     def allows_model(self, model: str) -> bool:
         """Whether the tenant may use ``model``."""
