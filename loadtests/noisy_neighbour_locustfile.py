@@ -38,7 +38,7 @@ def _arguments(parser):
     parser.add_argument("--noisy-priority", default=None, help="class the noisy tenant's requests ask for")
     parser.add_argument("--token-budget", type=int, default=96)
     parser.add_argument("--step-max-tokens", type=int, default=32)
-    parser.add_argument("--max-tokens", type=int, default=32, help="final answer's tokens")
+    parser.add_argument("--final-max-tokens", type=int, default=32, help="the final answer's tokens")
     parser.add_argument("--model", default="glimprouter")
 
 
@@ -101,7 +101,7 @@ class _TenantUser(User):
             "messages": [{"role": "user", "content": PROMPTS[self.sent % len(PROMPTS)]}],
             "token_budget": o.token_budget,
             "step_max_tokens": o.step_max_tokens,
-            "max_tokens": o.max_tokens,
+            "final_max_tokens": o.final_max_tokens,
         }
         return {**body, "priority": priority} if priority else body
 
