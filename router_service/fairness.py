@@ -255,6 +255,8 @@ class FairShares:
     def wrap(self, pools: Mapping[PoolRole, object]) -> Mapping[PoolRole, object]:
         """The pools the step loop should call: behind dispatchers when enabled, else as they are."""
         if not self.settings.enabled:
+            for role in pools:  # nothing waits at the router: the gauge says so (and is exported like the rest)
+                metrics.set_gauge("glimprouter_fair_queue_depth", 0, pool=role)
             return pools
         self.dispatchers = {
             role: FairDispatcher(pool, role, self.settings, self.registry, self.clock) for role, pool in pools.items()
