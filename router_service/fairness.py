@@ -251,17 +251,25 @@ class FairShares:
         self.settings, self.clock = settings, clock
         self.registry = TenantRegistry()
         self.dispatchers: dict[PoolRole, FairDispatcher] = {}
+        self.roles: list[PoolRole] = []
 
     def wrap(self, pools: Mapping[PoolRole, object]) -> Mapping[PoolRole, object]:
         """The pools the step loop should call: behind dispatchers when enabled, else as they are."""
+        self.roles = list(pools)
         if not self.settings.enabled:
-            for role in pools:  # nothing waits at the router: the gauge says so (and is exported like the rest)
-                metrics.set_gauge("glimprouter_fair_queue_depth", 0, pool=role)
             return pools
         self.dispatchers = {
             role: FairDispatcher(pool, role, self.settings, self.registry, self.clock) for role, pool in pools.items()
         }
         return dict(self.dispatchers)
+
+    def report_idle(self) -> None:
+        """With fair shares off, export each pool's queue depth as 0 (nothing waits at the router), as the
+        dispatchers export theirs while on; called as requests arrive (a gauge set as the replica starts is not
+        exported)."""
+        if not self.settings.enabled:
+            for role in self.roles:
+                metrics.set_gauge("glimprouter_fair_queue_depth", 0, pool=role)
 
     def register(self, request_id: str, tenant: str, weight: float, priority: PriorityClass) -> None:
         """A request starts (or resumes) running here."""

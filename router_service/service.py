@@ -129,6 +129,7 @@ class RequestService:
 
     def start_background(self) -> None:
         """Start the replica's background tasks (the tau controller) once, in the running event loop."""
+        self.fairness.report_idle()
         if self.tau_controller is not None and not self._background:
             self._background.append(asyncio.create_task(self._control_tau()))
 
