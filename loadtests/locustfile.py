@@ -30,6 +30,7 @@ from locust import User, events, task
 from cluster.ops.problems import problems
 from loadtests import metrics
 from loadtests.keys import api_keys
+from loadtests.locust_support import fire
 
 PROMPTS = problems(200)
 _users, _requests = itertools.count(), itertools.count()
@@ -70,18 +71,6 @@ def _start(environment, **_):
     global schedule
     rate = environment.parsed_options.arrival_rate
     schedule = metrics.ArrivalSchedule(rate, time.perf_counter()) if rate > 0 else None
-
-
-def fire(request_type: str, name: str, value: float, error: str | None = None) -> None:
-    """Record one sample (or failure) in Locust's stats."""
-    events.request.fire(
-        request_type=request_type,
-        name=name,
-        response_time=value,
-        response_length=0,
-        exception=RuntimeError(error) if error else None,
-        context={},
-    )
 
 
 class TenantUser(User):

@@ -24,6 +24,8 @@ from pathlib import Path
 
 import httpx
 
+from loadtests.locust_support import headless_command
+
 LOCUSTFILE = Path(__file__).with_name("noisy_neighbour_locustfile.py")
 TENANTS = ("quiet", "noisy")
 POOLS = ("small", "large")
@@ -99,31 +101,15 @@ def run_phase(opts, tenants: list[dict], name: str, noisy_rate: float) -> Path:
     prefix = opts.out / f"{opts.label}-{name}"
     env = {**os.environ, "GLIMP_QUIET_KEY": tenants[0]["key"], "GLIMP_NOISY_KEY": tenants[1]["key"]}
     cmd = [
-        sys.executable,
-        "-m",
-        "locust",
-        "-f",
-        str(LOCUSTFILE),
-        "--headless",
-        "--only-summary",
-        "--host",
-        opts.url,
-        "-u",
-        str(opts.users),
-        "-r",
-        str(opts.users),
-        "-t",
-        opts.duration,
-        "--stop-timeout",
-        opts.stop_timeout,
-        "--csv",
-        str(prefix),
-        "--quiet-rate",
-        str(opts.quiet_rate),
-        "--noisy-rate",
-        str(noisy_rate),
-        "--quiet-users",
-        str(opts.quiet_users),
+        *headless_command(LOCUSTFILE, opts.url, opts.users, opts.duration, opts.stop_timeout, prefix),
+        *(
+            "--quiet-rate",
+            str(opts.quiet_rate),
+            "--noisy-rate",
+            str(noisy_rate),
+            "--quiet-users",
+            str(opts.quiet_users),
+        ),
         *opts.locust_args,
     ]
     rc = subprocess.run(cmd, env=env).returncode

@@ -24,6 +24,7 @@ from locust import User, constant, events, task
 
 from cluster.ops.problems import problems
 from loadtests import metrics
+from loadtests.locust_support import fire
 
 PROMPTS = problems(200)
 schedules: dict[str, metrics.ArrivalSchedule | None] = {}
@@ -57,17 +58,6 @@ def _start(environment, **_):
     opts, now = environment.parsed_options, time.perf_counter()
     for name, rate in (("quiet", opts.quiet_rate), ("noisy", opts.noisy_rate)):
         schedules[name] = metrics.ArrivalSchedule(rate, now) if rate > 0 else None
-
-
-def fire(request_type: str, name: str, value: float, error: str | None = None) -> None:
-    events.request.fire(
-        request_type=request_type,
-        name=name,
-        response_time=value,
-        response_length=0,
-        exception=RuntimeError(error) if error else None,
-        context={},
-    )
 
 
 class _TenantUser(User):

@@ -22,6 +22,7 @@ from pathlib import Path
 
 from loadtests import metrics
 from loadtests.keys import api_keys
+from loadtests.locust_support import headless_command
 
 LOCUSTFILE = Path(__file__).with_name("locustfile.py")
 REQUEST = ("POST", "/v1/chat/completions")
@@ -50,32 +51,8 @@ def locust_command(opts: argparse.Namespace, name: str, scenario_args: list[str]
     for flag, value in (("--token-budget", opts.token_budget), ("--step-max-tokens", opts.step_max_tokens)):
         if value is not None:
             common += [flag, str(value)]
-    return [
-        sys.executable,
-        "-m",
-        "locust",
-        "-f",
-        str(LOCUSTFILE),
-        "--headless",
-        "--only-summary",
-        "--host",
-        opts.url,
-        "-u",
-        str(opts.users),
-        "-r",
-        str(opts.users),
-        "-t",
-        opts.duration,
-        "--stop-timeout",
-        opts.stop_timeout,
-        "--csv",
-        str(prefix),
-        "--csv-full-history",
-        "--html",
-        f"{prefix}.html",
-        *common,
-        *scenario_args,
-    ]
+    base = headless_command(LOCUSTFILE, opts.url, opts.users, opts.duration, opts.stop_timeout, prefix)
+    return [*base, "--csv-full-history", "--html", f"{prefix}.html", *common, *scenario_args]
 
 
 def _number(value: str | None) -> float | None:
