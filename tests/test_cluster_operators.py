@@ -190,7 +190,7 @@ def test_every_metric_is_exported_and_moves(local_cluster):
         ]
 
     try:
-        after = wait_for(all_moved, 120, "every metric to be exported and to move (a fresh cluster exports gauges late)")
+        after = wait_for(all_moved, 120, "every metric to be exported and to move (Ray exports every few seconds)")
     except AssertionError as exc:
         raise AssertionError(f"{exc}; missing or not moved: {lagging()}") from None
     assert operators.total(after, SPECS["glimprouter_steps"].exported, tenant="metrics-check", pool="large") > 0
