@@ -8,6 +8,7 @@ in Prometheus format on its metrics export port, prefixed ``ray_`` (Ray's own co
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections import deque
 from collections.abc import Iterator
@@ -18,6 +19,9 @@ from functools import cache
 LATENCY_BUCKETS_S = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 25, 60, 150, 300]
 REDIS_BUCKETS_S = [0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1]
 ENTROPY_BUCKETS_NATS = [0.1, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 1.75, 2.0, 2.5, 3.0]
+# Ray's metrics agent drops a gauge series not set again within two report intervals (10 s each by default), so
+# every process that owns gauges sets each one again this often (see ``keep_gauges_exported``).
+GAUGE_REFRESH_S = 5.0
 
 
 @dataclass(frozen=True)
@@ -190,9 +194,38 @@ def observe(name: str, value: float, **tags: str) -> None:
     metric(name).observe(value, tags=tags or None)
 
 
+_gauge_values: dict[tuple[str, tuple[tuple[str, str], ...]], float] = {}
+_gauge_refresh: asyncio.Task | None = None
+
+
 def set_gauge(name: str, value: float, **tags: str) -> None:
-    """Set a gauge."""
+    """Set a gauge; the value is kept, to be set again while ``keep_gauges_exported`` runs."""
     metric(name).set(value, tags=tags or None)
+    _gauge_values[(name, tuple(sorted(tags.items())))] = value
+
+
+def refresh_gauges() -> int:
+    """Set every gauge this process has set to its last value again; returns how many series."""
+    for (name, tags), value in list(_gauge_values.items()):
+        metric(name).set(value, tags=dict(tags) or None)
+    return len(_gauge_values)
+
+
+async def _refresh_forever(period_s: float) -> None:
+    while True:
+        await asyncio.sleep(period_s)
+        refresh_gauges()
+
+
+def keep_gauges_exported(period_s: float = GAUGE_REFRESH_S) -> asyncio.Task:
+    """Start, once per process and in the running event loop, the task that refreshes this process's gauges each
+    ``period_s``: a gauge set once (a pool's calls in flight going to 0, a queue that emptied) would otherwise
+    vanish from the scrape after two of Ray's report intervals, as if the replica were gone."""
+    global _gauge_refresh
+    loop = asyncio.get_running_loop()
+    if _gauge_refresh is None or _gauge_refresh.done() or _gauge_refresh.get_loop() is not loop:
+        _gauge_refresh = loop.create_task(_refresh_forever(period_s))
+    return _gauge_refresh
 
 
 @contextmanager

@@ -126,11 +126,17 @@ class RequestService:
         self.loop = StepLoop(pools, renderers, self.tau_controller, self.budgets)
         self.large_fraction = metrics.LargeFraction()
         self._background: list[asyncio.Task] = []
+        self._started = False
 
     def start_background(self) -> None:
-        """Start the replica's background tasks (the tau controller) once, in the running event loop."""
-        self.fairness.report_idle()
-        if self.tau_controller is not None and not self._background:
+        """Once, in the running event loop: export the fair queues' depths, start the refresh that keeps every
+        gauge exported and the tau controller."""
+        if self._started:
+            return
+        self._started = True
+        self.fairness.report_queues()
+        metrics.keep_gauges_exported()
+        if self.tau_controller is not None:
             self._background.append(asyncio.create_task(self._control_tau()))
 
     # ---- reads ----------------------------------------------------------------------------------------

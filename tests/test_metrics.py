@@ -102,3 +102,36 @@ def test_adding_nothing_to_a_counter_is_a_no_op(monkeypatch):
     metrics.inc("glimprouter_tokens", 0, tenant="t", pool="large")
     metrics.inc("glimprouter_tokens", 3, tenant="t", pool="large")
     assert calls == [3]
+
+
+class RecordingGauge:
+    def __init__(self):
+        self.sets = []
+
+    def set(self, value, tags=None):
+        self.sets.append((value, tags))
+
+
+def test_every_gauge_set_is_set_again_by_the_refresh_until_it_changes(monkeypatch):
+    """Ray's agent drops a gauge not set within two report intervals: the refresh sets each series' last value."""
+    import asyncio
+
+    gauges = {}
+    monkeypatch.setattr(metrics, "metric", lambda name: gauges.setdefault(name, RecordingGauge()))
+    monkeypatch.setattr(metrics, "_gauge_values", {})
+    metrics.set_gauge("glimprouter_pool_ongoing_requests", 3, pool="small")
+    metrics.set_gauge("glimprouter_pool_ongoing_requests", 0, pool="small")
+    metrics.set_gauge("glimprouter_large_step_fraction", 0.25)
+
+    async def two_periods():
+        task = metrics.keep_gauges_exported(period_s=0.01)
+        assert metrics.keep_gauges_exported(period_s=0.01) is task  # once per process
+        await asyncio.sleep(0.035)
+        task.cancel()
+
+    asyncio.run(two_periods())
+    ongoing = gauges["glimprouter_pool_ongoing_requests"].sets
+    assert ongoing[:2] == [(3, {"pool": "small"}), (0, {"pool": "small"})]
+    assert all(s == (0, {"pool": "small"}) for s in ongoing[2:]) and len(ongoing) >= 4
+    assert all(s == (0.25, None) for s in gauges["glimprouter_large_step_fraction"].sets)
+    assert len(gauges["glimprouter_large_step_fraction"].sets) >= 3
