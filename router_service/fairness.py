@@ -4,8 +4,9 @@ Every request is a chain of calls a few hundred milliseconds long, so the router
 each step boundary. ``FairDispatcher`` wraps one pool's client (the same ``PoolClient`` protocol as
 ``router_service/loop.py``): while the pool has fewer of this replica's calls in flight than its concurrency,
 a call goes at once; beyond it, calls wait and are released by class (interactive > standard > batch, a
-waiting call moving up one class every ``class_aging_s``), then by the tenant's virtual token counter (tokens
-served / weight, the virtual-token-counter rule), then in arrival order. A tenant that becomes active is lifted
+class's oldest waiting call moving it up one rank every ``class_aging_s``, so a lower class gets turns), then,
+within the class, by the tenant's virtual token counter (tokens served / weight, the virtual-token-counter
+rule), then in arrival order. A tenant that becomes active is lifted
 to the smallest counter of the active tenants, so an idle tenant cannot bank credit; a waiting tenant's counter
 does not grow, so it reaches the front: nobody starves.
 
@@ -148,8 +149,18 @@ class FairDispatcher:
         return max(0, PRIORITY_CLASSES.index(waiter.info.priority) - aged)
 
     def _next(self) -> _Waiter:
+        """The class to serve is that of the best-ranked oldest waiter of each class (aging lets a waiting lower
+        class take its turn); within it, the tenant with the smallest counter, then arrival order. Aging never
+        reorders a class: an aged call does not pass a same-class call of a tenant with less service."""
         now = self.clock()
-        return min(self._waiting, key=lambda w: (self._rank(w, now), self.counters.get(w.info.tenant, 0.0), w.seq))
+        oldest: dict[PriorityClass, _Waiter] = {}
+        for waiter in self._waiting:
+            oldest.setdefault(waiter.info.priority, waiter)  # the list is in arrival order
+        served = min(oldest, key=lambda c: (self._rank(oldest[c], now), oldest[c].seq))
+        return min(
+            (w for w in self._waiting if w.info.priority == served),
+            key=lambda w: (self.counters.get(w.info.tenant, 0.0), w.seq),
+        )
 
     async def _acquire(self, info: RunInfo) -> float:
         """Wait for a slot; returns the provisional charge put on the tenant's counter at dispatch."""
@@ -263,13 +274,12 @@ class FairShares:
         }
         return dict(self.dispatchers)
 
-    def report_idle(self) -> None:
-        """With fair shares off, export each pool's queue depth as 0 (nothing waits at the router), as the
-        dispatchers export theirs while on; called as requests arrive (a gauge set as the replica starts is not
-        exported)."""
-        if not self.settings.enabled:
-            for role in self.roles:
-                metrics.set_gauge("glimprouter_fair_queue_depth", 0, pool=role)
+    def report_queues(self) -> None:
+        """Export each pool's queue depth now: the dispatchers' while fair shares are on (they export again as it
+        changes), else 0 (nothing waits at the router)."""
+        for role in self.roles:
+            waiting = self.dispatchers[role].queued if role in self.dispatchers else 0
+            metrics.set_gauge("glimprouter_fair_queue_depth", waiting, pool=role)
 
     def register(self, request_id: str, tenant: str, weight: float, priority: PriorityClass) -> None:
         """A request starts (or resumes) running here."""

@@ -165,6 +165,24 @@ async def test_a_higher_class_goes_first_and_a_waiting_lower_class_ages_up():
     assert inner.started == ["x", "i", "b", "s"]  # interactive first; the aged batch call before the later standard
 
 
+async def test_aging_never_lets_a_call_pass_a_same_class_call_of_a_tenant_with_less_service():
+    """Calls that waited many aging periods still yield, within their class, to a tenant served less."""
+    clock = Clock()
+    inner, shares = GatedPool(), FairShares(settings(class_aging_s=1.0), clock=clock)
+    pool = shares.wrap({"large": inner})["large"]
+    registered(shares, *((f"n{i}", "noisy", 1, "standard") for i in range(4)), ("q", "quiet", 1, "standard"))
+    tasks = [asyncio.create_task(run_step(pool, f"n{i}")) for i in range(4)]
+    await settle()
+    clock.now = 10.0  # the noisy tenant's waiting calls have aged ten periods
+    tasks.append(asyncio.create_task(run_step(pool, "q")))
+    await settle()
+    for _ in range(5):
+        inner.open_next()
+        await settle()
+    await asyncio.gather(*tasks)
+    assert inner.started == ["n0", "q", "n1", "n2", "n3"]
+
+
 async def test_a_cancelled_waiter_leaves_the_queue_and_a_closed_step_closes_the_inner_call():
     inner, shares = GatedPool(), FairShares(settings(), clock=Clock())
     pool = shares.wrap({"small": inner})["small"]
