@@ -11,7 +11,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from cluster.config import ClusterConfig, PoolRole, PoolSettings
+from cluster.config import ClusterConfig
+from cluster.pool_config import PoolRole, PoolSettings
 
 DEPLOYMENT_NAMES: dict[PoolRole, str] = {"small": "SmallPool", "large": "LargePool"}
 ROUTER_DEPLOYMENT = "Router"

@@ -14,7 +14,7 @@ from contextlib import aclosing
 from ray import serve
 
 from cluster import metrics
-from cluster.config import PoolSettings
+from cluster.pool_config import PoolSettings
 from cluster.topology import engine_env, model_dir, tokenizer_dir
 from deployments.protocol import Glimpse, NextGlimpse, Prompt, StepChunk, StepSampling
 

@@ -36,7 +36,8 @@ import time
 import traceback
 from pathlib import Path
 
-from cluster.config import PoolSettings, load_config
+from cluster.config import load_config
+from cluster.pool_config import PoolSettings
 from loadtests.engine_driver import GLIMPSE_TOKENS, STEP, Driver, Engine, Load
 from loadtests.gpu_bench.layouts import parse_override, with_overrides
 from loadtests.gpu_models import build_model, build_tokenizer

@@ -27,7 +27,8 @@ from collections import Counter
 from pathlib import Path
 from typing import NamedTuple
 
-from cluster.config import ConfigError, PoolSettings, load_config
+from cluster.config import ConfigError, load_config
+from cluster.pool_config import PoolSettings
 from deployments.pool import BusyClock, engine_args
 from loadtests.gpu_bench.layouts import parse_override, with_overrides
 from loadtests.gpu_bench.stats import phase_figures

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import yaml
 
-from cluster.config import CONFIG_DIR, AutoscalingSettings, ConfigError, Placement, load_config, set_fields
+from cluster.config import CONFIG_DIR, ConfigError, load_config, set_fields
+from cluster.pool_config import AutoscalingSettings, Placement
 
 
 def test_shipped_configs_load():

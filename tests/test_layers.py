@@ -16,6 +16,8 @@ PACKAGES = ("cluster", "deployments", "router_service", "loadtests")
 LAYERS = {
     "cluster": 0,
     "cluster.config": 0,
+    "cluster.pool_config": 0,
+    "cluster.strict": 0,
     "cluster.metrics": 0,
     "cluster.topology": 0,
     "deployments": 1,

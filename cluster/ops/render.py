@@ -24,14 +24,7 @@ from urllib.parse import ParseResult, urlparse
 import yaml
 from pydantic import ValidationError
 
-from cluster.config import (
-    ClusterConfig,
-    ConfigError,
-    PoolRole,
-    PoolSettings,
-    format_validation_error,
-    load_config,
-)
+from cluster.config import ClusterConfig, ConfigError, format_validation_error, load_config
 from cluster.ops.render_settings import (
     HF_CACHE,
     NODE_POOL_LABEL,
@@ -40,6 +33,7 @@ from cluster.ops.render_settings import (
     RouterGroupSettings,
     WorkerGroupSettings,
 )
+from cluster.pool_config import PoolRole, PoolSettings
 from cluster.topology import BUILDER, deployment_options
 
 OVERLAYS_DIR = Path(__file__).resolve().parents[2] / "k8s" / "overlays"
