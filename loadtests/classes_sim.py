@@ -13,14 +13,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import logging
 import statistics
 from collections import defaultdict
 
-from cluster.config import PolicySettings, TauControllerSettings
-from loadtests.fairness_sim import build, model_options, now, p95, run_virtual
-from router_service.loop import AnswerDone, LoopRequest, StepDone
+from cluster.config import TauControllerSettings
+from loadtests.fairness_sim import build, model_options, now, one_request, p95, run_virtual
 from router_service.tau_control import TauController
 
 CLASSES = ("interactive", "batch")
@@ -39,31 +37,9 @@ async def simulate(opts) -> dict:
 
     async def user(cls: str):
         while now() < end:
-            rid = f"{cls}-{next(ids)}"
-            shares.register(rid, f"tenant-{cls}", 1.0, cls)
-            req = LoopRequest(
-                rid,
-                [{"role": "user", "content": "q"}],
-                PolicySettings(tau=1.0),
-                steps,
-                0.0,
-                1.0,
-                None,
-                False,
-                tenant=f"tenant-{cls}",
-                priority=cls,
-            )
-            start = now()
-            try:
-                async with contextlib.aclosing(loop.run(req, [])) as events:
-                    async for event in events:
-                        if isinstance(event, StepDone):
-                            pools[cls].append(event.record.pool)
-                        elif isinstance(event, AnswerDone):
-                            break
-            finally:
-                shares.unregister(rid)
-            latencies[cls].append(now() - start)
+            rid, record_pool = f"{cls}-{next(ids)}", lambda record: pools[cls].append(record.pool)
+            latency = await one_request(loop, shares, rid, f"tenant-{cls}", steps, cls, on_step=record_pool)
+            latencies[cls].append(latency)
 
     async def controller():
         while now() < end:

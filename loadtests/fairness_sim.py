@@ -21,11 +21,13 @@ import contextlib
 import random
 import selectors
 import statistics
+from collections.abc import Callable
 
 from cluster.config import FairnessSettings, PolicySettings, StepSettings
 from deployments.protocol import Glimpse, StepChunk
 from router_service.fairness import FairShares
-from router_service.loop import AnswerDone, LoopRequest, StepLoop
+from router_service.loop import AnswerDone, LoopRequest, StepDone, StepLoop
+from router_service.state import StepRecord
 
 
 class _VirtualSelector(selectors.SelectSelector):
@@ -99,8 +101,10 @@ async def one_request(
     steps: StepSettings,
     priority: str = "standard",
     weight: float = 1.0,
+    on_step: Callable[[StepRecord], None] | None = None,
 ) -> float:
-    """Run one request through the step loop; returns its latency (virtual seconds)."""
+    """Run one request through the step loop (``on_step`` hears each step written); returns its latency
+    (virtual seconds)."""
     shares.register(rid, tenant, weight, priority)
     start = now()
     req = LoopRequest(
@@ -118,7 +122,9 @@ async def one_request(
     try:
         async with contextlib.aclosing(loop.run(req, [])) as events:
             async for event in events:
-                if isinstance(event, AnswerDone):
+                if isinstance(event, StepDone) and on_step is not None:
+                    on_step(event.record)
+                elif isinstance(event, AnswerDone):
                     break
     finally:
         shares.unregister(rid)

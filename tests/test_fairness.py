@@ -271,20 +271,19 @@ def test_registry_tracks_active_tenants_and_classes():
     assert registry.active_tenants() == set() and registry.of("r1").tenant == ""
 
 
+def sim_options(**scenario) -> argparse.Namespace:
+    """The simulated cluster's defaults (``loadtests/fairness_sim.py``'s ``model_options``) and a scenario's."""
+    from loadtests import fairness_sim
+
+    parser = argparse.ArgumentParser()
+    fairness_sim.model_options(parser)
+    return argparse.Namespace(**vars(parser.parse_args([])), **scenario)
+
+
 def test_in_the_simulated_cluster_fair_shares_keep_the_quiet_tenant_near_its_latency_alone():
     from loadtests import fairness_sim
 
-    opts = argparse.Namespace(
-        duration=30.0,
-        quiet_rate=2.0,
-        noisy_concurrency=48,
-        small_slots=8,
-        large_slots=4,
-        ms_per_token=1.0,
-        glimpse_ms=5.0,
-        step_tokens=16,
-        steps=6,
-    )
+    opts = sim_options(duration=30.0, quiet_rate=2.0, noisy_concurrency=48)
 
     def p95_of(fair: bool, noisy: bool) -> float:
         return fairness_sim.p95(fairness_sim.run_virtual(fairness_sim.scenario(opts, fair, noisy)))
@@ -297,16 +296,7 @@ def test_in_the_simulated_cluster_fair_shares_keep_the_quiet_tenant_near_its_lat
 def test_in_the_simulated_cluster_overload_refuses_lowest_class_first_and_loses_no_accepted_request():
     from loadtests import fairness_sim, overload_sim
 
-    opts = argparse.Namespace(
-        duration=20.0,
-        queue_depth=64,
-        small_slots=8,
-        large_slots=4,
-        ms_per_token=1.0,
-        glimpse_ms=5.0,
-        step_tokens=16,
-        steps=6,
-    )
+    opts = sim_options(duration=20.0, queue_depth=64)
     cap = fairness_sim.run_virtual(overload_sim.capacity(opts, seconds=20.0))
     out = fairness_sim.run_virtual(overload_sim.overload(opts, 3 * cap))
     counts = out["counts"]
@@ -323,19 +313,7 @@ def test_in_the_simulated_cluster_overload_refuses_lowest_class_first_and_loses_
 def test_in_the_simulated_cluster_the_batch_class_tau_rises_first_and_interactive_is_served_first():
     from loadtests import classes_sim, fairness_sim
 
-    opts = argparse.Namespace(
-        users=24,
-        duration=20.0,
-        queue_high=8,
-        queue_low=2,
-        interval=1.0,
-        small_slots=8,
-        large_slots=4,
-        ms_per_token=1.0,
-        glimpse_ms=5.0,
-        step_tokens=16,
-        steps=6,
-    )
+    opts = sim_options(users=24, duration=20.0, queue_high=8, queue_low=2, interval=1.0)
     out = fairness_sim.run_virtual(classes_sim.simulate(opts))
     assert out["first_rise"]["batch"] < out["first_rise"].get("interactive", float("inf"))
     assert fairness_sim.p95(out["latencies"]["interactive"]) < fairness_sim.p95(out["latencies"]["batch"])
