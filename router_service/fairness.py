@@ -7,8 +7,9 @@ a call goes at once; beyond it, calls wait and are released by class (interactiv
 class's oldest waiting call moving it up one rank every ``class_aging_s``, so a lower class gets turns), then,
 within the class, by the tenant's virtual token counter (tokens served / weight, the virtual-token-counter
 rule), then in arrival order. A tenant that becomes active is lifted
-to the smallest counter of the active tenants, so an idle tenant cannot bank credit; a waiting tenant's counter
-does not grow, so it reaches the front: nobody starves.
+to the smallest counter of the active tenants (with none active, to the largest counter seen), so an idle
+tenant cannot bank credit, nor can a tenant long served alone be held back by what it got then; a waiting
+tenant's counter does not grow, so it reaches the front: nobody starves.
 
 A call's tenant and class come from its affinity key (the request id): ``TenantRegistry`` holds them while a
 request runs here (``RequestService`` registers each run). ``FairShares`` is the replica's whole set: the
@@ -140,9 +141,12 @@ class FairDispatcher:
     # ---- the queue ----------------------------------------------------------------------------------------
 
     def _lift(self, tenant: str) -> None:
+        """A tenant becoming active starts no lower than the smallest counter of the others active; with none
+        active, no lower than the largest counter seen (what tenants served while it was idle have reached),
+        so neither an idle tenant's credit nor a lone tenant's past service decides the order later."""
         others = [self.counters.get(t, 0.0) for t in self.registry.active_tenants() if t != tenant]
-        if others:
-            self.counters[tenant] = max(self.counters.get(tenant, 0.0), min(others))
+        floor = min(others) if others else max(self.counters.values(), default=0.0)
+        self.counters[tenant] = max(self.counters.get(tenant, 0.0), floor)
 
     def _rank(self, waiter: _Waiter, now: float) -> int:
         aged = int((now - waiter.since) / self.settings.class_aging_s)

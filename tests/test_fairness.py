@@ -140,6 +140,24 @@ async def test_an_idle_tenant_cannot_bank_credit():
     assert abs(got["alone"] - got["late"]) <= 20  # they alternate: the late tenant did not take 50 calls in a row
 
 
+async def test_a_tenant_served_alone_is_not_held_back_by_a_newcomer_that_arrived_while_it_was_idle():
+    """The noisy neighbour measured on the CPU cluster: the quiet tenant was served alone for minutes, then the
+    noisy one arrived between two of its requests; the newcomer, lifted to nothing, took every call."""
+    inner, shares = GatedPool(tokens=10), FairShares(settings(), clock=Clock())
+    pool = shares.wrap({"large": inner})["large"]
+    registered(shares, ("q0", "quiet", 1, "standard"))
+    await simulate(shares, pool, inner, ["q0"], calls=50)  # the quiet tenant alone: its counter reaches 500
+    shares.unregister("q0")  # between two of its requests
+    registered(shares, *((f"n{i}", "noisy", 1, "standard") for i in range(4)))  # the newcomer arrives
+    assert pool.counters.get("noisy", 0.0) == pytest.approx(pool.counters["quiet"])
+    registered(shares, ("q1", "quiet", 1, "standard"))
+    before = dict(pool.served)
+    await simulate(shares, pool, inner, ["n0", "n1", "n2", "n3", "q1"], calls=40)
+    got = {t: pool.served[t] - before.get(t, 0) for t in ("quiet", "noisy")}
+    # they alternate (the noisy tenant's four requests also drain at the end): the quiet tenant is not starved
+    assert got["quiet"] >= 200 and abs(got["quiet"] - got["noisy"]) <= 40
+
+
 async def test_a_higher_class_goes_first_and_a_waiting_lower_class_ages_up():
     clock = Clock()
     inner, shares = GatedPool(), FairShares(settings(class_aging_s=1.0), clock=clock)
