@@ -74,15 +74,24 @@ def token_shares(before: dict[str, dict], after: dict[str, dict]) -> dict[str, d
     return shares
 
 
+def large_step_shares(before: dict[str, dict], after: dict[str, dict]) -> dict[str, float | None]:
+    """Each tenant's share of its steps the large pool wrote between two usage readings (None: no steps)."""
+    out = {}
+    for tenant in after:
+        steps = {pool: after[tenant]["pools"][pool]["steps"] - before[tenant]["pools"][pool]["steps"] for pool in POOLS}
+        total = sum(steps.values())
+        out[tenant] = round(steps["large"] / total, 4) if total else None
+    return out
+
+
 def compare_line(fair: dict, fcfs: dict) -> str:
     """The docs' line: the quiet tenant's p95 beside the noisy one over its p95 alone, with and without."""
 
-    def ratio(run: dict) -> float:
-        return run["shared"]["quiet"]["p95_ms"] / run["alone"]["quiet"]["p95_ms"]
+    def ratio(run: dict) -> str:
+        shared, alone = run["shared"]["quiet"]["p95_ms"], run["alone"]["quiet"]["p95_ms"]
+        return f"{shared / alone:.2f}x" if shared and alone else "none (no quiet request finished in a phase)"
 
-    return (
-        f"quiet tenant p95 under a noisy neighbour: {ratio(fair):.2f}x alone ({ratio(fcfs):.2f}x without fair shares)"
-    )
+    return f"quiet tenant p95 under a noisy neighbour: {ratio(fair)} alone ({ratio(fcfs)} without fair shares)"
 
 
 def _usage(client: httpx.Client, url: str, admin_key: str, tenants: list[dict]) -> dict[str, dict]:
@@ -132,6 +141,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--duration", default="180s")
     parser.add_argument("--stop-timeout", default="300s")
     parser.add_argument("--label", default="run")
+    parser.add_argument(
+        "--shared-only", action="store_true", help="run only the shared phase (shares and classes under saturation)"
+    )
     parser.add_argument("--out", type=Path, default=Path("results"))
     parser.add_argument("locust_args", nargs="*", help="after --: more locustfile options (priorities, budgets)")
     opts = parser.parse_args(argv)
@@ -151,10 +163,13 @@ def main(argv: list[str] | None = None) -> int:
         "duration": opts.duration,
     }
     with httpx.Client() as client:
-        summary["alone"] = tenant_stats(run_phase(opts, tenants, "alone", 0.0))
+        if not opts.shared_only:
+            summary["alone"] = tenant_stats(run_phase(opts, tenants, "alone", 0.0))
         before = _usage(client, opts.url, admin_key, tenants)
         summary["shared"] = tenant_stats(run_phase(opts, tenants, "shared", opts.noisy_rate))
-        summary["token_shares"] = token_shares(before, _usage(client, opts.url, admin_key, tenants))
+        after = _usage(client, opts.url, admin_key, tenants)
+        summary["token_shares"] = token_shares(before, after)
+        summary["large_step_shares"] = large_step_shares(before, after)
     (opts.out / f"{opts.label}.json").write_text(json.dumps(summary, indent=2) + "\n")
     print(json.dumps(summary, indent=2))
     return 0

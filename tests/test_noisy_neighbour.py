@@ -8,7 +8,7 @@ import json
 
 import pytest
 
-from loadtests.noisy_neighbour import compare_line, read_tenants, tenant_stats, token_shares
+from loadtests.noisy_neighbour import compare_line, large_step_shares, read_tenants, tenant_stats, token_shares
 
 FIELDS = ["Type", "Name", "Request Count", "Failure Count", "50%", "95%"]
 
@@ -52,8 +52,13 @@ def test_tenant_stats_split_successes_refusals_and_failures(tmp_path):
     assert stats["noisy"]["failed"] == 0
 
 
-def usage(small: int, large: int) -> dict:
-    return {"pools": {"small": {"output_tokens": small}, "large": {"output_tokens": large}}}
+def usage(small: int, large: int, small_steps: int = 0, large_steps: int = 0) -> dict:
+    return {
+        "pools": {
+            "small": {"output_tokens": small, "steps": small_steps},
+            "large": {"output_tokens": large, "steps": large_steps},
+        }
+    }
 
 
 def test_token_shares_are_the_differences_of_two_readings():
@@ -63,12 +68,20 @@ def test_token_shares_are_the_differences_of_two_readings():
     assert shares == {"small": {"quiet": 0.25, "noisy": 0.75}, "large": {"quiet": 0.5, "noisy": 0.5}}
 
 
+def test_large_step_shares_are_each_tenants_large_steps_over_its_steps_between_two_readings():
+    before = {"quiet": usage(0, 0, 10, 10), "noisy": usage(0, 0, 5, 5), "idle": usage(0, 0, 3, 1)}
+    after = {"quiet": usage(0, 0, 40, 20), "noisy": usage(0, 0, 5, 15), "idle": usage(0, 0, 3, 1)}
+    assert large_step_shares(before, after) == {"quiet": 0.25, "noisy": 1.0, "idle": None}
+
+
 def test_compare_line():
     fair = {"alone": {"quiet": {"p95_ms": 1000.0}}, "shared": {"quiet": {"p95_ms": 1200.0}}}
     fcfs = {"alone": {"quiet": {"p95_ms": 1000.0}}, "shared": {"quiet": {"p95_ms": 3400.0}}}
     assert compare_line(fair, fcfs) == (
         "quiet tenant p95 under a noisy neighbour: 1.20x alone (3.40x without fair shares)"
     )
+    starved = {"alone": {"quiet": {"p95_ms": 1000.0}}, "shared": {"quiet": {"p95_ms": None}}}
+    assert compare_line(starved, fcfs).startswith("quiet tenant p95 under a noisy neighbour: none (no quiet request")
 
 
 class StubAPI:
@@ -115,7 +128,10 @@ class StubAPI:
             def do_GET(self):
                 tenant = self.path.split("/")[4]
                 tokens = stub.usage[tenant]
-                pools = {"small": {"output_tokens": tokens}, "large": {"output_tokens": tokens // 2}}
+                pools = {
+                    "small": {"output_tokens": tokens, "steps": tokens // 10 * 2},
+                    "large": {"output_tokens": tokens // 2, "steps": tokens // 10},
+                }
                 self._json(200, {"pools": pools})
 
         self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
@@ -123,7 +139,8 @@ class StubAPI:
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
 
 
-def test_the_runner_drives_both_phases_through_locust_and_summarises_them(tmp_path):
+@pytest.mark.parametrize("shared_only", [False, True])
+def test_the_runner_drives_both_phases_through_locust_and_summarises_them(tmp_path, shared_only):
     import subprocess
     import sys
 
@@ -161,6 +178,7 @@ def test_the_runner_drives_both_phases_through_locust_and_summarises_them(tmp_pa
             "stub",
             "--out",
             str(tmp_path / "out"),
+            *(["--shared-only"] if shared_only else []),
         ],
         capture_output=True,
         text=True,
@@ -169,10 +187,17 @@ def test_the_runner_drives_both_phases_through_locust_and_summarises_them(tmp_pa
     api.server.shutdown()
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     summary = json.loads((tmp_path / "out" / "stub.json").read_text())
-    assert summary["alone"]["noisy"]["requests"] == 0 and summary["alone"]["quiet"]["requests"] >= 4
+    if shared_only:
+        assert "alone" not in summary and api.chats["kq"] <= 12  # one phase of 4 s at 2 requests/s (two: about 16)
+    else:
+        assert summary["alone"]["noisy"]["requests"] == 0 and summary["alone"]["quiet"]["requests"] >= 4
     shared = summary["shared"]
     assert shared["quiet"]["requests"] >= 4 and shared["quiet"]["refused"] == 0
     assert shared["noisy"]["requests"] >= 8 and shared["noisy"]["refused"] >= 3
     assert shared["noisy"]["refused_without_retry_after"] == 0 and shared["noisy"]["failed"] == 0
     small = summary["token_shares"]["small"]
     assert small["noisy"] > small["quiet"] > 0 and abs(small["noisy"] + small["quiet"] - 1) < 1e-3
+    assert summary["large_step_shares"] == {
+        "quiet": pytest.approx(1 / 3, abs=0.02),
+        "noisy": pytest.approx(1 / 3, abs=0.02),
+    }

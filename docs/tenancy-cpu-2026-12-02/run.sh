@@ -1,0 +1,54 @@
+#!/usr/bin/env bash
+# Tenants under saturation on the local CPU cluster, from the repository root; writes results/{noisy,saturation}/.
+#   bash docs/tenancy-cpu-2026-12-02/run.sh noisy fair fcfs   # the noisy neighbour, fair shares then without
+#   bash docs/tenancy-cpu-2026-12-02/run.sh saturation        # weighted shares, classes, overload (fair shares on)
+# noisy: a quiet tenant alone, then beside a noisy one, once per label: fair (FAIR_CONFIG, default fair.yaml here:
+# cluster/configs/local.yaml with router.fairness on, 4 small / 2 large calls in flight) or fcfs (the shipped
+# config). saturation (saturation.yaml: fair.yaml with the router's queue bounded at 24 waiting calls): tenants of
+# weights 1 and 2, then an interactive beside a batch tenant, both above capacity for 180 s, then overload at
+# about 3x capacity (both classes) for 300 s. USERS, QUIET_USERS and DURATION set the noisy runs' load.
+set -u
+HERE=docs/tenancy-cpu-2026-12-02
+export PATH="$PWD/.venv/bin:$PATH" REDIS_URL=redis://127.0.0.1:6390/0
+
+up() {  # CONFIG OUT
+  python -m cluster down >/dev/null 2>&1
+  python -m cluster up --no-sample --config $1 > $2/up-$(basename $1 .yaml).log 2>&1 || exit 1
+}
+tenants() {  # FILE NAME OPTION NAME OPTION: two tenants, the first in the runner's quiet role
+  local file=$1; shift; : > $file
+  for spec in "$1 $2" "$3 $4"; do
+    set -- $spec
+    python -m cluster tenants delete $1 >/dev/null 2>&1
+    python -m cluster tenants create $1 --rpm 10000 --concurrent 64 $2 --json >> $file
+  done
+}
+run() {  # OUT LABEL TENANTS QUIET_RATE NOISY_RATE USERS QUIET_USERS DURATION STOP_TIMEOUT [RUNNER OPTIONS]
+  local out=$1 label=$2 file=$3 quiet=$4 noisy=$5 users=$6 quiet_users=$7 duration=$8 stop=$9; shift 9
+  python -m loadtests.noisy_neighbour --url http://127.0.0.1:8000 --tenants-file $file --admin-key-file run/admin.key \
+    --quiet-rate $quiet --noisy-rate $noisy --users $users --quiet-users $quiet_users --duration $duration \
+    --stop-timeout $stop --label $label --out $out "$@"
+}
+
+case ${1:-} in
+  noisy)
+    shift; OUT=results/noisy; mkdir -p $OUT
+    for label in "$@"; do
+      up $([ $label = fair ] && echo ${FAIR_CONFIG:-$HERE/fair.yaml} || echo cluster/configs/local.yaml) $OUT
+      tenants $OUT/tenants-$label.json quiet --weight=1 noisy --weight=1
+      run $OUT $label $OUT/tenants-$label.json 0.1 0.8 ${USERS:-28} ${QUIET_USERS:-8} ${DURATION:-180s} 90s
+    done
+    [ -f $OUT/fair.json ] && [ -f $OUT/fcfs.json ] && python -m loadtests.noisy_neighbour --compare $OUT/fair.json $OUT/fcfs.json
+    ;;
+  saturation)
+    OUT=results/saturation; mkdir -p $OUT
+    up $HERE/saturation.yaml $OUT
+    tenants $OUT/tenants-shares.json light --weight=1 heavy --weight=2
+    run $OUT shares $OUT/tenants-shares.json 0.6 0.6 20 10 180s 120s --shared-only
+    tenants $OUT/tenants-classes.json inter --priority=interactive bulk --priority=batch
+    run $OUT classes $OUT/tenants-classes.json 0.6 0.6 20 10 180s 120s --shared-only
+    run $OUT overload $OUT/tenants-classes.json 0.3 0.6 48 16 300s 400s --shared-only
+    ;;
+  *) echo "usage: $0 noisy LABEL... | saturation" >&2; exit 2 ;;
+esac
+python -m cluster down >/dev/null 2>&1
