@@ -18,8 +18,11 @@ import argparse
 import csv
 import json
 import os
+import re
 import subprocess
 import sys
+import threading
+from collections.abc import Callable
 from pathlib import Path
 
 import httpx
@@ -106,7 +109,21 @@ def _usage(client: httpx.Client, url: str, admin_key: str, tenants: list[dict]) 
     }
 
 
-def run_phase(opts, tenants: list[dict], name: str, noisy_rate: float) -> Path:
+def run_seconds(duration: str) -> float:
+    """Seconds of a Locust run time (``180s``, ``3m``, ``1h30m``, or a bare number of seconds)."""
+    if re.fullmatch(r"\d+(\.\d+)?", duration):
+        return float(duration)
+    parts = re.findall(r"(\d+)([hms])", duration)
+    if not parts or "".join(n + u for n, u in parts) != duration:
+        raise ValueError(f"not a Locust run time: {duration!r}")
+    return float(sum(int(n) * {"h": 3600, "m": 60, "s": 1}[u] for n, u in parts))
+
+
+def run_phase(
+    opts, tenants: list[dict], name: str, noisy_rate: float, at_end: Callable[[], None] | None = None
+) -> Path:
+    """One Locust run of ``opts.duration``; ``at_end`` is called when that run time is over, before the requests
+    still in flight have drained."""
     prefix = opts.out / f"{opts.label}-{name}"
     env = {**os.environ, "GLIMP_QUIET_KEY": tenants[0]["key"], "GLIMP_NOISY_KEY": tenants[1]["key"]}
     cmd = [
@@ -121,7 +138,15 @@ def run_phase(opts, tenants: list[dict], name: str, noisy_rate: float) -> Path:
         ),
         *opts.locust_args,
     ]
-    rc = subprocess.run(cmd, env=env).returncode
+    timer = threading.Timer(run_seconds(opts.duration), at_end) if at_end else None
+    if timer:
+        timer.start()
+    try:
+        rc = subprocess.run(cmd, env=env).returncode
+    finally:
+        if timer:
+            timer.cancel()
+            timer.join()
     stats = Path(f"{prefix}_stats.csv")
     if rc not in (0, 1) or not stats.exists():
         raise SystemExit(f"locust failed in phase {name} (exit {rc})")
@@ -165,11 +190,16 @@ def main(argv: list[str] | None = None) -> int:
     with httpx.Client() as client:
         if not opts.shared_only:
             summary["alone"] = tenant_stats(run_phase(opts, tenants, "alone", 0.0))
-        before = _usage(client, opts.url, admin_key, tenants)
-        summary["shared"] = tenant_stats(run_phase(opts, tenants, "shared", opts.noisy_rate))
+        before, at_end = _usage(client, opts.url, admin_key, tenants), {}
+
+        def read_at_end() -> None:
+            at_end.update(_usage(client, opts.url, admin_key, tenants))
+
+        summary["shared"] = tenant_stats(run_phase(opts, tenants, "shared", opts.noisy_rate, read_at_end))
         after = _usage(client, opts.url, admin_key, tenants)
-        summary["token_shares"] = token_shares(before, after)
-        summary["large_step_shares"] = large_step_shares(before, after)
+        summary["token_shares"] = token_shares(before, at_end or after)  # over the run time, without the drain
+        summary["token_shares_with_drain"] = token_shares(before, after)
+        summary["large_step_shares"] = large_step_shares(before, at_end or after)
     (opts.out / f"{opts.label}.json").write_text(json.dumps(summary, indent=2) + "\n")
     print(json.dumps(summary, indent=2))
     return 0

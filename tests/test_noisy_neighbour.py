@@ -8,7 +8,14 @@ import json
 
 import pytest
 
-from loadtests.noisy_neighbour import compare_line, large_step_shares, read_tenants, tenant_stats, token_shares
+from loadtests.noisy_neighbour import (
+    compare_line,
+    large_step_shares,
+    read_tenants,
+    run_seconds,
+    tenant_stats,
+    token_shares,
+)
 
 FIELDS = ["Type", "Name", "Request Count", "Failure Count", "50%", "95%"]
 
@@ -72,6 +79,12 @@ def test_large_step_shares_are_each_tenants_large_steps_over_its_steps_between_t
     before = {"quiet": usage(0, 0, 10, 10), "noisy": usage(0, 0, 5, 5), "idle": usage(0, 0, 3, 1)}
     after = {"quiet": usage(0, 0, 40, 20), "noisy": usage(0, 0, 5, 15), "idle": usage(0, 0, 3, 1)}
     assert large_step_shares(before, after) == {"quiet": 0.25, "noisy": 1.0, "idle": None}
+
+
+def test_run_seconds_reads_locust_run_times():
+    assert [run_seconds(t) for t in ("180s", "3m", "1h30m", "45", "2.5")] == [180, 180, 5400, 45, 2.5]
+    with pytest.raises(ValueError, match="not a Locust run time"):
+        run_seconds("3 minutes")
 
 
 def test_compare_line():
@@ -195,6 +208,7 @@ def test_the_runner_drives_both_phases_through_locust_and_summarises_them(tmp_pa
     assert shared["quiet"]["requests"] >= 4 and shared["quiet"]["refused"] == 0
     assert shared["noisy"]["requests"] >= 8 and shared["noisy"]["refused"] >= 3
     assert shared["noisy"]["refused_without_retry_after"] == 0 and shared["noisy"]["failed"] == 0
+    assert set(summary["token_shares_with_drain"]) == {"small", "large"}  # read after the drain, the other before
     small = summary["token_shares"]["small"]
     assert small["noisy"] > small["quiet"] > 0 and abs(small["noisy"] + small["quiet"] - 1) < 1e-3
     assert summary["large_step_shares"] == {
