@@ -8,8 +8,10 @@
 first is the quiet one, the second the noisy one. Run it once against a cluster with ``router.fairness.enabled``
 and once without (``--label`` names each run); ``--compare`` prints the line ``docs/tenancy.md`` records. Each
 phase writes Locust's CSVs under ``--out``; ``<label>.json`` holds the summary: each tenant's request count,
-p50 and p95 (ms), refusals and failures, and its share of each pool's output tokens during the shared phase
-(from the admin usage endpoint, read before and after it; a phase that crosses midnight UTC reads wrong).
+p50 and p95 (ms), refusals and failures, and its share of each pool's output tokens and of its steps written by
+the large pool during the shared phase, up to the end of its run time and with the drain after it: from the
+router's counters with ``--metrics-url`` (step by step), else from the admin usage endpoint (which counts a
+request when it finishes, so a window shorter than the requests misreads; a phase that crosses midnight UTC too).
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from loadtests.locust_support import headless_command
 LOCUSTFILE = Path(__file__).with_name("noisy_neighbour_locustfile.py")
 TENANTS = ("quiet", "noisy")
 POOLS = ("small", "large")
+SPAWNED = "All users spawned"  # Locust's log line once every user runs
 
 
 def read_tenants(text: str) -> list[dict]:
@@ -97,6 +100,25 @@ def compare_line(fair: dict, fcfs: dict) -> str:
     return f"quiet tenant p95 under a noisy neighbour: {ratio(fair)} alone ({ratio(fcfs)} without fair shares)"
 
 
+def metered(samples, tenants: list[dict]) -> dict[str, dict]:
+    """Per tenant role, its output tokens and steps by pool as the router's counters have them (steps counted as
+    they are written, where usage counts a request when it finishes), in the usage endpoint's form."""
+    from cluster.metrics import SPECS
+    from cluster.ops.operators import total
+
+    names = dict(zip(TENANTS, (t["tenant"] for t in tenants), strict=True))
+    series = {"output_tokens": SPECS["glimprouter_tokens"].exported, "steps": SPECS["glimprouter_steps"].exported}
+    return {
+        role: {
+            "pools": {
+                pool: {key: total(samples, name, tenant=tenant, pool=pool) for key, name in series.items()}
+                for pool in POOLS
+            }
+        }
+        for role, tenant in names.items()
+    }
+
+
 def _usage(client: httpx.Client, url: str, admin_key: str, tenants: list[dict]) -> dict[str, dict]:
     names = dict(zip(TENANTS, (t["tenant"] for t in tenants), strict=True))
     return {
@@ -107,6 +129,17 @@ def _usage(client: httpx.Client, url: str, admin_key: str, tenants: list[dict]) 
         .json()
         for role, name in names.items()
     }
+
+
+def usage_reader(opts, client: httpx.Client, admin_key: str, tenants: list[dict]) -> Callable[[], dict[str, dict]]:
+    """What reads each tenant's tokens and steps: the router's counters at ``--metrics-url`` (``auto``: every node
+    of the Ray cluster this machine is on), else the admin usage endpoint."""
+    if not opts.metrics_url:
+        return lambda: _usage(client, opts.url, admin_key, tenants)
+    from cluster.ops import operators
+
+    endpoints = operators.metrics_endpoints() if opts.metrics_url == ["auto"] else opts.metrics_url
+    return lambda: metered(operators.scrape(endpoints), tenants)
 
 
 def run_seconds(duration: str) -> float:
@@ -138,15 +171,19 @@ def run_phase(
         ),
         *opts.locust_args,
     ]
-    timer = threading.Timer(run_seconds(opts.duration), at_end) if at_end else None
-    if timer:
-        timer.start()
-    try:
-        rc = subprocess.run(cmd, env=env).returncode
-    finally:
-        if timer:
-            timer.cancel()
-            timer.join()
+    timer, started = threading.Timer(run_seconds(opts.duration), at_end) if at_end else None, False
+    with subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE, text=True) as locust:
+        try:
+            for line in locust.stderr:  # Locust's log; its run time starts as its users are spawned
+                sys.stderr.write(line)
+                if timer and not started and SPAWNED in line:
+                    timer.start()
+                    started = True
+            rc = locust.wait()
+        finally:
+            if started:
+                timer.cancel()
+                timer.join()  # a reading under way finishes first
     stats = Path(f"{prefix}_stats.csv")
     if rc not in (0, 1) or not stats.exists():
         raise SystemExit(f"locust failed in phase {name} (exit {rc})")
@@ -166,6 +203,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--duration", default="180s")
     parser.add_argument("--stop-timeout", default="300s")
     parser.add_argument("--label", default="run")
+    parser.add_argument(
+        "--metrics-url",
+        action="append",
+        help="a Prometheus endpoint of the cluster (again for each node; 'auto': the local Ray cluster's): "
+        "shares from the router's counters, step by step, instead of usage (counted as requests finish)",
+    )
     parser.add_argument(
         "--shared-only", action="store_true", help="run only the shared phase (shares and classes under saturation)"
     )
@@ -190,13 +233,13 @@ def main(argv: list[str] | None = None) -> int:
     with httpx.Client() as client:
         if not opts.shared_only:
             summary["alone"] = tenant_stats(run_phase(opts, tenants, "alone", 0.0))
-        before, at_end = _usage(client, opts.url, admin_key, tenants), {}
-
-        def read_at_end() -> None:
-            at_end.update(_usage(client, opts.url, admin_key, tenants))
-
-        summary["shared"] = tenant_stats(run_phase(opts, tenants, "shared", opts.noisy_rate, read_at_end))
-        after = _usage(client, opts.url, admin_key, tenants)
+        read = usage_reader(opts, client, admin_key, tenants)
+        before, at_end = read(), {}
+        summary["shares_from"] = "router metrics" if opts.metrics_url else "usage (finished requests)"
+        summary["shared"] = tenant_stats(
+            run_phase(opts, tenants, "shared", opts.noisy_rate, lambda: at_end.update(read()))
+        )
+        after = read()
         summary["token_shares"] = token_shares(before, at_end or after)  # over the run time, without the drain
         summary["token_shares_with_drain"] = token_shares(before, after)
         summary["large_step_shares"] = large_step_shares(before, at_end or after)

@@ -11,6 +11,7 @@ import pytest
 from loadtests.noisy_neighbour import (
     compare_line,
     large_step_shares,
+    metered,
     read_tenants,
     run_seconds,
     tenant_stats,
@@ -79,6 +80,27 @@ def test_large_step_shares_are_each_tenants_large_steps_over_its_steps_between_t
     before = {"quiet": usage(0, 0, 10, 10), "noisy": usage(0, 0, 5, 5), "idle": usage(0, 0, 3, 1)}
     after = {"quiet": usage(0, 0, 40, 20), "noisy": usage(0, 0, 5, 15), "idle": usage(0, 0, 3, 1)}
     assert large_step_shares(before, after) == {"quiet": 0.25, "noisy": 1.0, "idle": None}
+
+
+def test_metered_reads_the_routers_token_and_step_counters_per_tenant_and_pool():
+    def sample(name, tenant, pool):
+        return ("ray_glimprouter_" + name, frozenset({("tenant", tenant), ("pool", pool)}))
+
+    samples = {
+        sample("tokens_total", "q", "small"): 300.0,
+        sample("tokens_total", "q", "large"): 100.0,
+        sample("steps_total", "q", "small"): 9.0,
+        sample("steps_total", "q", "large"): 3.0,
+        sample("tokens_total", "n", "small"): 900.0,
+        sample("steps_total", "other", "small"): 50.0,
+    }
+    got = metered(samples, [{"tenant": "q", "key": "kq"}, {"tenant": "n", "key": "kn"}])
+    assert got["quiet"]["pools"] == {
+        "small": {"output_tokens": 300, "steps": 9},
+        "large": {"output_tokens": 100, "steps": 3},
+    }
+    assert got["noisy"]["pools"]["small"] == {"output_tokens": 900, "steps": 0}
+    assert large_step_shares({r: usage(0, 0) for r in got}, got) == {"quiet": 0.25, "noisy": None}
 
 
 def test_run_seconds_reads_locust_run_times():
