@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
 # Tenants under saturation on the local CPU cluster, from the repository root; writes results/{noisy,saturation}/.
 #   bash docs/tenancy-cpu-2026-12-02/run.sh noisy fair fcfs   # the noisy neighbour, fair shares then without
-#   bash docs/tenancy-cpu-2026-12-02/run.sh saturation [PART...]  # shares, classes, overload (fair shares on)
+#   bash docs/tenancy-cpu-2026-12-02/run.sh saturation [PART...]  # shares classes overload (default), budget
 # noisy: a quiet tenant alone, then beside a noisy one, once per label: fair (FAIR_CONFIG, default fair.yaml here:
 # cluster/configs/local.yaml with router.fairness on, 4 small / 2 large calls in flight) or fcfs (the shipped
 # config). saturation (saturation.yaml: fair.yaml with the router's queue bounded at 24 waiting calls): tenants of
 # weights 1 and 2, then an interactive beside a batch tenant, both above capacity for 180 s, then overload at
-# about 3x capacity (both classes) for 300 s. USERS, QUIET_USERS and DURATION set the noisy runs' load,
+# about 3x capacity (both classes) for 300 s; budget: a tenant capped at 10% large steps beside one without a cap,
+# both under capacity for 300 s. USERS, QUIET_USERS and DURATION set the noisy runs' load,
 # SHARE_USERS the shares run's (half each), SATURATION_CONFIG another config for the saturation runs.
 set -u
 HERE=docs/tenancy-cpu-2026-12-02
@@ -49,14 +50,18 @@ case ${1:-} in
         shares)
           users=${SHARE_USERS:-20}
           tenants $OUT/tenants-shares.json light --weight=1 heavy --weight=2
-          run $OUT shares-$users $OUT/tenants-shares.json 0.6 0.6 $users $((users / 2)) 180s 120s --shared-only ;;
+          run $OUT shares-$users $OUT/tenants-shares.json 0.6 0.6 $users $((users / 2)) 180s 120s --shared-only \
+            --metrics-url auto ;;
         classes)
           tenants $OUT/tenants-classes.json inter --priority=interactive bulk --priority=batch
           run $OUT classes $OUT/tenants-classes.json 0.6 0.6 20 10 180s 120s --shared-only ;;
         overload)
           tenants $OUT/tenants-overload.json inter --priority=interactive bulk --priority=batch
           run $OUT overload $OUT/tenants-overload.json 0.3 0.6 48 16 300s 400s --shared-only ;;
-        *) echo "unknown part $part (shares, classes, overload)" >&2; exit 2 ;;
+        budget)
+          tenants $OUT/tenants-budget.json capped --max-large-fraction=0.1 free --weight=1
+          run $OUT budget $OUT/tenants-budget.json 0.12 0.12 16 8 300s 120s --shared-only ;;
+        *) echo "unknown part $part (shares, classes, overload, budget)" >&2; exit 2 ;;
       esac
     done
     ;;
