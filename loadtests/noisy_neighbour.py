@@ -80,11 +80,18 @@ def token_shares(before: dict[str, dict], after: dict[str, dict]) -> dict[str, d
     return shares
 
 
+def steps_written(before: dict[str, dict], after: dict[str, dict]) -> dict[str, dict[str, float]]:
+    """Each tenant's steps by pool between two usage readings."""
+    return {
+        tenant: {pool: after[tenant]["pools"][pool]["steps"] - before[tenant]["pools"][pool]["steps"] for pool in POOLS}
+        for tenant in after
+    }
+
+
 def large_step_shares(before: dict[str, dict], after: dict[str, dict]) -> dict[str, float | None]:
     """Each tenant's share of its steps the large pool wrote between two usage readings (None: no steps)."""
     out = {}
-    for tenant in after:
-        steps = {pool: after[tenant]["pools"][pool]["steps"] - before[tenant]["pools"][pool]["steps"] for pool in POOLS}
+    for tenant, steps in steps_written(before, after).items():
         total = sum(steps.values())
         out[tenant] = round(steps["large"] / total, 4) if total else None
     return out
@@ -243,6 +250,7 @@ def main(argv: list[str] | None = None) -> int:
         summary["token_shares"] = token_shares(before, at_end or after)  # over the run time, without the drain
         summary["token_shares_with_drain"] = token_shares(before, after)
         summary["large_step_shares"] = large_step_shares(before, at_end or after)
+        summary["steps"] = steps_written(before, at_end or after)
     (opts.out / f"{opts.label}.json").write_text(json.dumps(summary, indent=2) + "\n")
     print(json.dumps(summary, indent=2))
     return 0

@@ -233,6 +233,7 @@ def test_the_runner_drives_both_phases_through_locust_and_summarises_them(tmp_pa
     assert set(summary["token_shares_with_drain"]) == {"small", "large"}  # read after the drain, the other before
     small = summary["token_shares"]["small"]
     assert small["noisy"] > small["quiet"] > 0 and abs(small["noisy"] + small["quiet"] - 1) < 1e-3
+    assert summary["steps"]["quiet"]["small"] == 2 * summary["steps"]["quiet"]["large"] > 0
     assert summary["large_step_shares"] == {
         "quiet": pytest.approx(1 / 3, abs=0.02),
         "noisy": pytest.approx(1 / 3, abs=0.02),
