@@ -12,7 +12,7 @@ import asyncio
 import time
 from collections import deque
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from functools import cache
 
@@ -199,16 +199,19 @@ _gauge_refresh: asyncio.Task | None = None
 
 
 def set_gauge(name: str, value: float, **tags: str) -> None:
-    """Set a gauge; the value is kept, to be set again while ``keep_gauges_exported`` runs."""
+    """Set a gauge. The value is kept and set again every ``GAUGE_REFRESH_S`` by the refresh task, which the first
+    gauge set in a running event loop starts (see ``keep_gauges_exported``)."""
     metric(name).set(value, tags=tags or None)
     _gauge_values[(name, tuple(sorted(tags.items())))] = value
+    if _gauge_refresh is None or _gauge_refresh.done():
+        with suppress(RuntimeError):  # no running event loop here: the next gauge set in one starts it
+            keep_gauges_exported()
 
 
-def refresh_gauges() -> int:
-    """Set every gauge this process has set to its last value again; returns how many series."""
+def refresh_gauges() -> None:
+    """Set every gauge this process has set to its last value again."""
     for (name, tags), value in list(_gauge_values.items()):
         metric(name).set(value, tags=dict(tags) or None)
-    return len(_gauge_values)
 
 
 async def _refresh_forever(period_s: float) -> None:

@@ -296,6 +296,5 @@ class ModelPool:
             self._count_ongoing(-1)
 
     def _count_ongoing(self, change: int) -> None:
-        metrics.keep_gauges_exported()  # started with the first call, in the replica's event loop
         self.ongoing += change
         metrics.set_gauge("glimprouter_pool_ongoing_requests", self.ongoing, pool=self.role)

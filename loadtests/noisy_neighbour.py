@@ -150,7 +150,8 @@ def usage_reader(opts, client: httpx.Client, admin_key: str, tenants: list[dict]
 
 
 def run_seconds(duration: str) -> float:
-    """Seconds of a Locust run time (``180s``, ``3m``, ``1h30m``, or a bare number of seconds)."""
+    """Seconds of a Locust run time (``180s``, ``3m``, ``1h30m``, or a bare number of seconds). Not Locust's own
+    ``parse_timespan``: importing locust monkey-patches this process with gevent, which breaks its subprocess."""
     if re.fullmatch(r"\d+(\.\d+)?", duration):
         return float(duration)
     parts = re.findall(r"(\d+)([hms])", duration)

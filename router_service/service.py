@@ -129,13 +129,12 @@ class RequestService:
         self._started = False
 
     def start_background(self) -> None:
-        """Once, in the running event loop: export the fair queues' depths, start the refresh that keeps every
-        gauge exported and the tau controller."""
+        """Once, in the running event loop: export the fair queues' depths (which starts the refresh that keeps
+        every gauge exported, ``cluster/metrics.py``) and start the tau controller."""
         if self._started:
             return
         self._started = True
         self.fairness.report_queues()
-        metrics.keep_gauges_exported()
         if self.tau_controller is not None:
             self._background.append(asyncio.create_task(self._control_tau()))
 

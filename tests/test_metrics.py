@@ -119,7 +119,9 @@ def test_every_gauge_set_is_set_again_by_the_refresh_until_it_changes(monkeypatc
     gauges = {}
     monkeypatch.setattr(metrics, "metric", lambda name: gauges.setdefault(name, RecordingGauge()))
     monkeypatch.setattr(metrics, "_gauge_values", {})
-    metrics.set_gauge("glimprouter_pool_ongoing_requests", 3, pool="small")
+    monkeypatch.setattr(metrics, "_gauge_refresh", None)
+    metrics.set_gauge("glimprouter_pool_ongoing_requests", 3, pool="small")  # no event loop: nothing started
+    assert metrics._gauge_refresh is None
     metrics.set_gauge("glimprouter_pool_ongoing_requests", 0, pool="small")
     metrics.set_gauge("glimprouter_large_step_fraction", 0.25)
 
@@ -135,3 +137,13 @@ def test_every_gauge_set_is_set_again_by_the_refresh_until_it_changes(monkeypatc
     assert all(s == (0, {"pool": "small"}) for s in ongoing[2:]) and len(ongoing) >= 4
     assert all(s == (0.25, None) for s in gauges["glimprouter_large_step_fraction"].sets)
     assert len(gauges["glimprouter_large_step_fraction"].sets) >= 3
+
+    async def set_in_a_loop():
+        metrics.set_gauge("glimprouter_pool_queue_depth", 1, pool="large")
+        started = metrics._gauge_refresh
+        assert started is not None and not started.done()  # the first gauge set in a loop starts the refresh
+        metrics.set_gauge("glimprouter_pool_queue_depth", 2, pool="large")
+        assert metrics._gauge_refresh is started
+        started.cancel()
+
+    asyncio.run(set_in_a_loop())
