@@ -77,6 +77,13 @@ SPECS = {
             "glimprouter_tokens", "counter", "Engine-reported output tokens by tenant and pool.", ("tenant", "pool")
         ),
         MetricSpec(
+            "glimprouter_prefill_tokens",
+            "counter",
+            "Engine-reported prompt tokens prefilled (not in the prefix cache), by tenant and pool: with the output "
+            "tokens, what a tenant's fair-share counter is charged.",
+            ("tenant", "pool"),
+        ),
+        MetricSpec(
             "glimprouter_first_token_entropy_nats",
             "histogram",
             "First-token entropy of each glimpse.",

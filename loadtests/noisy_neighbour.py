@@ -12,6 +12,8 @@ p50 and p95 (ms), refusals and failures, and its share of each pool's output tok
 the large pool during the shared phase, up to the end of its run time and with the drain after it: from the
 router's counters with ``--metrics-url`` (step by step), else from the admin usage endpoint (which counts a
 request when it finishes, so a window shorter than the requests misreads; a phase that crosses midnight UTC too).
+With ``--metrics-url`` it also has the charged shares: output tokens plus ``--prefill-token-cost`` per prompt token
+prefilled, what the fair queue's counters are charged (``router_service/fairness.py``).
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from pathlib import Path
 
 import httpx
 
+from cluster.config import FairnessSettings
 from loadtests.locust_support import headless_command
 
 LOCUSTFILE = Path(__file__).with_name("noisy_neighbour_locustfile.py")
@@ -70,11 +73,19 @@ def tenant_stats(stats_csv: Path) -> dict[str, dict]:
     return out
 
 
-def token_shares(before: dict[str, dict], after: dict[str, dict]) -> dict[str, dict[str, float]]:
-    """Each tenant's share of each pool's output tokens between two usage readings (tenant -> usage)."""
+def token_shares(
+    before: dict[str, dict], after: dict[str, dict], prefill_cost: float = 0.0
+) -> dict[str, dict[str, float]]:
+    """Each tenant's share of each pool's tokens between two usage readings (tenant -> usage): output tokens, plus
+    ``prefill_cost`` per prefilled prompt token (the fair queue's charge, with its ``prefill_token_cost``)."""
+
+    def tokens(reading: dict, pool: str) -> float:
+        counts = reading["pools"][pool]
+        return counts["output_tokens"] + (prefill_cost * counts["prefill_tokens"] if prefill_cost else 0.0)
+
     shares = {}
     for pool in POOLS:
-        got = {t: after[t]["pools"][pool]["output_tokens"] - before[t]["pools"][pool]["output_tokens"] for t in after}
+        got = {t: tokens(after[t], pool) - tokens(before[t], pool) for t in after}
         total = sum(got.values())
         shares[pool] = {t: round(n / total, 4) if total else 0.0 for t, n in got.items()}
     return shares
@@ -108,13 +119,18 @@ def compare_line(fair: dict, fcfs: dict) -> str:
 
 
 def metered(samples, tenants: list[dict]) -> dict[str, dict]:
-    """Per tenant role, its output tokens and steps by pool as the router's counters have them (steps counted as
-    they are written, where usage counts a request when it finishes), in the usage endpoint's form."""
+    """Per tenant role, its output tokens, prefilled prompt tokens and steps by pool as the router's counters have
+    them (steps counted as they are written, where usage counts a request when it finishes), in the usage
+    endpoint's form."""
     from cluster.metrics import SPECS
     from cluster.ops.operators import total
 
     names = dict(zip(TENANTS, (t["tenant"] for t in tenants), strict=True))
-    series = {"output_tokens": SPECS["glimprouter_tokens"].exported, "steps": SPECS["glimprouter_steps"].exported}
+    series = {
+        "output_tokens": SPECS["glimprouter_tokens"].exported,
+        "prefill_tokens": SPECS["glimprouter_prefill_tokens"].exported,
+        "steps": SPECS["glimprouter_steps"].exported,
+    }
     return {
         role: {
             "pools": {
@@ -218,6 +234,13 @@ def main(argv: list[str] | None = None) -> int:
         "shares from the router's counters, step by step, instead of usage (counted as requests finish)",
     )
     parser.add_argument(
+        "--prefill-token-cost",
+        type=float,
+        default=FairnessSettings().prefill_token_cost,
+        help="with --metrics-url, the cluster's router.fairness.prefill_token_cost: the charged shares count each "
+        "prefilled prompt token at this many output tokens (default: the setting's default)",
+    )
+    parser.add_argument(
         "--shared-only", action="store_true", help="run only the shared phase (shares and classes under saturation)"
     )
     parser.add_argument("--out", type=Path, default=Path("results"))
@@ -250,6 +273,10 @@ def main(argv: list[str] | None = None) -> int:
         after = read()
         summary["token_shares"] = token_shares(before, at_end or after)  # over the run time, without the drain
         summary["token_shares_with_drain"] = token_shares(before, after)
+        if opts.metrics_url:  # the fair queue's own measure: output tokens and prefilled prompt tokens at its cost
+            summary["prefill_token_cost"] = opts.prefill_token_cost
+            summary["charged_shares"] = token_shares(before, at_end or after, opts.prefill_token_cost)
+            summary["charged_shares_with_drain"] = token_shares(before, after, opts.prefill_token_cost)
         summary["large_step_shares"] = large_step_shares(before, at_end or after)
         summary["steps"] = steps_written(before, at_end or after)
     (opts.out / f"{opts.label}.json").write_text(json.dumps(summary, indent=2) + "\n")

@@ -51,6 +51,11 @@ BASE_ID = re.compile(r"^[A-Za-z0-9._~-]{1,128}$")  # what a client's x-request-i
 MAX_LIST_LIMIT = 100
 
 
+def prefilled(tenant: str, pool: str, prompt_tokens: int, cached_tokens: int) -> None:
+    """Count a call's prompt tokens the pool's prefix cache did not hold (``glimprouter_prefill_tokens``)."""
+    metrics.inc("glimprouter_prefill_tokens", max(0, prompt_tokens - cached_tokens), tenant=tenant, pool=pool)
+
+
 def completion_id(endpoint: str, base_id: str) -> str:
     """The id of a request (the response's ``id``, the key of its state) from its HTTP request's id."""
     return ID_PREFIXES[endpoint] + base_id
@@ -325,6 +330,8 @@ class RequestService:
             )
         metrics.inc("glimprouter_steps", tenant=tenant.name, pool=step.pool)
         metrics.inc("glimprouter_tokens", step.output_tokens, tenant=tenant.name, pool=step.pool)
+        prefilled(tenant.name, step.pool, step.prompt_tokens, step.cached_tokens)
+        prefilled(tenant.name, "small", step.glimpse_prompt_tokens, step.glimpse_cached_tokens)
         metrics.observe("glimprouter_step_latency_seconds", step.step_ms / 1e3, pool=step.pool)
         if event.glimpsed:
             metrics.inc("glimprouter_glimpses", tenant=tenant.name)
@@ -368,6 +375,7 @@ class RequestService:
                 )
             )
         metrics.inc("glimprouter_tokens", answer.output_tokens, tenant=tenant.name, pool=answer.pool)
+        prefilled(tenant.name, answer.pool, answer.prompt_tokens, answer.cached_tokens)
         return usage
 
     async def _end_quietly(self, tenant: str, rid: str, status: str, why: str) -> None:

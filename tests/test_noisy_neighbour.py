@@ -76,6 +76,19 @@ def test_token_shares_are_the_differences_of_two_readings():
     assert shares == {"small": {"quiet": 0.25, "noisy": 0.75}, "large": {"quiet": 0.5, "noisy": 0.5}}
 
 
+def test_charged_shares_add_prefilled_prompt_tokens_at_their_cost():
+    """The fair queue's measure: a tenant whose calls prefill more is charged more than its output tokens say."""
+    before = {"quiet": usage(0, 0), "noisy": usage(0, 0)}
+    after = {"quiet": usage(100, 0), "noisy": usage(300, 0)}
+    after["quiet"]["pools"]["small"]["prefill_tokens"] = 200
+    after["noisy"]["pools"]["small"]["prefill_tokens"] = 0
+    for reading in (*before.values(), *after.values()):
+        for counts in reading["pools"].values():
+            counts.setdefault("prefill_tokens", 0)
+    assert token_shares(before, after)["small"] == {"quiet": 0.25, "noisy": 0.75}
+    assert token_shares(before, after, prefill_cost=0.5)["small"] == {"quiet": 0.4, "noisy": 0.6}
+
+
 def test_large_step_shares_are_each_tenants_large_steps_over_its_steps_between_two_readings():
     before = {"quiet": usage(0, 0, 10, 10), "noisy": usage(0, 0, 5, 5), "idle": usage(0, 0, 3, 1)}
     after = {"quiet": usage(0, 0, 40, 20), "noisy": usage(0, 0, 5, 15), "idle": usage(0, 0, 3, 1)}
@@ -91,15 +104,16 @@ def test_metered_reads_the_routers_token_and_step_counters_per_tenant_and_pool()
         sample("tokens_total", "q", "large"): 100.0,
         sample("steps_total", "q", "small"): 9.0,
         sample("steps_total", "q", "large"): 3.0,
+        sample("prefill_tokens_total", "q", "small"): 40.0,
         sample("tokens_total", "n", "small"): 900.0,
         sample("steps_total", "other", "small"): 50.0,
     }
     got = metered(samples, [{"tenant": "q", "key": "kq"}, {"tenant": "n", "key": "kn"}])
     assert got["quiet"]["pools"] == {
-        "small": {"output_tokens": 300, "steps": 9},
-        "large": {"output_tokens": 100, "steps": 3},
+        "small": {"output_tokens": 300, "prefill_tokens": 40, "steps": 9},
+        "large": {"output_tokens": 100, "prefill_tokens": 0, "steps": 3},
     }
-    assert got["noisy"]["pools"]["small"] == {"output_tokens": 900, "steps": 0}
+    assert got["noisy"]["pools"]["small"] == {"output_tokens": 900, "prefill_tokens": 0, "steps": 0}
     assert large_step_shares({r: usage(0, 0) for r in got}, got) == {"quiet": 0.25, "noisy": None}
 
 

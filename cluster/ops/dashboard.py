@@ -154,9 +154,14 @@ def panels() -> list[dict]:
             "less the other two is the way into and out of the engine core.",
         ),
         panel(
-            "Output tokens/s by tenant and pool",
+            "Tokens/s by tenant and pool",
             "short",
-            [(rate("glimprouter_tokens", "tenant, pool"), "{{tenant}} {{pool}}")],
+            [
+                (rate("glimprouter_tokens", "tenant, pool"), "{{tenant}} {{pool}} output"),
+                (rate("glimprouter_prefill_tokens", "tenant, pool"), "{{tenant}} {{pool}} prefilled"),
+            ],
+            "Output tokens and prompt tokens prefilled (not in the prefix cache): what the fair queue charges "
+            "each tenant, prefilled tokens at router.fairness.prefill_token_cost.",
         ),
         panel(
             "Tau offset (nats)",

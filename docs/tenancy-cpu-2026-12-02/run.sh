@@ -60,7 +60,7 @@ case ${1:-} in
           run $OUT overload $OUT/tenants-overload.json 0.3 0.6 48 16 300s 400s --shared-only ;;
         budget)
           tenants $OUT/tenants-budget.json capped --max-large-fraction=0.1 free --weight=1
-          run $OUT budget $OUT/tenants-budget.json 0.12 0.12 16 8 300s 120s --shared-only ;;
+          run $OUT budget $OUT/tenants-budget.json 0.12 0.12 16 8 300s 120s --shared-only --metrics-url auto ;;
         *) echo "unknown part $part (shares, classes, overload, budget)" >&2; exit 2 ;;
       esac
     done
