@@ -8,6 +8,8 @@ import os
 import subprocess
 import sys
 import tempfile
+import traceback
+from pathlib import Path
 
 from cluster.config import ClusterConfig
 from cluster.ops.launcher import LocalNode
@@ -73,7 +75,14 @@ def mps_daemon(enabled: bool):
     print(f"CUDA MPS control daemon started (pipe {folder})", flush=True)
     try:
         yield
+    except BaseException:
+        # printed now: stopping Ray below ends this process (its driver loses the GCS) before Python could
+        traceback.print_exc()
+        sys.stderr.flush()
+        raise
     finally:
         subprocess.run([sys.executable, "-m", "cluster", "down"], check=False)
+        for log in sorted(Path(folder).glob("*.log")):  # the daemon's own record (clients refused, servers)
+            print(f"--- MPS {log.name} (last lines)\n" + "".join(log.read_text().splitlines(True)[-15:]), flush=True)
         subprocess.run(["nvidia-cuda-mps-control"], input=b"quit\n", check=False)
         print("CUDA MPS control daemon stopped", flush=True)

@@ -9,4 +9,5 @@ nvidia-smi > "$out/nvidia-smi.txt" 2>&1
 CUDA_VISIBLE_DEVICES=0 timeout "${LIMIT_S:-500}" python -m loadtests.gpu_bench load --layout one-gpu --steps 24 \
   --levels stream:64,large:64 --rounds "${ROUNDS:-2}" $flag --out "$out" > "$out/log.txt" 2>&1
 rc=$?
-tail -30 "$out/log.txt"; echo "exit $rc"
+[ $rc = 0 ] || tar czf "$out/ray-logs.tgz" -C /tmp/ray/session_latest logs 2>/dev/null
+grep -v "state-dump\|worker_pool.cc" "$out/log.txt" | tail -40 | cut -c1-600; echo "exit $rc"
