@@ -133,6 +133,25 @@ def test_load_rows_are_levels_of_their_raw_files():
         )
 
 
+def test_one_gpu_rows_are_levels_of_their_raw_files():
+    rows = table_rows(BENCHMARKS.read_text(), "| hardware | GPU sharing | arm |")
+    assert len(rows) >= 4
+    for hardware, sharing, arm, in_flight, over_level, steady, p50, p95, ttft_p95, source in rows:
+        data = json.loads(source_file(source).read_text())
+        assert data["layout"] == "one-gpu" and data["mps"] == (sharing == "MPS"), f"{hardware}, {sharing}: {source}"
+        cells = (over_level, steady, p50, p95, ttft_p95)
+        keys = ("throughput_rps", "steady_rps", "p50_s", "p95_s", "ttft_p95_s")
+        levels = [
+            level
+            for level in data["levels"]
+            if level["concurrency"] == int(in_flight)
+            and level["arm"] == {"routed": "stream", "large only": "large"}[arm]
+        ]
+        assert any(all(shown(cell, level[key]) for cell, key in zip(cells, keys, strict=True)) for level in levels), (
+            f"{hardware}, {sharing}, {arm}, {in_flight}: {cells} is no level of {source}"
+        )
+
+
 def test_single_stream_rows_are_their_raw_files():
     rows = table_rows(BENCHMARKS.read_text(), "| hardware | routed (3 requests) |")
     assert len(rows) >= 2

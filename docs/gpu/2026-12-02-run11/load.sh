@@ -3,6 +3,7 @@
 # engines under CUDA MPS (mps) or time-sliced (nomps); from the repository root, results under $OUT/<mode>/.
 #   OUT=results/gpu bash docs/gpu/2026-12-02-run11/load.sh mps
 set -u
+export PYTHONPATH="$PWD:${PYTHONPATH:-}"  # Serve imports the project by name: the checkout, where not installed
 mode=$1; out=${OUT:-results/gpu}/$mode; mkdir -p "$out"
 flag=$([ "$mode" = mps ] && echo --mps)
 nvidia-smi > "$out/nvidia-smi.txt" 2>&1
