@@ -8,7 +8,10 @@
 # weights 1 and 2, then an interactive beside a batch tenant, both above capacity for 180 s, then overload at
 # about 3x capacity (both classes) for 300 s; budget: a tenant capped at 10% large steps beside one without a cap,
 # both under capacity for 300 s. USERS, QUIET_USERS and DURATION set the noisy runs' load,
-# SHARE_USERS the shares run's (half each), SATURATION_CONFIG another config for the saturation runs.
+# SHARE_USERS the shares run's (half each), SHARE_OPTIONS more tenant options for both of its tenants (for example
+# --policy=forced_fraction: a quarter of each request's steps large, the same mix for both), SHARE_LOCUST its
+# locustfile options (for example "--token-budget 48 --step-max-tokens 16 --final-max-tokens 16"), SATURATION_CONFIG
+# another config for the saturation runs (shares.yaml here: fair.yaml without the load-aware tau controller).
 set -u
 HERE=docs/tenancy-cpu-2026-12-02
 export PATH="$PWD/.venv/bin:$PATH" REDIS_URL=redis://127.0.0.1:6390/0
@@ -17,12 +20,12 @@ up() {  # CONFIG OUT
   python -m cluster down >/dev/null 2>&1
   python -m cluster up --no-sample --config $1 > $2/up-$(basename $1 .yaml).log 2>&1 || exit 1
 }
-tenants() {  # FILE NAME OPTION NAME OPTION: two tenants, the first in the runner's quiet role
+tenants() {  # FILE NAME OPTIONS NAME OPTIONS (each one word, or quoted): two tenants, the first the quiet one
   local file=$1; shift; : > $file
   for spec in "$1 $2" "$3 $4"; do
     set -- $spec
     python -m cluster tenants delete $1 >/dev/null 2>&1
-    python -m cluster tenants create $1 --rpm 10000 --concurrent 64 $2 --json >> $file
+    python -m cluster tenants create $1 --rpm 10000 --concurrent 64 "${@:2}" --json >> $file
   done
 }
 run() {  # OUT LABEL TENANTS QUIET_RATE NOISY_RATE USERS QUIET_USERS DURATION STOP_TIMEOUT [RUNNER OPTIONS]
@@ -49,9 +52,9 @@ case ${1:-} in
       case $part in
         shares)
           users=${SHARE_USERS:-20}
-          tenants $OUT/tenants-shares.json light --weight=1 heavy --weight=2
+          tenants $OUT/tenants-shares.json light "--weight=1 ${SHARE_OPTIONS:-}" heavy "--weight=2 ${SHARE_OPTIONS:-}"
           run $OUT shares-$users $OUT/tenants-shares.json 0.6 0.6 $users $((users / 2)) 180s 120s --shared-only \
-            --metrics-url auto ;;
+            --metrics-url auto ${SHARE_LOCUST:+-- $SHARE_LOCUST} ;;
         classes)
           tenants $OUT/tenants-classes.json inter --priority=interactive bulk --priority=batch
           run $OUT classes $OUT/tenants-classes.json 0.6 0.6 20 10 180s 120s --shared-only ;;
