@@ -42,7 +42,7 @@ from router_service.state import (
     StoredRequest,
 )
 from router_service.tau_control import TauController
-from router_service.tenancy import Admission, Tenant, TenantSettings, TenantStore, is_admin_key
+from router_service.tenancy import Admission, Tenant, TenantStore, admin_tenant, is_admin_key
 
 log = logging.getLogger("ray.serve")
 POOL_ERRORS = (RayError, RayServeException)  # a pool call that failed after its retry
@@ -116,16 +116,7 @@ class RequestService:
         self.cfg, self.replica, self.pools, self.renderers = cfg, replica, pools, renderers
         self.store = RequestStateStore(redis, ttl_s=cfg.redis.request_ttl_s, lease_s=cfg.router.lease_s)
         self.tenants = TenantStore(redis)
-        self.admin = Tenant(
-            name="admin",
-            settings=TenantSettings(
-                policy=cfg.router.policy,
-                max_token_budget=cfg.router.steps.token_budget,
-                requests_per_minute=1_000_000,
-                max_concurrent_requests=100_000,
-                priority="interactive",
-            ),
-        )
+        self.admin = admin_tenant(cfg.router.policy, cfg.router.steps.token_budget)
         control = cfg.router.tau_controller
         self.tau_controller = TauController(control) if control.enabled else None
         self.loop = StepLoop(pools, renderers, self.tau_controller, self.budgets)

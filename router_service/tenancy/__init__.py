@@ -16,6 +16,7 @@ from router_service.tenancy.settings import (
     TenantExists,
     TenantNotFound,
     TenantSettings,
+    admin_tenant,
     check_tenant_name,
 )
 from router_service.tenancy.usage import USAGE_FIELDS, UsageMeter
@@ -50,6 +51,7 @@ __all__ = [
     "TenantSettings",
     "TenantStore",
     "UsageMeter",
+    "admin_tenant",
     "check_tenant_name",
     "is_admin_key",
     "key_prefix",

@@ -88,6 +88,18 @@ class Tenant(StrictModel):
     settings: TenantSettings = Field(default_factory=TenantSettings, description="Defaults and limits.")
 
 
+def admin_tenant(policy: PolicySettings, max_token_budget: int) -> Tenant:
+    """The operator's tenant (the admin key): the router's policy and budget, practically no limits, top class."""
+    settings = TenantSettings(
+        policy=policy,
+        max_token_budget=max_token_budget,
+        requests_per_minute=1_000_000,
+        max_concurrent_requests=100_000,
+        priority="interactive",
+    )
+    return Tenant(name="admin", settings=settings)
+
+
 class TenancyError(Exception):
     """Base of this module's errors; messages name keys by prefix only."""
 
