@@ -190,6 +190,13 @@ class FairnessSettings(StrictModel):
         "cache counts in the virtual token counter, next to 1 for an output token.",
     )
 
+    engine_priority: bool = Field(
+        False,
+        description="Also give each call its place in the order as vLLM's request priority (class, then the "
+        "tenant's counter), so an engine that queues calls orders them the same way; the pools' engines need "
+        "scheduling_policy: priority. Only matters when the pools queue calls: max_in_flight above max_num_seqs.",
+    )
+
     @model_validator(mode="after")
     def _classes_ordered(self) -> FairnessSettings:
         if self.refuse_batch_at > self.refuse_standard_at:
@@ -247,6 +254,16 @@ class ClusterConfig(StrictModel):
     pools: PoolsSettings = Field(description="The two model pools.")
     redis: RedisSettings = Field(default_factory=RedisSettings, description="Redis connection.")
     router: RouterSettings = Field(default_factory=RouterSettings, description="Router and API.")
+
+    @model_validator(mode="after")
+    def _engines_order_by_priority(self) -> ClusterConfig:
+        fair = self.router.fairness
+        fcfs = [role for role, pool in self.pools.items() if pool.engine.scheduling_policy != "priority"]
+        if fair.enabled and fair.engine_priority and fcfs:
+            raise ValueError(
+                f"router.fairness.engine_priority needs pools.<role>.engine.scheduling_policy: priority ({fcfs} not)"
+            )
+        return self
 
     @model_validator(mode="after")
     def _steps_fit_context(self) -> ClusterConfig:

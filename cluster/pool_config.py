@@ -87,6 +87,11 @@ class EngineSettings(StrictModel):
         description="GPU only: vLLM's asynchronous scheduling (the next iteration is scheduled while the GPU runs "
         "this one); vLLM's default, on where nothing excludes it, when unset.",
     )
+    scheduling_policy: Literal["fcfs", "priority"] = Field(
+        "fcfs",
+        description="vLLM's scheduling policy: first come, first served, or by request priority (then arrival), "
+        "which router.fairness.engine_priority sets.",
+    )
     enforce_eager: bool = Field(False, description="Skip compilation / CUDA graphs (faster start, slower steps).")
     disable_custom_all_reduce: bool = Field(
         False,

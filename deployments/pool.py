@@ -47,6 +47,7 @@ def engine_args(settings: PoolSettings) -> dict:
         "tensor_parallel_size": eng.tensor_parallel_size,
         "enforce_eager": eng.enforce_eager,
         "stream_interval": eng.stream_interval,
+        "scheduling_policy": eng.scheduling_policy,
         "disable_log_stats": False,
         **{key: value for key, value in optional.items() if value},
         **scheduling,
@@ -202,14 +203,17 @@ class ModelPool:
         """Serve's health check: healthy only while the engine answers."""
         await self.engine.check_health()
 
-    async def glimpse(self, prompt: Prompt, top_k: int = 20, affinity_key: str | None = None) -> Glimpse:
-        """One greedy token with its top-k log-probs (sorted, most likely first)."""
+    async def glimpse(
+        self, prompt: Prompt, top_k: int = 20, affinity_key: str | None = None, priority: int = 0
+    ) -> Glimpse:
+        """One greedy token with its top-k log-probs (sorted, most likely first). ``priority``: vLLM's request
+        priority (lower first; only with the engine's ``scheduling_policy: priority``)."""
         from vllm import SamplingParams
         from vllm.sampling_params import RequestOutputKind
 
         params = SamplingParams(max_tokens=1, temperature=0.0, logprobs=top_k, output_kind=RequestOutputKind.FINAL_ONLY)
         final = None
-        async for output in self._generate(prompt, params):
+        async for output in self._generate(prompt, params, priority):
             final = output
         return _first_token_glimpse(final, top_k)
 
@@ -221,8 +225,9 @@ class ModelPool:
         affinity_key: str | None = None,
         next_glimpse: NextGlimpse | None = None,
         glimpse_top_k: int | None = None,
+        priority: int = 0,
     ) -> AsyncIterator[StepChunk]:
-        """Generate until a stop string, EOS or ``max_tokens``.
+        """Generate until a stop string, EOS or ``max_tokens`` (``priority``: as for ``glimpse``).
 
         With ``glimpse_top_k``, the first item carries the step's own glimpse: its first token's top-k raw
         log-probs, the distribution a separate glimpse reads (the caller may cancel the call there). Yields text
@@ -244,7 +249,7 @@ class ModelPool:
             output_kind=RequestOutputKind.DELTA if stream or glimpse_top_k else RequestOutputKind.FINAL_ONLY,
         )
         text, token_ids, last = [], [], None
-        async for output in self._generate(prompt, params):
+        async for output in self._generate(prompt, params, priority):
             delta = output.outputs[0]
             text.append(delta.text)
             token_ids.extend(delta.token_ids)
@@ -263,10 +268,10 @@ class ModelPool:
             output_token_ids=tuple(token_ids),
             finish_reason=out.finish_reason,
             stopped_by=out.stop_reason if isinstance(out.stop_reason, str) else None,
-            next_glimpse=await self._glimpse_after(last, whole, next_glimpse) if next_glimpse else None,
+            next_glimpse=await self._glimpse_after(last, whole, next_glimpse, priority) if next_glimpse else None,
         )
 
-    async def _glimpse_after(self, output, text: str, request: NextGlimpse) -> Glimpse | None:
+    async def _glimpse_after(self, output, text: str, request: NextGlimpse, priority: int = 0) -> Glimpse | None:
         """The fused glimpse: the next step's first token on the next step's prompt as the router renders it,
         which is this step's prompt, its text and the delimiter, tokenized again (the router re-tokenizes the
         whole thinking text at every step, and a tokenizer may write an inner delimiter as other tokens than
@@ -276,7 +281,7 @@ class ModelPool:
             return None
         t0 = time.perf_counter()
         ids = await asyncio.to_thread(self._next_prompt, list(output.prompt_token_ids or ()), text, request.delimiter)
-        glimpse = await self.glimpse(ids, request.top_k)
+        glimpse = await self.glimpse(ids, request.top_k, priority=priority)
         return dataclasses.replace(glimpse, ms=round((time.perf_counter() - t0) * 1e3, 3), prompt_ids=tuple(ids))
 
     def _next_prompt(self, prompt_ids: list[int], text: str, delimiter: str) -> list[int]:
@@ -284,12 +289,13 @@ class ModelPool:
         prompt = tokenizer.decode(prompt_ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
         return tokenizer.encode(prompt + text + delimiter, add_special_tokens=False)
 
-    async def _generate(self, prompt: Prompt, params):
+    async def _generate(self, prompt: Prompt, params, priority: int = 0):
         """The engine's outputs for one call; cancelling the caller aborts the engine request."""
         self._count_ongoing(+1)
         try:
             request_id = f"{self.role}-{uuid.uuid4().hex}"
-            async with aclosing(self.engine.generate(_engine_prompt(prompt), params, request_id=request_id)) as outputs:
+            call = self.engine.generate(_engine_prompt(prompt), params, request_id=request_id, priority=priority)
+            async with aclosing(call) as outputs:
                 async for output in outputs:
                     yield output
         finally:

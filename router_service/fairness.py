@@ -34,6 +34,7 @@ from router_service.errors import APIError
 
 DEFAULT_CALL_COST = 16.0  # a tenant's first call is charged this much (tokens) until its real cost is known
 COST_SMOOTHING = 0.2  # weight of the newest call in a tenant's mean call cost
+CLASS_SPAN = 10**12  # engine priorities: a class's calls come before the next class's, whatever the counters
 
 
 @dataclass(frozen=True)
@@ -166,6 +167,16 @@ class FairDispatcher:
             key=lambda w: (self.counters.get(w.info.tenant, 0.0), w.seq),
         )
 
+    def engine_priority(self, info: RunInfo) -> int:
+        """The call's place in the order as vLLM's request priority (lower first): its class, then its tenant's
+        counter as it is dispatched, so an engine that queues calls orders them as this queue does."""
+        counter = min(int(self.counters.get(info.tenant, 0.0)), CLASS_SPAN - 1)
+        return PRIORITY_CLASSES.index(info.priority) * CLASS_SPAN + counter
+
+    def _priority(self, info: RunInfo) -> dict[str, int]:
+        """The keyword the inner pool's call takes: the engine priority when passed on, else nothing."""
+        return {"priority": self.engine_priority(info)} if self.settings.engine_priority else {}
+
     async def _acquire(self, info: RunInfo) -> float:
         """Wait for a slot; returns the provisional charge put on the tenant's counter at dispatch."""
         if self.running < self.limit and not self._waiting:
@@ -221,7 +232,7 @@ class FairDispatcher:
         provisional = await self._acquire(info)
         cost, start = provisional, self.clock()
         try:
-            glimpse = await self.inner.glimpse(prompt, top_k, affinity_key)
+            glimpse = await self.inner.glimpse(prompt, top_k, affinity_key, **self._priority(info))
             cost = self._cost(1, glimpse.prompt_tokens, glimpse.cached_tokens)
             return glimpse
         finally:
@@ -243,7 +254,13 @@ class FairDispatcher:
         cost, start, call = 1.0, self.clock(), None  # a call closed before its end has written one token
         try:
             call = self.inner.step(
-                prompt, sampling, stream, affinity_key, next_glimpse=next_glimpse, glimpse_top_k=glimpse_top_k
+                prompt,
+                sampling,
+                stream,
+                affinity_key,
+                next_glimpse=next_glimpse,
+                glimpse_top_k=glimpse_top_k,
+                **self._priority(info),
             )
             async for chunk in call:
                 if chunk.done:

@@ -28,16 +28,17 @@ class ServePoolClient:
         self._role = role
         self.in_flight = 0  # this router replica's calls to the pool not yet answered (the tau controller's queue)
 
-    async def glimpse(self, prompt: Prompt, top_k: int, affinity_key: str) -> Glimpse:
-        """The step's first token and top-k log-probs, from the replica holding the request's prefix."""
+    async def glimpse(self, prompt: Prompt, top_k: int, affinity_key: str, priority: int = 0) -> Glimpse:
+        """The step's first token and top-k log-probs, from the replica holding the request's prefix
+        (``priority``: the engine's request priority, see ``ModelPool.glimpse``)."""
         self.in_flight += 1
         try:
             for _ in range(self._retries):
                 try:
-                    return await self._glimpse.remote(prompt, top_k, affinity_key=affinity_key)
+                    return await self._glimpse.remote(prompt, top_k, affinity_key=affinity_key, priority=priority)
                 except RETRYABLE as exc:
                     self._retrying(exc)
-            return await self._glimpse.remote(prompt, top_k, affinity_key=affinity_key)
+            return await self._glimpse.remote(prompt, top_k, affinity_key=affinity_key, priority=priority)
         finally:
             self.in_flight -= 1
 
@@ -49,6 +50,7 @@ class ServePoolClient:
         affinity_key: str,
         next_glimpse: NextGlimpse | None = None,
         glimpse_top_k: int | None = None,
+        priority: int = 0,
     ) -> AsyncIterator[StepChunk]:
         """The step's chunks (see ``ModelPool.step``). Closing this generator early cancels the call, which
         aborts the engine request."""
@@ -64,6 +66,7 @@ class ServePoolClient:
                         affinity_key=affinity_key,
                         next_glimpse=next_glimpse,
                         glimpse_top_k=glimpse_top_k,
+                        priority=priority,
                     )
                     async for chunk in call:
                         sent = sent or not chunk.done

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import pytest
 import yaml
+from pydantic import ValidationError
 
-from cluster.config import CONFIG_DIR, ConfigError, load_config, set_fields
+from cluster.config import CONFIG_DIR, ClusterConfig, ConfigError, load_config, set_fields
 from cluster.pool_config import AutoscalingSettings, Placement
 
 
@@ -108,6 +109,18 @@ def test_placement_ray_actor_options():
     }
 
 
+def test_engine_priority_needs_both_engines_scheduling_by_priority():
+    cfg = load_config("local").model_dump()
+    cfg["router"]["fairness"] = {"enabled": True, "engine_priority": True}
+    with pytest.raises(ValidationError, match="scheduling_policy: priority"):
+        ClusterConfig.model_validate(cfg)
+    cfg["pools"]["small"]["engine"]["scheduling_policy"] = "priority"
+    with pytest.raises(ValidationError, match=r"\['large'\] not"):
+        ClusterConfig.model_validate(cfg)
+    cfg["pools"]["large"]["engine"]["scheduling_policy"] = "priority"
+    assert ClusterConfig.model_validate(cfg).router.fairness.engine_priority
+
+
 def test_engine_args_pass_optional_engine_settings_only_where_set():
     from deployments.pool import engine_args
 
@@ -122,6 +135,7 @@ def test_engine_args_pass_optional_engine_settings_only_where_set():
         "disable_custom_all_reduce",
     }
     assert not defaults & set(args)  # vLLM's defaults
+    assert args["scheduling_policy"] == "fcfs"
     tuned = bench.model_copy(
         update={
             "engine": bench.engine.model_copy(

@@ -54,7 +54,7 @@ class Clock:
 
 
 def settings(**over) -> FairnessSettings:
-    return FairnessSettings(enabled=True, max_in_flight_small=1, max_in_flight_large=1, **over)
+    return FairnessSettings(**{"enabled": True, "max_in_flight_small": 1, "max_in_flight_large": 1, **over})
 
 
 async def settle() -> None:
@@ -335,3 +335,59 @@ def test_in_the_simulated_cluster_the_batch_class_tau_rises_first_and_interactiv
     out = fairness_sim.run_virtual(classes_sim.simulate(opts))
     assert out["first_rise"]["batch"] < out["first_rise"].get("interactive", float("inf"))
     assert fairness_sim.p95(out["latencies"]["interactive"]) < fairness_sim.p95(out["latencies"]["batch"])
+
+
+class PriorityPool(GatedPool):
+    """A gated pool that also records the engine priority each call was given (None: none passed)."""
+
+    def __init__(self):
+        super().__init__()
+        self.priorities: dict[str, int | None] = {}
+
+    async def glimpse(self, prompt, top_k, affinity_key, priority=None):
+        self.priorities[affinity_key] = priority
+        return await super().glimpse(prompt, top_k, affinity_key)
+
+    async def step(self, prompt, sampling, stream, affinity_key, next_glimpse=None, glimpse_top_k=None, priority=None):
+        self.priorities[affinity_key] = priority
+        async for chunk in super().step(prompt, sampling, stream, affinity_key, next_glimpse, glimpse_top_k):
+            yield chunk
+
+
+async def test_engine_priority_passes_the_queues_order_class_first_then_the_counter():
+    inner = PriorityPool()
+    shares = FairShares(settings(engine_priority=True, max_in_flight_large=8), clock=Clock())
+    pool = shares.wrap({"large": inner})["large"]
+    registered(
+        shares,
+        ("served", "busy", 1, "standard"),
+        ("fresh", "idle", 1, "standard"),
+        ("batch", "idle", 1, "batch"),
+        ("inter", "busy", 1, "interactive"),
+    )
+    pool.counters.update(busy=500.0, idle=100.0)
+    tasks = [asyncio.create_task(run_step(pool, key)) for key in ("served", "fresh", "batch", "inter")]
+    await settle()
+    p = inner.priorities
+    assert p["inter"] < p["fresh"] < p["served"] < p["batch"]  # class first; within standard, less service first
+    for _ in range(4):
+        inner.open_next()
+        await settle()
+    await asyncio.gather(*tasks)
+    glimpse = asyncio.create_task(pool.glimpse([1], 2, "fresh"))
+    await settle()
+    inner.open_next()
+    await glimpse
+    assert inner.priorities["fresh"] is not None  # glimpses carry it too
+
+
+async def test_without_engine_priority_the_pool_is_given_none():
+    inner = PriorityPool()
+    shares = FairShares(settings(max_in_flight_large=8), clock=Clock())
+    pool = shares.wrap({"large": inner})["large"]
+    registered(shares, ("a", "t", 1, "standard"))
+    task = asyncio.create_task(run_step(pool, "a"))
+    await settle()
+    inner.open_next()
+    await task
+    assert inner.priorities == {"a": None}

@@ -2,10 +2,11 @@
 # Tenants under saturation on the local CPU cluster, from the repository root; writes results/{noisy,saturation}/.
 #   bash docs/tenancy-cpu-2026-12-02/run.sh noisy fair fcfs   # the noisy neighbour, fair shares then without
 #   bash docs/tenancy-cpu-2026-12-02/run.sh saturation [PART...]  # shares classes overload (default), budget
-# noisy: a quiet tenant alone, then beside a noisy one, once per label: fair (FAIR_CONFIG, default fair.yaml here:
-# cluster/configs/local.yaml with router.fairness on, 4 small / 2 large calls in flight) or fcfs (the shipped
-# config). saturation (saturation.yaml: fair.yaml with the router's queue bounded at 24 waiting calls): tenants of
-# weights 1 and 2, then an interactive beside a batch tenant, both above capacity for 180 s, then overload at
+# noisy: a quiet tenant alone, then beside a noisy one, once per label: fcfs (the shipped config) or any other
+# label (FAIR_CONFIG, default fair.yaml here: cluster/configs/local.yaml with router.fairness on, 4 small / 2 large
+# calls in flight; engine-priority.yaml: 32 / 32 in flight and the order passed to vLLM's priority scheduler;
+# engine-fcfs.yaml: 32 / 32 without it). saturation (saturation.yaml: fair.yaml with the router's queue bounded
+# at 24 waiting calls): tenants of weights 1 and 2, then an interactive beside a batch tenant, both above capacity for 180 s, then overload at
 # about 3x capacity (both classes) for 300 s; budget: a tenant capped at 10% large steps beside one without a cap,
 # both under capacity for 300 s. USERS, QUIET_USERS and DURATION set the noisy runs' load,
 # SHARE_USERS the shares run's (half each), SHARE_OPTIONS more tenant options for both of its tenants (for example
@@ -39,7 +40,7 @@ case ${1:-} in
   noisy)
     shift; OUT=results/noisy; mkdir -p $OUT
     for label in "$@"; do
-      up $([ $label = fair ] && echo ${FAIR_CONFIG:-$HERE/fair.yaml} || echo cluster/configs/local.yaml) $OUT
+      up $([ $label = fcfs ] && echo cluster/configs/local.yaml || echo ${FAIR_CONFIG:-$HERE/fair.yaml}) $OUT
       tenants $OUT/tenants-$label.json quiet --weight=1 noisy --weight=1
       run $OUT $label $OUT/tenants-$label.json 0.1 0.8 ${USERS:-28} ${QUIET_USERS:-8} ${DURATION:-180s} 90s
     done
