@@ -9,7 +9,8 @@ within the class, by the tenant's virtual token counter (tokens served / weight,
 rule), then in arrival order. A tenant that becomes active is lifted
 to the smallest counter of the active tenants (with none active, to the largest counter seen), so an idle
 tenant cannot bank credit, nor can a tenant long served alone be held back by what it got then; a waiting
-tenant's counter does not grow, so it reaches the front: nobody starves.
+tenant's counter does not grow, so it reaches the front: nobody starves. With ``engine_priority`` each call also
+carries its place in that order (class, then counter) as vLLM's request priority, for engines that queue calls.
 
 A call's tenant and class come from its affinity key (the request id): ``TenantRegistry`` holds them while a
 request runs here (``RequestService`` registers each run). ``FairShares`` is the replica's whole set: the
