@@ -2,17 +2,17 @@
 # Tenants under saturation on the local CPU cluster, from the repository root; writes results/{noisy,saturation}/.
 #   bash docs/tenancy-cpu-2026-12-02/run.sh noisy fair fcfs   # the noisy neighbour, fair shares then without
 #   bash docs/tenancy-cpu-2026-12-02/run.sh saturation [PART...]  # shares classes overload (default), budget
-# noisy: a quiet tenant alone, then beside a noisy one, once per label: fcfs (the shipped config) or any other
-# label (FAIR_CONFIG, default fair.yaml here: cluster/configs/local.yaml with router.fairness on, 4 small / 2 large
-# calls in flight; engine-priority.yaml: 32 / 32 in flight and the order passed to vLLM's priority scheduler;
-# engine-fcfs.yaml: 32 / 32 without it). saturation (saturation.yaml: fair.yaml with the router's queue bounded
-# at 24 waiting calls): tenants of weights 1 and 2, then an interactive beside a batch tenant, both above
-# capacity for 180 s, then overload at about 3x capacity (both classes) for 300 s; budget: a tenant capped at
-# 10% large steps beside one without a cap, both under capacity for 300 s. USERS, QUIET_USERS and DURATION set
-# the noisy runs' load, SHARE_USERS the shares run's (half each), SHARE_OPTIONS more tenant options for both of its tenants (for example
-# --policy=forced_fraction: a quarter of each request's steps large, the same mix for both), SHARE_LOCUST its
-# locustfile options (for example "--token-budget 48 --step-max-tokens 16 --final-max-tokens 16"), SATURATION_CONFIG
-# another config for the saturation runs (shares.yaml here: fair.yaml without the load-aware tau controller).
+# noisy: a quiet tenant alone, then beside a noisy one, once per label: fcfs (the shipped config) or any other label
+# (FAIR_CONFIG, default fair.yaml here: cluster/configs/local.yaml with router.fairness on, 4 small / 2 large calls in
+# flight; engine-priority.yaml: 32 / 32 in flight and the order passed to vLLM's priority scheduler; engine-fcfs.yaml:
+# 32 / 32 without it). saturation (saturation.yaml: fair.yaml with the router's queue bounded at 24 waiting calls):
+# tenants of weights 1 and 2, then an interactive beside a batch tenant, both above capacity for 180 s, then overload
+# at about 3x capacity (both classes) for 300 s; budget: a tenant capped at 10% large steps beside one without a cap,
+# both under capacity for 300 s. USERS, QUIET_USERS and DURATION set the noisy runs' load, SHARE_USERS the shares
+# run's (half each), SHARE_OPTIONS more tenant options for both of its tenants (for example --policy=forced_fraction:
+# a quarter of each request's steps large, the same mix for both), SHARE_LOCUST its locustfile options (for example
+# "--token-budget 48 --step-max-tokens 16 --final-max-tokens 16"), SATURATION_CONFIG another config for the saturation
+# runs (shares.yaml here: fair.yaml without the load-aware tau controller).
 set -u
 HERE=docs/tenancy-cpu-2026-12-02
 export PATH="$PWD/.venv/bin:$PATH" REDIS_URL=redis://127.0.0.1:6390/0
