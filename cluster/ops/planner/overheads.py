@@ -32,7 +32,8 @@ def overhead_points(
     points: dict[str, list] = {kind: [(1.0, ms, "docs/benchmarks.md")] for kind, ms in ONE_OPEN.items()}
     for path in result_files(docs, exclude=exclude):
         result = json.loads(path.read_text())
-        facts_for(path, result)
+        if not facts_for(path, result).fit_overheads:
+            continue
         steps = result["steps"]
         for level in result["levels"]:
             engines, calls = level.get("engines"), level.get("call_ms_mean")

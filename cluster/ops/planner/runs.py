@@ -23,6 +23,8 @@ class RunFacts:
     small_graphs: str  # "default" (vLLM's FULL_AND_PIECEWISE) or "FULL"
     code: str = "current"  # "before-levers": the 2026-11-25 router, before the levers of the first 2026-11-26 run
     cold_first_level: bool = False  # a start's first level ran right after the engines compiled (no warm-up)
+    note: str = ""  # what the model does not describe about every level of the run (its rows carry it)
+    fit_overheads: bool = True  # whether its levels feed the router-path fit (a host of its own does not)
 
 
 RUNS = {  # folder under docs/gpu
@@ -36,6 +38,8 @@ RUNS = {  # folder under docs/gpu
     "2026-11-26-run7": RunFacts(H200, "per_request", "FULL"),
     "2026-11-26-run8": RunFacts(H200, "per_request", "FULL"),
     "2026-11-26-run9": RunFacts(H100, "per_request", "FULL"),
+    # one H200 on a 16-core host, both engines on it; the large engine's 24 GiB of KV cache evicted prefixes
+    "2026-12-02-run11": RunFacts(H200, "per_request", "FULL", note="large KV cache short", fit_overheads=False),
 }
 FILE_GPU = {"2026-11-26-run5/single-one-gpu-h100.json": H100}  # that run's other files are from 2 x H200
 GRAPH_OVERRIDE = "pools.small.engine.cudagraph_mode"

@@ -60,6 +60,8 @@ def notes(facts, result: dict, level: dict | None, first: bool) -> str:
         out.append("first level after compile")
     if result.get("overrides"):
         out.append(", ".join(f"{k.split('.')[-1]}={v}" for k, v in result["overrides"].items()))
+    if facts.note:
+        out.append(facts.note)
     return "; ".join(out)
 
 
