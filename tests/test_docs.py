@@ -119,16 +119,22 @@ def test_no_doc_says_how_hardware_was_obtained_or_cites_issues(doc: Path):
     assert not found, f"{rel(doc)}: {found}"
 
 
+LEVEL_KEYS = ("throughput_rps", "steady_rps", "p50_s", "p95_s", "ttft_p95_s")  # a load row's figures, in order
+
+
+def is_a_level(cells: tuple[str, ...], levels: list[dict]) -> bool:
+    """Whether a load row's figures (``LEVEL_KEYS``' cells) are those of one of ``levels``, as rounded."""
+    return any(all(shown(cell, level[key]) for cell, key in zip(cells, LEVEL_KEYS, strict=True)) for level in levels)
+
+
 def test_load_rows_are_levels_of_their_raw_files():
     rows = table_rows(BENCHMARKS.read_text(), "| hardware | layout | in flight |")
     assert len(rows) >= 6
-    for hardware, layout_name, in_flight, over_level, steady, p50, p95, ttft_p95, source in rows:
+    for hardware, layout_name, in_flight, *cells, source in rows:
         data = json.loads(source_file(source).read_text())
         assert data["layout"] == {"routed": "routed-2gpu", "large only": "large-only-2gpu"}[layout_name]
-        cells = (over_level, steady, p50, p95, ttft_p95)
-        keys = ("throughput_rps", "steady_rps", "p50_s", "p95_s", "ttft_p95_s")
         levels = [level for level in data["levels"] if level["concurrency"] == int(in_flight)]
-        assert any(all(shown(cell, level[key]) for cell, key in zip(cells, keys, strict=False)) for level in levels), (
+        assert is_a_level(tuple(cells), levels), (
             f"{hardware}, {layout_name}, {in_flight}: {cells} is no level of {source}"
         )
 
@@ -136,20 +142,12 @@ def test_load_rows_are_levels_of_their_raw_files():
 def test_one_gpu_rows_are_levels_of_their_raw_files():
     rows = table_rows(BENCHMARKS.read_text(), "| hardware | GPU sharing | arm |")
     assert len(rows) >= 4
-    for hardware, sharing, arm, in_flight, over_level, steady, p50, p95, ttft_p95, source in rows:
+    arms = {"routed": "stream", "large only": "large"}
+    for hardware, sharing, arm, in_flight, *cells, source in rows:
         data = json.loads(source_file(source).read_text())
         assert data["layout"] == "one-gpu" and data["mps"] == (sharing == "MPS"), f"{hardware}, {sharing}: {source}"
-        cells = (over_level, steady, p50, p95, ttft_p95)
-        keys = ("throughput_rps", "steady_rps", "p50_s", "p95_s", "ttft_p95_s")
-        levels = [
-            level
-            for level in data["levels"]
-            if level["concurrency"] == int(in_flight)
-            and level["arm"] == {"routed": "stream", "large only": "large"}[arm]
-        ]
-        assert any(all(shown(cell, level[key]) for cell, key in zip(cells, keys, strict=True)) for level in levels), (
-            f"{hardware}, {sharing}, {arm}, {in_flight}: {cells} is no level of {source}"
-        )
+        levels = [lv for lv in data["levels"] if lv["concurrency"] == int(in_flight) and lv["arm"] == arms[arm]]
+        assert is_a_level(tuple(cells), levels), f"{hardware}, {sharing}, {arm}: {cells} is no level of {source}"
 
 
 def test_single_stream_rows_are_their_raw_files():
